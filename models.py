@@ -1,0 +1,60 @@
+"""The Omniglot classifier of the Reptile paper, and the meta-update helpers it inherits."""
+import copy
+
+import torch
+from torch import nn
+
+
+class ReptileModel(nn.Module):
+    """A module that can be cloned and pulled towards another copy of itself."""
+
+    def point_grad_to(self, target: nn.Module) -> None:
+        """Set each parameter's .grad to (self - target), so an SGD step of size s moves self s of the way to target."""
+        for param, target_param in zip(self.parameters(), target.parameters()):
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            torch.sub(param.detach(), target_param.detach().to(param.device, param.dtype), out=param.grad)
+
+    def is_cuda(self) -> bool:
+        """Whether the parameters live on a CUDA device."""
+        return next(self.parameters()).is_cuda
+
+    def clone(self) -> "ReptileModel":
+        """An independent copy on the same device."""
+        return copy.deepcopy(self)
+
+
+def conv_block(in_channels: int) -> nn.Sequential:
+    """Conv 3x3 stride 2 (halves the image), BatchNorm on the batch's own statistics, ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 64, kernel_size=3, stride=2, padding=1),
+        # The paper's code always normalises with the current batch (training=True) and uses
+        # TensorFlow's epsilon; no running statistics exist, at meta-training or meta-test time.
+        nn.BatchNorm2d(64, eps=1e-3, track_running_stats=False),
+        nn.ReLU(),
+    )
+
+
+class OmniglotModel(ReptileModel):
+    """4 x [conv, BatchNorm, ReLU] on 1x28x28 images (28 -> 14 -> 7 -> 4 -> 2), then a linear classifier."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.features = nn.Sequential(conv_block(1), conv_block(64), conv_block(64), conv_block(64), nn.Flatten())
+        self.classifier = nn.Linear(64 * 2 * 2, num_classes)
+        self.log_softmax = nn.LogSoftmax(dim=1)
+        # Initialise as TensorFlow's layers do in the paper's code: Glorot-uniform weights, zero biases.
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities (B, num_classes) of images given as (B, 784) or (B, 1, 28, 28)."""
+        return self.log_softmax(self.classifier(self.features(x.view(-1, 1, 28, 28))))
+
+    @staticmethod
+    def predict(log_probs: torch.Tensor) -> torch.Tensor:
+        """The most likely class of each row."""
+        return log_probs.argmax(dim=1)

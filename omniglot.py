@@ -1,0 +1,203 @@
+"""Omniglot: download both sets, merge them into one folder of 50 alphabets, split the characters, sample tasks.
+
+Images are 28x28 floats with the paper's convention: background 1, ink 0.
+"""
+import http.client
+import os
+import shutil
+import zipfile
+import zlib
+from pathlib import Path
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.datasets.utils import check_md5, download_url, extract_archive
+from tqdm import tqdm
+
+from utils import UserError, list_dir, list_files, read_json, write_json
+
+URL = "https://github.com/brendenlake/omniglot/raw/master/python/"
+MIRROR_VARIABLE = "OMNIGLOT_MIRROR"
+MARKER = ".complete"  # written last: a data folder without it is redone, never used
+
+
+class SetInfo(NamedTuple):
+    md5: str
+    alphabets: int
+    characters: int
+    images: int
+
+
+SETS = {
+    "images_background": SetInfo("68d2efa1b9178cc56df9314c21c6e718", 30, 964, 19280),
+    "images_evaluation": SetInfo("6b91aef0f799c5bb55b94e3f2daec811", 20, 659, 13180),
+}
+DRAWERS = 20  # images per character, one by each of 20 people
+IMAGE_SIZE = 28
+ROTATIONS = (0, 90, 180, 270)  # degrees; each rotation of a meta-training character is a class of its own
+PAPER_TRAIN_CHARACTERS = 1200
+
+
+def count_tree(root: Path) -> tuple[int, int, int]:
+    """(alphabets, characters, images) in a folder laid out ALPHABET/characterNN/*.png."""
+    if not root.is_dir():
+        return 0, 0, 0
+    alphabets = list_dir(str(root), prefix=True)
+    characters = [c for a in alphabets for c in list_dir(a, prefix=True)]
+    images = sum(len(list_files(c, ".png")) for c in characters)
+    return len(alphabets), len(characters), images
+
+
+def fetch_archive(name: str, data_dir: Path, mirror: Optional[str]) -> tuple[Path, bool]:
+    """The path of `name`.zip, from the mirror folder or downloaded; and whether it was downloaded."""
+    if mirror:
+        path = Path(mirror) / f"{name}.zip"
+        if not path.is_file():
+            raise UserError(f"{path} not found: the mirror folder ({MIRROR_VARIABLE} or --omniglot-mirror) "
+                            f"must hold {' and '.join(s + '.zip' for s in SETS)}")
+        return path, False
+    path = data_dir / f"{name}.zip"
+    if path.is_file() and check_md5(str(path), SETS[name].md5):
+        return path, True
+    partial = path.with_name(path.name + ".part")
+    url = URL + path.name
+    print(f"downloading {url}")
+    try:
+        download_url(url, str(data_dir), partial.name)
+    except (OSError, http.client.HTTPException) as error:
+        partial.unlink(missing_ok=True)
+        raise UserError(f"cannot download {url} ({error}); without internet, set {MIRROR_VARIABLE} "
+                        f"(or --omniglot-mirror) to a folder holding images_background.zip and "
+                        f"images_evaluation.zip") from None
+    if not check_md5(str(partial), SETS[name].md5):
+        partial.unlink()
+        raise UserError(f"{url} did not match its official md5 {SETS[name].md5}; run again to retry the download")
+    os.replace(partial, path)
+    return path, True
+
+
+def extract_checked(archive: Path, name: str, staging: Path, downloaded: bool) -> Path:
+    """Extract one set into `staging` and check it has Omniglot's alphabets, characters and images."""
+    repair = ("it was deleted: run again to download it again" if downloaded
+              else "replace it with a good copy of the official file")
+    try:
+        extract_archive(str(archive), str(staging))
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:
+        if downloaded:
+            archive.unlink(missing_ok=True)
+        raise UserError(f"{archive} is damaged ({error}); {repair}") from None
+    root = staging / name
+    expected = SETS[name]
+    found = count_tree(root)
+    if found != (expected.alphabets, expected.characters, expected.images):
+        if downloaded:
+            archive.unlink(missing_ok=True)
+        raise UserError(f"{archive} holds {found[0]} alphabets, {found[1]} characters and {found[2]} images "
+                        f"under {name}/, where Omniglot has {expected.alphabets}, {expected.characters} and "
+                        f"{expected.images}; {repair}")
+    return root
+
+
+def prepare_data(data_dir: str, mirror: Optional[str] = None) -> Path:
+    """Make `data_dir` hold all 50 alphabets (ALPHABET/characterNN/*.png), downloading or extracting if needed."""
+    data_dir = Path(data_dir)
+    if (data_dir / MARKER).is_file():
+        return data_dir
+    mirror = mirror or os.environ.get(MIRROR_VARIABLE)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    staging = data_dir / ".extracting"
+    shutil.rmtree(staging, ignore_errors=True)
+    archives = {name: fetch_archive(name, data_dir, mirror) for name in SETS}
+    print(f"extracting Omniglot into {data_dir}")
+    roots = {name: extract_checked(path, name, staging, downloaded) for name, (path, downloaded) in archives.items()}
+    alphabets_of_set = {}
+    for name, root in roots.items():
+        alphabets_of_set[name] = sorted(list_dir(str(root)))
+        for alphabet in alphabets_of_set[name]:
+            destination = data_dir / alphabet
+            shutil.rmtree(destination, ignore_errors=True)  # left by an interrupted merge
+            os.replace(root / alphabet, destination)
+    shutil.rmtree(staging)
+    expected = tuple(sum(getattr(s, field) for s in SETS.values()) for field in ("alphabets", "characters", "images"))
+    found = count_tree(data_dir)
+    if found != expected:
+        raise UserError(f"{data_dir} holds {found[0]} alphabets, {found[1]} characters and {found[2]} images after "
+                        f"merging, where Omniglot has {expected[0]}, {expected[1]} and {expected[2]}; it holds "
+                        f"something else too: delete it (or choose another --data folder) and run again")
+    for path, downloaded in archives.values():
+        if downloaded:
+            path.unlink()
+    write_json(data_dir / MARKER, alphabets_of_set)
+    return data_dir
+
+
+def read_image(path: str) -> np.ndarray:
+    """One 28x28 image, float32, background 1 and ink 0 (Pillow resizes 1-bit images nearest-neighbour)."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("1").resize((IMAGE_SIZE, IMAGE_SIZE)), dtype=np.float32)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read image {path} ({error}); delete the data folder and run again "
+                        f"to extract it anew") from None
+
+
+def load_images(data_dir: Path) -> tuple[list[str], torch.Tensor]:
+    """Every character as 'ALPHABET/characterNN' (sorted), and their images as a (characters, 20, 28, 28) tensor."""
+    characters = sorted(f"{a}/{c}" for a in list_dir(str(data_dir)) for c in list_dir(str(data_dir / a)))
+    images = torch.empty(len(characters), DRAWERS, IMAGE_SIZE, IMAGE_SIZE)
+    for index, character in enumerate(tqdm(characters, desc="decoding images", unit="char", leave=False)):
+        files = sorted(list_files(str(data_dir / character), ".png", prefix=True))
+        if len(files) != DRAWERS:
+            raise UserError(f"{data_dir / character} holds {len(files)} images where Omniglot has {DRAWERS}; "
+                            f"delete {data_dir} and run again to extract it anew")
+        images[index] = torch.from_numpy(np.stack([read_image(f) for f in files]))
+    return characters, images
+
+
+def make_split(data_dir: Path, characters: list[str], split: str, seed: int) -> dict:
+    """Which characters meta-train and which meta-test, as written to split.json."""
+    if split == "paper":
+        order = torch.randperm(len(characters), generator=torch.Generator().manual_seed(seed)).tolist()
+        train = [characters[i] for i in order[:PAPER_TRAIN_CHARACTERS]]
+        test = [characters[i] for i in order[PAPER_TRAIN_CHARACTERS:]]
+    elif split == "background":
+        background = set(read_json(data_dir / MARKER)["images_background"])
+        train = [c for c in characters if c.split("/")[0] in background]
+        test = [c for c in characters if c.split("/")[0] not in background]
+    else:
+        raise ValueError(f"unknown split {split!r}")
+    return {"split": split, "seed": seed, "train_rotations": list(ROTATIONS), "train": train, "test": test}
+
+
+class Task(NamedTuple):
+    support_images: torch.Tensor  # (classes * shots, 1, 28, 28)
+    support_labels: torch.Tensor  # (classes * shots,) in 0..classes-1
+    query_images: torch.Tensor  # (classes * queries, 1, 28, 28)
+    query_labels: torch.Tensor
+
+
+class TaskSampler:
+    """Draws N-way tasks from a set of characters, each rotation of a character being a class of its own."""
+
+    def __init__(self, images: torch.Tensor, rotations: Sequence[int] = (0,)):
+        self.images = images
+        self.quarter_turns = [r // 90 for r in rotations]
+        self.num_classes = len(images) * len(self.quarter_turns)
+
+    def sample(self, classes: int, shots: int, queries: int, generator: torch.Generator) -> Task:
+        """N random classes labelled 0..N-1 in random order, with `shots` support and `queries` query images each."""
+        if classes > self.num_classes or shots + queries > DRAWERS:
+            raise ValueError(f"cannot draw {classes} classes x {shots + queries} images from "
+                             f"{self.num_classes} classes x {DRAWERS} images")
+        chosen = torch.randperm(self.num_classes, generator=generator)[:classes]
+        characters, turns = chosen // len(self.quarter_turns), chosen % len(self.quarter_turns)
+        drawers = torch.stack([torch.randperm(DRAWERS, generator=generator)[:shots + queries] for _ in chosen])
+        images = self.images[characters[:, None].to(self.images.device), drawers.to(self.images.device)]
+        images = torch.stack([torch.rot90(class_images, self.quarter_turns[turn], dims=(-2, -1))
+                              for class_images, turn in zip(images, turns.tolist())])
+        images = images.unsqueeze(2)  # (classes, shots + queries, 1, 28, 28)
+        labels = torch.arange(classes, device=images.device)[:, None].expand(classes, shots + queries)
+        return Task(images[:, :shots].reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE), labels[:, :shots].reshape(-1),
+                    images[:, shots:].reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE), labels[:, shots:].reshape(-1))

@@ -1,0 +1,451 @@
+"""Meta-train Reptile on Omniglot (Nichol, Achiam & Schulman 2018), then evaluate it on meta-test characters.
+
+    python train_omniglot.py                      # the paper's 5-way 5-shot run, logged to runs/5way5shot
+    python train_omniglot.py runs/x --eval-only   # evaluate the latest checkpoint of runs/x
+
+Running the same command again resumes from the latest checkpoint of the logdir.
+"""
+import argparse
+import copy
+import json
+import math
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+import omniglot
+from models import OmniglotModel
+from utils import UserError, checkpoint_iteration, list_checkpoints, read_json, write_atomically, write_json
+
+PROGRAM = "reptile-omniglot"  # marks checkpoints written by this script
+# Flags that fix what a run learns: a resumed run must keep them (--meta-iterations may grow).
+TRAINING_FLAGS = ("classes", "shots", "train_shots", "meta_batch", "iterations", "batch", "lr", "meta_lr",
+                  "meta_lr_final", "split", "seed")
+# Flags that fix the model and its characters: evaluation must keep them too.
+MODEL_FLAGS = ("classes", "split")
+NOT_SAVED = ("logdir", "eval_only", "checkpoint")
+# Independent random streams, so that validation or evaluation never changes what training samples.
+TRAIN_STREAM, VALIDATION_STREAM, EVALUATION_STREAM = 0, 1, 2
+
+
+# ----------------------------------------------------------------------------- configuration
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive(kind):
+    """An argparse type: a number of `kind` greater than zero."""
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a float of at least zero."""
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; the defaults are the paper's 5-way 5-shot Omniglot setting."""
+    parser = OneLineParser(description=__doc__.split("\n")[0], allow_abbrev=False,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("logdir", nargs="?", help="run folder for TensorBoard events, checkpoints and results "
+                        "(default: runs/<classes>way<shots>shot)")
+    task = parser.add_argument_group("task")
+    task.add_argument("--classes", type=positive(int), default=5, help="classes per task (N-way)")
+    task.add_argument("--shots", type=positive(int), default=5, help="support images per class at meta-test (K-shot)")
+    task.add_argument("--train-shots", type=positive(int), default=10, help="images per class in a meta-training task")
+    task.add_argument("--split", choices=("paper", "background"), default="paper",
+                      help="paper: 1,200 random characters train, 423 test; background: background alphabets "
+                      "train, evaluation alphabets test")
+    meta = parser.add_argument_group("meta-training")
+    meta.add_argument("--meta-batch", type=positive(int), default=5, help="tasks per meta-iteration")
+    meta.add_argument("--meta-iterations", type=positive(int), default=100000, help="meta-iterations in all")
+    meta.add_argument("--iterations", type=positive(int), default=5, help="inner Adam steps per task")
+    meta.add_argument("--batch", type=positive(int), default=10, help="inner mini-batch size")
+    meta.add_argument("--lr", type=positive(float), default=0.001, help="inner Adam learning rate (betas 0, 0.999)")
+    meta.add_argument("--meta-lr", type=positive(float), default=1.0, help="meta-step size at the start")
+    meta.add_argument("--meta-lr-final", type=non_negative_float, default=0.0,
+                      help="meta-step size at the end (annealed linearly)")
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--test-iterations", type=positive(int), default=50, help="Adam steps on a test task")
+    evaluation.add_argument("--test-batch", type=positive(int), default=5, help="mini-batch size on a test task")
+    evaluation.add_argument("--eval-tasks", type=positive(int), default=10000, help="tasks in the final evaluation")
+    evaluation.add_argument("--transductive", action="store_true",
+                            help="classify all queries of a task in one batch (default: each query on its own)")
+    evaluation.add_argument("--eval-only", action="store_true", help="evaluate a checkpoint of the logdir, no training")
+    evaluation.add_argument("--checkpoint", help="with --eval-only: the checkpoint file (default: the latest)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--validate-every", type=positive(int), default=10,
+                     help="log one meta-train and one meta-test task every this many meta-iterations")
+    run.add_argument("--check-every", type=positive(int), default=1000, help="checkpoint every this many meta-iterations")
+    run.add_argument("--keep", type=positive(int), default=3, help="checkpoints kept (the newest)")
+    run.add_argument("--seed", type=int, default=0, help="seed of the split, the initial weights and every task")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
+    run.add_argument("--data", default="omniglot", help="Omniglot folder (downloaded and extracted when missing)")
+    run.add_argument("--omniglot-mirror", help=f"folder holding the two Omniglot zips, used instead of the network "
+                     f"(default: ${omniglot.MIRROR_VARIABLE})")
+    return parser
+
+
+def flags_given(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the options written on the command line."""
+    written = {arg.split("=", 1)[0] for arg in argv if arg.startswith("--")}
+    return {action.dest for action in parser._actions if written & set(action.option_strings)}
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of an argument's destination."""
+    return "--" + name.replace("_", "-")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Flags from the command line; a run folder's args.json fills in those not given."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = flags_given(parser, argv)
+    args.logdir = args.logdir or f"runs/{args.classes}way{args.shots}shot"
+    saved_path = Path(args.logdir) / "args.json"
+    if saved_path.is_file():
+        saved = read_json(saved_path)
+        fixed = MODEL_FLAGS if args.eval_only else TRAINING_FLAGS
+        for name, value in saved.items():
+            if name in NOT_SAVED or not hasattr(args, name):
+                continue
+            if name not in given:
+                setattr(args, name, value)
+            elif name in fixed and getattr(args, name) != value:
+                raise UserError(f"{flag(name)} {getattr(args, name)} differs from {value} in {saved_path}; "
+                                f"leave it out to continue this run, or choose a new logdir")
+    if args.shots + 1 > omniglot.DRAWERS:
+        raise UserError(f"--shots {args.shots} leaves no query image: a character has {omniglot.DRAWERS} drawings, "
+                        f"so --shots can be at most {omniglot.DRAWERS - 1}")
+    if args.train_shots > omniglot.DRAWERS:
+        raise UserError(f"--train-shots {args.train_shots} exceeds the {omniglot.DRAWERS} drawings of a character")
+    if args.checkpoint and not args.eval_only:
+        raise UserError("--checkpoint needs --eval-only (training always resumes from the latest checkpoint)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: CUDA is not available here; use --device cpu")
+    return args
+
+
+def stream(seed: int, purpose: int) -> torch.Generator:
+    """A torch generator for one independent random stream of the run."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, purpose]).generate_state(1)[0]))
+
+
+# ----------------------------------------------------------------------------- Reptile
+
+def inner_batches(num_images: int, batch: int, steps: int, generator: torch.Generator) -> torch.Tensor:
+    """(steps, batch) image indices: shuffled passes over the task's images, walked in order (a batch may span two)."""
+    passes = math.ceil(batch * steps / num_images)
+    order = torch.cat([torch.randperm(num_images, generator=generator) for _ in range(passes)])
+    return order[:batch * steps].view(steps, batch)
+
+
+def adapt(model: OmniglotModel, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+          steps: int, batch: int, generator: torch.Generator) -> None:
+    """Train `model` on one task's images with `steps` Adam steps of mini-batches of `batch`."""
+    model.train()
+    for indices in inner_batches(len(images), batch, steps, generator).to(images.device):
+        loss = torch.nn.functional.nll_loss(model(images[indices]), labels[indices])
+        optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        optimizer.step()
+
+
+def meta_step_size(iteration: int, args: argparse.Namespace) -> float:
+    """The meta-step, annealed linearly from --meta-lr to --meta-lr-final across training."""
+    done = iteration / args.meta_iterations
+    return done * args.meta_lr_final + (1 - done) * args.meta_lr
+
+
+def train_step(meta_model: OmniglotModel, learner: OmniglotModel, inner_optimizer: torch.optim.Optimizer,
+               mean_model: OmniglotModel, meta_optimizer: torch.optim.Optimizer, sampler: omniglot.TaskSampler,
+               args: argparse.Namespace, step_size: float, generator: torch.Generator) -> None:
+    """One meta-iteration: adapt the meta-model to each task of a meta-batch, then step towards the mean result."""
+    with torch.no_grad():
+        for param in mean_model.parameters():
+            param.zero_()
+    for _ in range(args.meta_batch):
+        task = sampler.sample(args.classes, args.train_shots, 0, generator)
+        learner.load_state_dict(meta_model.state_dict())
+        # The inner Adam's state is not reset: as in the paper's code it lives on from task to task.
+        adapt(learner, inner_optimizer, task.support_images, task.support_labels, args.iterations, args.batch,
+              generator)
+        with torch.no_grad():
+            for mean, param in zip(mean_model.parameters(), learner.parameters()):
+                mean.add_(param, alpha=1 / args.meta_batch)
+    for group in meta_optimizer.param_groups:
+        group["lr"] = step_size
+    meta_model.point_grad_to(mean_model)
+    meta_optimizer.step()
+
+
+def evaluate_task(meta_model: OmniglotModel, learner: OmniglotModel, inner_optimizer: torch.optim.Optimizer,
+                  adam_state: dict, task: omniglot.Task, args: argparse.Namespace,
+                  generator: torch.Generator) -> tuple[int, float]:
+    """Adapt a copy of the meta-model on a task's support set; (correct queries, mean query loss)."""
+    learner.load_state_dict(meta_model.state_dict())
+    inner_optimizer.load_state_dict(adam_state)  # every test task starts from the training Adam state
+    adapt(learner, inner_optimizer, task.support_images, task.support_labels, args.test_iterations,
+          args.test_batch, generator)
+    with torch.no_grad():
+        if args.transductive:
+            log_probs = learner(task.query_images)
+        else:  # each query in a batch with the support images, so queries never share BatchNorm statistics
+            log_probs = torch.cat([learner(torch.cat([task.support_images, query[None]]))[-1:]
+                                   for query in task.query_images])
+    correct = (learner.predict(log_probs) == task.query_labels).sum().item()
+    return correct, torch.nn.functional.nll_loss(log_probs, task.query_labels).item()
+
+
+def evaluate(meta_model: OmniglotModel, learner: OmniglotModel, inner_optimizer: torch.optim.Optimizer,
+             sampler: omniglot.TaskSampler, args: argparse.Namespace, tasks: int, generator: torch.Generator,
+             progress: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-task accuracies and losses over `tasks` test tasks; the inner Adam state is left as it was."""
+    adam_state = copy.deepcopy(inner_optimizer.state_dict())
+    accuracies, losses = np.empty(tasks), np.empty(tasks)
+    for index in tqdm(range(tasks), desc=progress, unit="task", disable=progress is None, leave=False):
+        task = sampler.sample(args.classes, args.shots, 1, generator)
+        correct, losses[index] = evaluate_task(meta_model, learner, inner_optimizer, adam_state, task, args,
+                                               generator)
+        accuracies[index] = correct / args.classes
+    inner_optimizer.load_state_dict(adam_state)
+    return accuracies, losses
+
+
+def confidence_interval(accuracies: np.ndarray) -> float:
+    """Half-width of the normal-approximation 95% confidence interval of the mean."""
+    return 1.96 * accuracies.std(ddof=1) / math.sqrt(len(accuracies)) if len(accuracies) > 1 else float("nan")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(logdir: Path, iteration: int, meta_model, meta_optimizer, inner_optimizer,
+                    generators: dict, args: argparse.Namespace) -> Path:
+    """Write checkpoint/check-<iteration>.pth atomically and keep only the newest --keep."""
+    folder = logdir / "checkpoint"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"check-{iteration}.pth"
+    state = {
+        "program": PROGRAM,
+        "meta_iteration": iteration,
+        "meta_net": meta_model.state_dict(),
+        "meta_optimizer": meta_optimizer.state_dict(),
+        "inner_optimizer": inner_optimizer.state_dict(),
+        "generators": {name: generator.get_state() for name, generator in generators.items()},
+        "args": saved_args(args),
+    }
+    write_atomically(path, lambda file: torch.save(state, file))
+    for old in list_checkpoints(folder)[:-args.keep]:
+        Path(old).unlink()
+    return path
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint written by this script, or a UserError that says what is wrong with the file."""
+    if not Path(path).is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many kinds of error on damaged files
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"checkpoint {path} is unreadable ({reason[:120]})") from None
+    if not isinstance(state, dict) or state.get("program") != PROGRAM:
+        raise UserError(f"{path} is not a checkpoint of train_omniglot.py")
+    return state
+
+
+def latest_good_checkpoint(logdir: Path) -> Optional[dict]:
+    """The newest readable checkpoint of the run, skipping (and reporting) damaged ones; None if there is none."""
+    for path in reversed(list_checkpoints(logdir / "checkpoint")):
+        try:
+            return load_checkpoint(path)
+        except UserError as error:
+            print(f"warning: {error}; trying the previous checkpoint", file=sys.stderr)
+    return None
+
+
+def saved_args(args: argparse.Namespace) -> dict:
+    """The settings of a run, as written to args.json."""
+    return {name: value for name, value in vars(args).items() if name not in NOT_SAVED}
+
+
+# ----------------------------------------------------------------------------- the run
+
+def load_split(args: argparse.Namespace) -> tuple[omniglot.TaskSampler, omniglot.TaskSampler, dict]:
+    """Meta-train and meta-test task samplers on the run's characters (split.json if the run has one)."""
+    data_dir = omniglot.prepare_data(args.data, args.omniglot_mirror)
+    characters, images = omniglot.load_images(data_dir)
+    split_path = Path(args.logdir) / "split.json"
+    split = read_json(split_path) if split_path.is_file() else omniglot.make_split(data_dir, characters, args.split,
+                                                                                    args.seed)
+    index = {character: i for i, character in enumerate(characters)}
+    missing = [c for c in split["train"] + split["test"] if c not in index]
+    if missing:
+        raise UserError(f"{split_path} names {len(missing)} characters missing from {data_dir} "
+                        f"(such as {missing[0]}); point --data at the Omniglot folder this run used")
+    images = images.to(args.device)
+    train = omniglot.TaskSampler(images[[index[c] for c in split["train"]]], split["train_rotations"])
+    test = omniglot.TaskSampler(images[[index[c] for c in split["test"]]])
+    for name, sampler in (("meta-train", train), ("meta-test", test)):
+        if args.classes > sampler.num_classes:
+            raise UserError(f"--classes {args.classes} exceeds the {sampler.num_classes} {name} classes of the "
+                            f"{split['split']} split")
+    return train, test, split
+
+
+def final_evaluation(meta_model, learner, inner_optimizer, samplers: dict, args, iteration: int,
+                     checkpoint: str, split: dict) -> None:
+    """Evaluate on --eval-tasks tasks of each character set; print the accuracies and record them in results.json."""
+    mode = "transductive" if args.transductive else "non-transductive"
+    started = time.time()
+    result = {"mode": mode, "meta_iteration": iteration, "checkpoint": checkpoint, "split": split["split"],
+              "tasks": args.eval_tasks}
+    for name, sampler in samplers.items():
+        accuracies, _ = evaluate(meta_model, learner, inner_optimizer, sampler, args, args.eval_tasks,
+                                 stream(args.seed, EVALUATION_STREAM), progress=f"evaluating {name}")
+        accuracy, interval = 100 * accuracies.mean(), 100 * confidence_interval(accuracies)
+        result[name] = {"accuracy": accuracy, "ci95": interval}
+        print(f"{name} accuracy: {accuracy:.2f}% +- {interval:.2f}% "
+              f"(95% CI, {args.eval_tasks} tasks, {mode})")
+    result["seconds"] = round(time.time() - started, 1)
+    result["settings"] = saved_args(args)
+    results_path = Path(args.logdir) / "results.json"
+    results = read_json(results_path) if results_path.is_file() else {}
+    results[mode] = result
+    write_json(results_path, results)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    logdir = Path(args.logdir)
+    if args.eval_only and not args.checkpoint and not list_checkpoints(logdir / "checkpoint"):
+        raise UserError(f"--eval-only: {logdir} holds no checkpoint; train first, or give --checkpoint FILE")
+    train_sampler, test_sampler, split = load_split(args)
+
+    torch.manual_seed(args.seed)
+    meta_model = OmniglotModel(args.classes).to(args.device)
+    learner = meta_model.clone()  # adapted to each task in turn, starting from the meta-model's weights
+    inner_optimizer = torch.optim.Adam(learner.parameters(), lr=args.lr, betas=(0.0, 0.999))
+    samplers = {"meta-test": test_sampler, "meta-train": train_sampler}
+
+    if args.eval_only:
+        checkpoint_path = args.checkpoint or list_checkpoints(logdir / "checkpoint")[-1]
+        state = load_checkpoint(checkpoint_path)
+        meta_model.load_state_dict(state["meta_net"])
+        inner_optimizer.load_state_dict(state["inner_optimizer"])
+        print(f"evaluating {checkpoint_path} (meta-iteration {state['meta_iteration']})")
+        final_evaluation(meta_model, learner, inner_optimizer, samplers, args, state["meta_iteration"],
+                         checkpoint_path, split)
+        return 0
+
+    mean_model = meta_model.clone()  # holds the mean of the adapted weights of a meta-batch
+    meta_optimizer = torch.optim.SGD(meta_model.parameters(), lr=args.meta_lr)
+    generators = {"train": stream(args.seed, TRAIN_STREAM), "validation": stream(args.seed, VALIDATION_STREAM)}
+    logdir.mkdir(parents=True, exist_ok=True)
+    write_json(logdir / "args.json", saved_args(args))
+    write_json(logdir / "split.json", split)
+    start = 0
+    state = latest_good_checkpoint(logdir)
+    if state is not None:
+        start = state["meta_iteration"]
+        meta_model.load_state_dict(state["meta_net"])
+        meta_optimizer.load_state_dict(state["meta_optimizer"])
+        inner_optimizer.load_state_dict(state["inner_optimizer"])
+        for name, generator in generators.items():
+            generator.set_state(state["generators"][name])
+        print(f"resumed {logdir} at meta-iteration {start} of {args.meta_iterations}")
+        if start > args.meta_iterations:
+            raise UserError(f"--meta-iterations {args.meta_iterations} is below the {start} this run has done; "
+                            f"use --eval-only --checkpoint to evaluate an earlier checkpoint")
+    checkpoint_path = str(logdir / "checkpoint" / f"check-{start}.pth")
+
+    results_path = logdir / "results.json"
+    mode = "transductive" if args.transductive else "non-transductive"
+    if start >= args.meta_iterations and results_path.is_file():
+        result = read_json(results_path).get(mode, {})
+        if result.get("meta_iteration") == start and result.get("tasks") == args.eval_tasks:
+            print(f"training is complete and {results_path} holds its {mode} evaluation "
+                  f"(meta-test accuracy {result['meta-test']['accuracy']:.2f}% +- {result['meta-test']['ci95']:.2f}%);"
+                  f" use --eval-only to evaluate again")
+            return 0
+
+    # SIGINT ends the run cleanly at the end of the current meta-iteration; a second one stops at once.
+    interrupted = []
+
+    def on_interrupt(signum, frame):
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted.append(signum)
+
+    previous_handler = signal.signal(signal.SIGINT, on_interrupt)
+    writer = SummaryWriter(str(logdir), purge_step=start + 1 if start else None)
+    recent = {"meta-train": [], "meta-test": []}
+    progress = tqdm(range(start, args.meta_iterations), initial=start, total=args.meta_iterations,
+                    desc="meta-training", unit="it", dynamic_ncols=True)
+    try:
+        for iteration in progress:
+            step_size = meta_step_size(iteration, args)
+            train_step(meta_model, learner, inner_optimizer, mean_model, meta_optimizer, train_sampler, args,
+                       step_size, generators["train"])
+            done = iteration + 1
+            if done % args.validate_every == 0:
+                for name, sampler in samplers.items():
+                    accuracies, losses = evaluate(meta_model, learner, inner_optimizer, sampler, args, 1,
+                                                  generators["validation"])
+                    writer.add_scalar(f"{name}/accuracy", accuracies[0], done)
+                    writer.add_scalar(f"{name}/loss", losses[0], done)
+                    recent[name] = (recent[name] + [accuracies[0]])[-100:]
+                writer.add_scalar("meta-step", step_size, done)
+                progress.set_postfix({f"{name} acc": f"{np.mean(accs):.3f}" for name, accs in recent.items()})
+            if done % args.check_every == 0 or done == args.meta_iterations or interrupted:
+                writer.flush()
+                checkpoint_path = str(save_checkpoint(logdir, done, meta_model, meta_optimizer, inner_optimizer,
+                                                      generators, args))
+            if interrupted:
+                progress.close()
+                writer.close()
+                print(f"interrupted at meta-iteration {done}; checkpoint saved to {checkpoint_path}\n"
+                      f"resume with: python train_omniglot.py {shlex.join(argv)}", file=sys.stderr)
+                return 130
+    finally:
+        progress.close()
+        writer.close()
+        signal.signal(signal.SIGINT, previous_handler)
+
+    final_evaluation(meta_model, learner, inner_optimizer, samplers, args, args.meta_iterations, checkpoint_path,
+                     split)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except UserError as error:
+        sys.exit(f"train_omniglot.py: error: {error}")
+    except KeyboardInterrupt:
+        print("train_omniglot.py: interrupted", file=sys.stderr)
+        sys.exit(130)

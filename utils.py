@@ -1,0 +1,62 @@
+"""Small helpers: listing folders and files, finding the latest checkpoint, writing files atomically."""
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Optional
+
+from torchvision.datasets.utils import list_dir, list_files
+
+__all__ = [
+    "list_dir", "list_files", "checkpoint_iteration", "list_checkpoints", "find_latest_file",
+    "UserError", "write_atomically", "write_json", "read_json",
+]
+
+
+def checkpoint_iteration(path: str) -> Optional[int]:
+    """The meta-iteration in a checkpoint's file name (`check-<iteration>.pth`), or None."""
+    match = re.fullmatch(r"check-(\d+)\.pth", Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(folder: str) -> list[str]:
+    """The checkpoints in `folder`, oldest first by the iteration in their names."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return [str(p) for p in sorted((p for p in folder.iterdir() if checkpoint_iteration(p) is not None),
+                                   key=checkpoint_iteration)]
+
+
+def find_latest_file(folder: str) -> Optional[str]:
+    """The checkpoint in `folder` with the largest iteration in its name, or None."""
+    checkpoints = list_checkpoints(folder)
+    return checkpoints[-1] if checkpoints else None
+
+
+class UserError(Exception):
+    """A problem the user must fix (bad flag, missing data, damaged file); the message says how."""
+
+
+def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Write a file through `write(file)` under a temporary name, then rename it into place."""
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as file:
+        write(file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def write_json(path: str, data: Any) -> None:
+    """Write `data` as indented JSON, atomically."""
+    write_atomically(path, lambda file: file.write((json.dumps(data, indent=2) + "\n").encode()))
+
+
+def read_json(path: str) -> Any:
+    """Read a JSON file, with an error that names it if it is damaged."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} is unreadable ({error}); delete it or restore it") from None
