@@ -156,6 +156,13 @@ def load_images(data_dir: Path) -> tuple[list[str], torch.Tensor]:
     return characters, images
 
 
+def split_sizes(split: str) -> tuple[int, int]:
+    """(meta-train characters, meta-test characters) of a split."""
+    background, evaluation = SETS["images_background"].characters, SETS["images_evaluation"].characters
+    return {"paper": (PAPER_TRAIN_CHARACTERS, background + evaluation - PAPER_TRAIN_CHARACTERS),
+            "background": (background, evaluation)}[split]
+
+
 def make_split(data_dir: Path, characters: list[str], split: str, seed: int) -> dict:
     """Which characters meta-train and which meta-test, as written to split.json."""
     if split == "paper":

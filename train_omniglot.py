@@ -13,6 +13,7 @@ import shlex
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 import omniglot
 from models import OmniglotModel
-from utils import UserError, checkpoint_iteration, list_checkpoints, read_json, write_atomically, write_json
+from utils import UserError, find_latest_file, list_checkpoints, read_json, write_atomically, write_json
 
 PROGRAM = "reptile-omniglot"  # marks checkpoints written by this script
 # Flags that fix what a run learns: a resumed run must keep them (--meta-iterations may grow).
@@ -141,11 +142,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         f"so --shots can be at most {omniglot.DRAWERS - 1}")
     if args.train_shots > omniglot.DRAWERS:
         raise UserError(f"--train-shots {args.train_shots} exceeds the {omniglot.DRAWERS} drawings of a character")
+    train_classes, test_classes = split_classes(args)
+    for classes, name in ((train_classes, "meta-train"), (test_classes, "meta-test")):
+        if args.classes > classes:
+            raise UserError(f"--classes {args.classes} exceeds the {classes} {name} classes of the {args.split} split")
     if args.checkpoint and not args.eval_only:
         raise UserError("--checkpoint needs --eval-only (training always resumes from the latest checkpoint)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: CUDA is not available here; use --device cpu")
     return args
+
+
+def split_classes(args: argparse.Namespace) -> tuple[int, int]:
+    """(meta-train classes, meta-test classes) of the run's split, known before any data is read."""
+    split_path = Path(args.logdir) / "split.json"
+    if split_path.is_file():
+        split = read_json(split_path)
+        return len(split["train"]) * len(split["train_rotations"]), len(split["test"])
+    train, test = omniglot.split_sizes(args.split)
+    return train * len(omniglot.ROTATIONS), test
 
 
 def stream(seed: int, purpose: int) -> torch.Generator:
@@ -206,7 +221,8 @@ def evaluate_task(meta_model: OmniglotModel, learner: OmniglotModel, inner_optim
                   generator: torch.Generator) -> tuple[int, float]:
     """Adapt a copy of the meta-model on a task's support set; (correct queries, mean query loss)."""
     learner.load_state_dict(meta_model.state_dict())
-    inner_optimizer.load_state_dict(adam_state)  # every test task starts from the training Adam state
+    # Every test task starts from the training Adam state; load_state_dict would share its tensors, not copy them.
+    inner_optimizer.load_state_dict(copy.deepcopy(adam_state))
     adapt(learner, inner_optimizer, task.support_images, task.support_labels, args.test_iterations,
           args.test_batch, generator)
     with torch.no_grad():
@@ -267,7 +283,9 @@ def load_checkpoint(path: str) -> dict:
     if not Path(path).is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a damaged file may first trigger warnings about its contents
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many kinds of error on damaged files
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"checkpoint {path} is unreadable ({reason[:120]})") from None
@@ -308,10 +326,6 @@ def load_split(args: argparse.Namespace) -> tuple[omniglot.TaskSampler, omniglot
     images = images.to(args.device)
     train = omniglot.TaskSampler(images[[index[c] for c in split["train"]]], split["train_rotations"])
     test = omniglot.TaskSampler(images[[index[c] for c in split["test"]]])
-    for name, sampler in (("meta-train", train), ("meta-test", test)):
-        if args.classes > sampler.num_classes:
-            raise UserError(f"--classes {args.classes} exceeds the {sampler.num_classes} {name} classes of the "
-                            f"{split['split']} split")
     return train, test, split
 
 
@@ -342,8 +356,11 @@ def main(argv: list[str]) -> int:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     logdir = Path(args.logdir)
-    if args.eval_only and not args.checkpoint and not list_checkpoints(logdir / "checkpoint"):
-        raise UserError(f"--eval-only: {logdir} holds no checkpoint; train first, or give --checkpoint FILE")
+    if args.eval_only:
+        checkpoint_path = args.checkpoint or find_latest_file(logdir / "checkpoint")
+        if checkpoint_path is None:
+            raise UserError(f"--eval-only: {logdir} holds no checkpoint; train first, or give --checkpoint FILE")
+        state = load_checkpoint(checkpoint_path)
     train_sampler, test_sampler, split = load_split(args)
 
     torch.manual_seed(args.seed)
@@ -353,8 +370,6 @@ def main(argv: list[str]) -> int:
     samplers = {"meta-test": test_sampler, "meta-train": train_sampler}
 
     if args.eval_only:
-        checkpoint_path = args.checkpoint or list_checkpoints(logdir / "checkpoint")[-1]
-        state = load_checkpoint(checkpoint_path)
         meta_model.load_state_dict(state["meta_net"])
         inner_optimizer.load_state_dict(state["inner_optimizer"])
         print(f"evaluating {checkpoint_path} (meta-iteration {state['meta_iteration']})")

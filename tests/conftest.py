@@ -1,0 +1,50 @@
+"""Shared fixtures: the offline Omniglot copy, a prepared data folder, and running the training script."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import omniglot  # noqa: E402
+
+# Any attempt to reach the network goes to a closed local port and fails at once.
+NO_NETWORK = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
+              "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": ""}
+
+
+@pytest.fixture(scope="session")
+def mirror() -> Path:
+    """The folder holding the two official Omniglot zips ($OMNIGLOT_MIRROR, else ../shared/omniglot)."""
+    path = Path(os.environ.get(omniglot.MIRROR_VARIABLE) or ROOT.parent / "shared" / "omniglot").resolve()
+    if not all((path / f"{name}.zip").is_file() for name in omniglot.SETS):
+        pytest.fail(f"no Omniglot zips in {path}: set {omniglot.MIRROR_VARIABLE} to a folder holding them")
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_dir(mirror, tmp_path_factory) -> Path:
+    """A data folder prepared from the mirror, shared by the whole session."""
+    return omniglot.prepare_data(str(tmp_path_factory.mktemp("data") / "omniglot"), str(mirror))
+
+
+@pytest.fixture(scope="session")
+def loaded(data_dir):
+    """(characters, images) of the prepared data folder."""
+    return omniglot.load_images(data_dir)
+
+
+@pytest.fixture
+def run_script(data_dir, mirror, monkeypatch):
+    """Run train_omniglot.py in a subprocess on the prepared data (unless args name another --data)."""
+    def run(*args: str, env: dict = None) -> subprocess.CompletedProcess:
+        environment = {**os.environ, **NO_NETWORK, omniglot.MIRROR_VARIABLE: str(mirror), **(env or {})}
+        result = subprocess.run([sys.executable, str(ROOT / "train_omniglot.py"), "--data", str(data_dir), *args],
+                                capture_output=True, env=environment, cwd=ROOT, timeout=600)
+        # Decoded by hand: text mode would turn the progress bars' carriage returns into newlines.
+        result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
+        return result
+    return run

@@ -1,0 +1,167 @@
+import shutil
+import zipfile
+
+import pytest
+import torch
+
+import omniglot
+from conftest import NO_NETWORK
+from utils import UserError, list_dir
+
+
+def numbered_images(characters: int) -> torch.Tensor:
+    """Images whose every pixel holds a unique id: character * 20 + drawer."""
+    ids = torch.arange(characters * omniglot.DRAWERS, dtype=torch.float32).view(characters, omniglot.DRAWERS, 1, 1)
+    return ids.expand(-1, -1, omniglot.IMAGE_SIZE, omniglot.IMAGE_SIZE).clone()
+
+
+def test_task_labels_and_disjoint_support_and_query():
+    sampler = omniglot.TaskSampler(numbered_images(12))
+    task = sampler.sample(5, 3, 2, torch.Generator().manual_seed(0))
+    assert task.support_images.shape == (15, 1, 28, 28) and task.query_images.shape == (10, 1, 28, 28)
+    assert sorted(task.support_labels.tolist()) == sorted(list(range(5)) * 3)
+    assert sorted(task.query_labels.tolist()) == sorted(list(range(5)) * 2)
+    support_ids = task.support_images[:, 0, 0, 0].long()
+    query_ids = task.query_images[:, 0, 0, 0].long()
+    assert not set(support_ids.tolist()) & set(query_ids.tolist())
+    # All images of a label come from one character, and labels are distinct characters.
+    character_of = {}
+    for image_id, label in zip(torch.cat([support_ids, query_ids]).tolist(),
+                               torch.cat([task.support_labels, task.query_labels]).tolist()):
+        assert character_of.setdefault(label, image_id // omniglot.DRAWERS) == image_id // omniglot.DRAWERS
+    assert len(set(character_of.values())) == 5
+
+
+def test_a_seed_reproduces_a_task_and_labels_are_shuffled():
+    sampler = omniglot.TaskSampler(numbered_images(12))
+    first = sampler.sample(5, 1, 1, torch.Generator().manual_seed(3))
+    again = sampler.sample(5, 1, 1, torch.Generator().manual_seed(3))
+    other = sampler.sample(5, 1, 1, torch.Generator().manual_seed(4))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first.support_images, other.support_images)
+    # Label 0 is not always the lowest-numbered character.
+    lowest_is_zero = []
+    for seed in range(20):
+        task = sampler.sample(5, 1, 0, torch.Generator().manual_seed(seed))
+        lowest_is_zero.append(task.support_images[:, 0, 0, 0].argmin().item() == 0)
+    assert not all(lowest_is_zero)
+
+
+def test_rotations_are_classes_of_their_own():
+    images = torch.zeros(1, omniglot.DRAWERS, 28, 28)
+    images[:, :, 0, :5] = 1  # a stroke along the top edge
+    sampler = omniglot.TaskSampler(images, omniglot.ROTATIONS)
+    assert sampler.num_classes == 4
+    task = sampler.sample(4, 1, 0, torch.Generator().manual_seed(0))
+    by_label = {label: image[0] for label, image in zip(task.support_labels.tolist(), task.support_images)}
+    seen = {tuple(image.nonzero()[0].tolist()) for image in by_label.values()}
+    assert len(seen) == 4  # four different orientations
+    turned = {tuple(torch.rot90(images[0, 0], k).nonzero()[0].tolist()) for k in range(4)}
+    assert seen == turned
+
+
+def test_sampling_refuses_impossible_tasks():
+    sampler = omniglot.TaskSampler(numbered_images(3))
+    with pytest.raises(ValueError):
+        sampler.sample(4, 1, 1, torch.Generator())
+    with pytest.raises(ValueError):
+        sampler.sample(2, 20, 1, torch.Generator())
+
+
+def test_merged_folder_has_all_alphabets(data_dir, loaded):
+    assert len(list_dir(str(data_dir))) == 50
+    characters, images = loaded
+    assert len(characters) == 1623 and len(set(characters)) == 1623
+    assert images.shape == (1623, 20, 28, 28)
+    assert set(images.unique().tolist()) == {0.0, 1.0}
+    assert images.mean() > 0.8  # background 1, ink 0
+
+
+def test_paper_split(data_dir, loaded):
+    characters, images = loaded
+    split = omniglot.make_split(data_dir, characters, "paper", seed=0)
+    assert len(split["train"]) == 1200 and len(split["test"]) == 423
+    assert set(split["train"]) | set(split["test"]) == set(characters)
+    assert not set(split["train"]) & set(split["test"])
+    assert omniglot.TaskSampler(images[:1200], split["train_rotations"]).num_classes == 4800
+    assert omniglot.make_split(data_dir, characters, "paper", seed=0) == split
+    assert omniglot.make_split(data_dir, characters, "paper", seed=1)["train"] != split["train"]
+
+
+def test_background_split_shares_no_alphabet(data_dir, loaded):
+    characters, _ = loaded
+    split = omniglot.make_split(data_dir, characters, "background", seed=0)
+    assert len(split["train"]) == 964 and len(split["test"]) == 659
+    train_alphabets = {c.split("/")[0] for c in split["train"]}
+    test_alphabets = {c.split("/")[0] for c in split["test"]}
+    assert len(train_alphabets) == 30 and len(test_alphabets) == 20
+    assert not train_alphabets & test_alphabets
+
+
+def test_a_prepared_folder_touches_no_archive(data_dir, tmp_path):
+    assert omniglot.prepare_data(str(data_dir), str(tmp_path / "no-such-mirror")) == data_dir
+
+
+def test_without_network_or_mirror_the_error_says_what_to_do(tmp_path, monkeypatch):
+    for name, value in NO_NETWORK.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv(omniglot.MIRROR_VARIABLE, raising=False)
+    with pytest.raises(UserError, match=omniglot.MIRROR_VARIABLE):
+        omniglot.prepare_data(str(tmp_path / "data"))
+    assert not (tmp_path / "data" / omniglot.MARKER).exists()
+    assert not list((tmp_path / "data").glob("*.part"))
+
+
+def copy_mirror(mirror, destination):
+    """A writable copy of the mirror folder."""
+    destination.mkdir()
+    for name in omniglot.SETS:
+        shutil.copy(mirror / f"{name}.zip", destination)
+    return destination
+
+
+def test_a_truncated_zip_is_rejected(mirror, tmp_path):
+    bad = copy_mirror(mirror, tmp_path / "mirror")
+    archive = bad / "images_evaluation.zip"
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(UserError, match="images_evaluation.zip is damaged"):
+        omniglot.prepare_data(str(tmp_path / "data"), str(bad))
+    assert not (tmp_path / "data" / omniglot.MARKER).exists()
+
+
+def test_a_zip_missing_an_alphabet_is_rejected(mirror, tmp_path):
+    bad = tmp_path / "mirror"
+    copy_mirror(mirror, bad)
+    with zipfile.ZipFile(mirror / "images_evaluation.zip") as source, \
+            zipfile.ZipFile(bad / "images_evaluation.zip", "w") as target:
+        for info in source.infolist():
+            if not info.filename.startswith("images_evaluation/Angelic/"):
+                target.writestr(info, source.read(info))
+    with pytest.raises(UserError, match="19 alphabets, 639 characters"):
+        omniglot.prepare_data(str(tmp_path / "data"), str(bad))
+    assert not (tmp_path / "data" / omniglot.MARKER).exists()
+
+
+def test_an_interrupted_extraction_is_redone(mirror, tmp_path):
+    data = tmp_path / "data"
+    (data / ".extracting" / "images_background" / "Latin").mkdir(parents=True)
+    (data / "Latin" / "character01").mkdir(parents=True)  # half-moved alphabet from an earlier attempt
+    (data / "Latin" / "character01" / "0001_01.png").write_bytes(b"partial")
+    omniglot.prepare_data(str(data), str(mirror))
+    assert omniglot.count_tree(data) == (50, 1623, 32460)
+    assert not (data / ".extracting").exists()
+    assert (data / omniglot.MARKER).is_file()
+
+
+def test_a_damaged_character_folder_is_named(data_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    victim = data / "Latin" / "character03"
+    for image in sorted(victim.iterdir())[:2]:
+        image.unlink()
+    with pytest.raises(UserError, match="Latin/character03 holds 18 images"):
+        omniglot.load_images(data)
+    (sorted(victim.iterdir())[0]).write_bytes(b"not a png")
+    (data / "Latin" / "character04" / "0001_01.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match="character0[34]"):
+        omniglot.load_images(data)

@@ -1,0 +1,39 @@
+import pytest
+
+from utils import UserError, find_latest_file, list_checkpoints, list_dir, list_files, read_json, write_json
+
+
+def test_find_latest_file_compares_iterations_not_names(tmp_path):
+    for iteration in (900, 1000, 50):
+        (tmp_path / f"check-{iteration}.pth").write_bytes(b"")
+    (tmp_path / "check-5000.pth.tmp").write_bytes(b"")  # an unfinished write is not a checkpoint
+    (tmp_path / "notes.txt").write_text("")
+    assert find_latest_file(str(tmp_path)) == str(tmp_path / "check-1000.pth")
+    assert [p.rsplit("/", 1)[1] for p in list_checkpoints(str(tmp_path))] == \
+        ["check-50.pth", "check-900.pth", "check-1000.pth"]
+
+
+def test_find_latest_file_without_checkpoints(tmp_path):
+    assert find_latest_file(str(tmp_path)) is None
+    assert find_latest_file(str(tmp_path / "missing")) is None
+
+
+def test_listing_helpers(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "x.png").write_bytes(b"")
+    (tmp_path / "y.txt").write_bytes(b"")
+    assert sorted(list_dir(str(tmp_path))) == ["a", "b"]
+    assert list_files(str(tmp_path), ".png", prefix=True) == [str(tmp_path / "x.png")]
+
+
+def test_write_json_round_trip_leaves_no_temporary(tmp_path):
+    write_json(tmp_path / "a.json", {"x": [1, 2]})
+    assert read_json(tmp_path / "a.json") == {"x": [1, 2]}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_read_json_names_a_damaged_file(tmp_path):
+    (tmp_path / "a.json").write_text("{not json")
+    with pytest.raises(UserError, match="a.json"):
+        read_json(tmp_path / "a.json")
