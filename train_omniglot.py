@@ -6,16 +6,19 @@
 Running the same command again resumes from the latest checkpoint of the logdir.
 """
 import argparse
+import contextlib
 import copy
 import json
 import math
+import os
 import shlex
 import signal
 import sys
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -33,6 +36,8 @@ TRAINING_FLAGS = ("classes", "shots", "train_shots", "meta_batch", "iterations",
 # Flags that fix the model and its characters: evaluation must keep them too.
 MODEL_FLAGS = ("classes", "split")
 NOT_SAVED = ("logdir", "eval_only", "checkpoint")
+# Flags that belong to the machine, not the run: recorded in args.json but never taken from it.
+MACHINE_FLAGS = ("device", "workers")
 # Independent random streams, so that validation or evaluation never changes what training samples.
 TRAIN_STREAM, VALIDATION_STREAM, EVALUATION_STREAM = 0, 1, 2
 
@@ -46,60 +51,67 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def positive(kind):
-    """An argparse type: a number of `kind` greater than zero."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, unless it has none or its help already tells it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def number(kind: type, minimum: float, strict: bool = False):
+    """An argparse type: a number of `kind` at least `minimum` (above it, if strict)."""
     def parse(text: str):
         value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        if not (value > minimum if strict else value >= minimum):  # also refuses NaN
+            raise argparse.ArgumentTypeError(f"must be {'above' if strict else 'at least'} {minimum}, got {text}")
         return value
-    parse.__name__ = kind.__name__
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid value" message
     return parse
 
 
-def non_negative_float(text: str) -> float:
-    """An argparse type: a float of at least zero."""
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
-    return value
+positive_int, non_negative_int = number(int, 1), number(int, 0)
+positive_float, non_negative_float = number(float, 0, strict=True), number(float, 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; the defaults are the paper's 5-way 5-shot Omniglot setting."""
     parser = OneLineParser(description=__doc__.split("\n")[0], allow_abbrev=False,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
     parser.add_argument("logdir", nargs="?", help="run folder for TensorBoard events, checkpoints and results "
                         "(default: runs/<classes>way<shots>shot)")
     task = parser.add_argument_group("task")
-    task.add_argument("--classes", type=positive(int), default=5, help="classes per task (N-way)")
-    task.add_argument("--shots", type=positive(int), default=5, help="support images per class at meta-test (K-shot)")
-    task.add_argument("--train-shots", type=positive(int), default=10, help="images per class in a meta-training task")
+    task.add_argument("--classes", type=positive_int, default=5, help="classes per task (N-way)")
+    task.add_argument("--shots", type=positive_int, default=5, help="support images per class at meta-test (K-shot)")
+    task.add_argument("--train-shots", type=positive_int, default=10, help="images per class in a meta-training task")
     task.add_argument("--split", choices=("paper", "background"), default="paper",
                       help="paper: 1,200 random characters train, 423 test; background: background alphabets "
                       "train, evaluation alphabets test")
     meta = parser.add_argument_group("meta-training")
-    meta.add_argument("--meta-batch", type=positive(int), default=5, help="tasks per meta-iteration")
-    meta.add_argument("--meta-iterations", type=positive(int), default=100000, help="meta-iterations in all")
-    meta.add_argument("--iterations", type=positive(int), default=5, help="inner Adam steps per task")
-    meta.add_argument("--batch", type=positive(int), default=10, help="inner mini-batch size")
-    meta.add_argument("--lr", type=positive(float), default=0.001, help="inner Adam learning rate (betas 0, 0.999)")
-    meta.add_argument("--meta-lr", type=positive(float), default=1.0, help="meta-step size at the start")
+    meta.add_argument("--meta-batch", type=positive_int, default=5, help="tasks per meta-iteration")
+    meta.add_argument("--meta-iterations", type=positive_int, default=100000, help="meta-iterations in all")
+    meta.add_argument("--iterations", type=positive_int, default=5, help="inner Adam steps per task")
+    meta.add_argument("--batch", type=positive_int, default=10, help="inner mini-batch size")
+    meta.add_argument("--lr", type=positive_float, default=0.001, help="inner Adam learning rate (betas 0, 0.999)")
+    meta.add_argument("--meta-lr", type=positive_float, default=1.0, help="meta-step size at the start")
     meta.add_argument("--meta-lr-final", type=non_negative_float, default=0.0,
                       help="meta-step size at the end (annealed linearly)")
     evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument("--test-iterations", type=positive(int), default=50, help="Adam steps on a test task")
-    evaluation.add_argument("--test-batch", type=positive(int), default=5, help="mini-batch size on a test task")
-    evaluation.add_argument("--eval-tasks", type=positive(int), default=10000, help="tasks in the final evaluation")
+    evaluation.add_argument("--test-iterations", type=positive_int, default=50, help="Adam steps on a test task")
+    evaluation.add_argument("--test-batch", type=positive_int, default=5, help="mini-batch size on a test task")
+    evaluation.add_argument("--eval-tasks", type=positive_int, default=10000, help="tasks in the final evaluation")
     evaluation.add_argument("--transductive", action="store_true",
                             help="classify all queries of a task in one batch (default: each query on its own)")
     evaluation.add_argument("--eval-only", action="store_true", help="evaluate a checkpoint of the logdir, no training")
     evaluation.add_argument("--checkpoint", help="with --eval-only: the checkpoint file (default: the latest)")
     run = parser.add_argument_group("run")
-    run.add_argument("--validate-every", type=positive(int), default=10,
+    run.add_argument("--validate-every", type=positive_int, default=10,
                      help="log one meta-train and one meta-test task every this many meta-iterations")
-    run.add_argument("--check-every", type=positive(int), default=1000, help="checkpoint every this many meta-iterations")
-    run.add_argument("--keep", type=positive(int), default=3, help="checkpoints kept (the newest)")
+    run.add_argument("--check-every", type=positive_int, default=1000, help="checkpoint every this many meta-iterations")
+    run.add_argument("--keep", type=positive_int, default=3, help="checkpoints kept (the newest)")
+    run.add_argument("--workers", type=non_negative_int, default=len(os.sched_getaffinity(0)),
+                     help="evaluation worker processes on CPU, one thread each (ignored on CUDA)")
     run.add_argument("--seed", type=int, default=0, help="seed of the split, the initial weights and every task")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
     run.add_argument("--data", default="omniglot", help="Omniglot folder (downloaded and extracted when missing)")
@@ -130,7 +142,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         saved = read_json(saved_path)
         fixed = MODEL_FLAGS if args.eval_only else TRAINING_FLAGS
         for name, value in saved.items():
-            if name in NOT_SAVED or not hasattr(args, name):
+            if name in NOT_SAVED + MACHINE_FLAGS or not hasattr(args, name):
                 continue
             if name not in given:
                 setattr(args, name, value)
@@ -183,7 +195,7 @@ def adapt(model: OmniglotModel, optimizer: torch.optim.Optimizer, images: torch.
     model.train()
     for indices in inner_batches(len(images), batch, steps, generator).to(images.device):
         loss = torch.nn.functional.nll_loss(model(images[indices]), labels[indices])
-        optimizer.zero_grad(set_to_none=False)
+        optimizer.zero_grad()
         loss.backward()
         optimizer.step()
 
@@ -192,6 +204,24 @@ def meta_step_size(iteration: int, args: argparse.Namespace) -> float:
     """The meta-step, annealed linearly from --meta-lr to --meta-lr-final across training."""
     done = iteration / args.meta_iterations
     return done * args.meta_lr_final + (1 - done) * args.meta_lr
+
+
+def prepare_model(model: OmniglotModel, device: str) -> OmniglotModel:
+    """The model on `device`, its convolution weights channels-last (faster small convolutions)."""
+    return model.to(device, memory_format=torch.channels_last)
+
+
+def make_learner(model: OmniglotModel, lr: float) -> tuple[OmniglotModel, torch.optim.Adam]:
+    """A copy of `model` to adapt to tasks, and its inner Adam (beta1 = 0, as in the paper)."""
+    learner = model.clone()
+    return learner, torch.optim.Adam(learner.parameters(), lr=lr, betas=(0.0, 0.999), fused=True)
+
+
+def copy_weights(source: OmniglotModel, destination: OmniglotModel) -> None:
+    """Overwrite the parameters of `destination` with those of `source`."""
+    with torch.no_grad():
+        for param, source_param in zip(destination.parameters(), source.parameters()):
+            param.copy_(source_param)
 
 
 def train_step(meta_model: OmniglotModel, learner: OmniglotModel, inner_optimizer: torch.optim.Optimizer,
@@ -203,7 +233,7 @@ def train_step(meta_model: OmniglotModel, learner: OmniglotModel, inner_optimize
             param.zero_()
     for _ in range(args.meta_batch):
         task = sampler.sample(args.classes, args.train_shots, 0, generator)
-        learner.load_state_dict(meta_model.state_dict())
+        copy_weights(meta_model, learner)
         # The inner Adam's state is not reset: as in the paper's code it lives on from task to task.
         adapt(learner, inner_optimizer, task.support_images, task.support_labels, args.iterations, args.batch,
               generator)
@@ -216,38 +246,83 @@ def train_step(meta_model: OmniglotModel, learner: OmniglotModel, inner_optimize
     meta_optimizer.step()
 
 
-def evaluate_task(meta_model: OmniglotModel, learner: OmniglotModel, inner_optimizer: torch.optim.Optimizer,
-                  adam_state: dict, task: omniglot.Task, args: argparse.Namespace,
-                  generator: torch.Generator) -> tuple[int, float]:
-    """Adapt a copy of the meta-model on a task's support set; (correct queries, mean query loss)."""
-    learner.load_state_dict(meta_model.state_dict())
-    # Every test task starts from the training Adam state; load_state_dict would share its tensors, not copy them.
-    inner_optimizer.load_state_dict(copy.deepcopy(adam_state))
-    adapt(learner, inner_optimizer, task.support_images, task.support_labels, args.test_iterations,
-          args.test_batch, generator)
-    with torch.no_grad():
-        if args.transductive:
-            log_probs = learner(task.query_images)
-        else:  # each query in a batch with the support images, so queries never share BatchNorm statistics
-            log_probs = torch.cat([learner(torch.cat([task.support_images, query[None]]))[-1:]
-                                   for query in task.query_images])
-    correct = (learner.predict(log_probs) == task.query_labels).sum().item()
-    return correct, torch.nn.functional.nll_loss(log_probs, task.query_labels).item()
+def task_seeds(tasks: int, generator: torch.Generator) -> list[int]:
+    """One seed per evaluation task, so tasks can be evaluated in any order or process."""
+    return torch.randint(2 ** 62, (tasks,), generator=generator).tolist()
 
 
-def evaluate(meta_model: OmniglotModel, learner: OmniglotModel, inner_optimizer: torch.optim.Optimizer,
-             sampler: omniglot.TaskSampler, args: argparse.Namespace, tasks: int, generator: torch.Generator,
-             progress: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-task accuracies and losses over `tasks` test tasks; the inner Adam state is left as it was."""
-    adam_state = copy.deepcopy(inner_optimizer.state_dict())
-    accuracies, losses = np.empty(tasks), np.empty(tasks)
-    for index in tqdm(range(tasks), desc=progress, unit="task", disable=progress is None, leave=False):
+def evaluate_tasks(meta_state: dict, adam_state: dict, sampler: omniglot.TaskSampler, args: argparse.Namespace,
+                   seeds: list[int]) -> list[tuple[int, float]]:
+    """(correct queries, mean query loss) of one test task per seed, each adapted from the meta-weights."""
+    model = prepare_model(OmniglotModel(args.classes), sampler.images.device)
+    model.load_state_dict(meta_state)
+    learner, optimizer = make_learner(model, args.lr)
+    results = []
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(seed)
         task = sampler.sample(args.classes, args.shots, 1, generator)
-        correct, losses[index] = evaluate_task(meta_model, learner, inner_optimizer, adam_state, task, args,
-                                               generator)
-        accuracies[index] = correct / args.classes
-    inner_optimizer.load_state_dict(adam_state)
-    return accuracies, losses
+        copy_weights(model, learner)
+        # Every test task starts from the training Adam state; load_state_dict would share its tensors.
+        optimizer.load_state_dict(copy.deepcopy(adam_state))
+        adapt(learner, optimizer, task.support_images, task.support_labels, args.test_iterations, args.test_batch,
+              generator)
+        with torch.no_grad():
+            if args.transductive:
+                log_probs = learner(task.query_images)
+            else:  # each query in a batch with the support images: queries never share BatchNorm statistics
+                log_probs = torch.cat([learner(torch.cat([task.support_images, query[None]]))[-1:]
+                                       for query in task.query_images])
+        correct = (learner.predict(log_probs) == task.query_labels).sum().item()
+        results.append((correct, torch.nn.functional.nll_loss(log_probs, task.query_labels).item()))
+    return results
+
+
+_worker_samplers: dict = {}  # the task samplers of an evaluation worker process
+
+
+def start_worker(samplers: dict) -> None:
+    """Set up an evaluation worker: one thread, the run's task samplers (their images in shared memory)."""
+    torch.set_num_threads(1)
+    _worker_samplers.update(samplers)
+
+
+def evaluate_in_worker(name: str, meta_state: dict, adam_state: dict, args: argparse.Namespace,
+                       seeds: list[int]) -> list[tuple[int, float]]:
+    """evaluate_tasks on the worker's sampler called `name`."""
+    return evaluate_tasks(meta_state, adam_state, _worker_samplers[name], args, seeds)
+
+
+def start_pool(samplers: dict, workers: int) -> Union[ProcessPoolExecutor, contextlib.nullcontext]:
+    """Evaluation worker processes, one thread each (small convolutions use a second thread poorly)."""
+    if workers <= 1 or any(sampler.images.is_cuda for sampler in samplers.values()):
+        return contextlib.nullcontext()
+    return ProcessPoolExecutor(workers, mp_context=torch.multiprocessing.get_context("spawn"),
+                               initializer=start_worker, initargs=(samplers,))
+
+
+def evaluate(meta_model: OmniglotModel, inner_optimizer: torch.optim.Optimizer, samplers: dict, name: str,
+             args: argparse.Namespace, tasks: int, generator: torch.Generator,
+             pool: Optional[ProcessPoolExecutor] = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Per-task accuracies and losses on `tasks` tasks of samplers[name], in the pool's workers if one is given."""
+    seeds = task_seeds(tasks, generator)
+    meta_state = {key: value.detach().cpu() for key, value in meta_model.state_dict().items()}
+    adam_state = copy.deepcopy(inner_optimizer.state_dict())
+    bar = tqdm(total=tasks, desc=f"evaluating {name}", unit="task", disable=not progress, leave=False)
+    if pool is None:
+        results = []
+        for seed in seeds:
+            results += evaluate_tasks(meta_state, adam_state, samplers[name], args, [seed])
+            bar.update()
+    else:
+        chunk = max(1, min(50, tasks // (4 * pool._max_workers)))
+        futures = [pool.submit(evaluate_in_worker, name, meta_state, adam_state, args, seeds[i:i + chunk])
+                   for i in range(0, tasks, chunk)]
+        for future in as_completed(futures):
+            bar.update(len(future.result()))
+        results = [result for future in futures for result in future.result()]
+    bar.close()
+    correct, losses = np.array(results).T
+    return correct / args.classes, losses
 
 
 def confidence_interval(accuracies: np.ndarray) -> float:
@@ -329,20 +404,21 @@ def load_split(args: argparse.Namespace) -> tuple[omniglot.TaskSampler, omniglot
     return train, test, split
 
 
-def final_evaluation(meta_model, learner, inner_optimizer, samplers: dict, args, iteration: int,
-                     checkpoint: str, split: dict) -> None:
+def final_evaluation(meta_model, inner_optimizer, samplers: dict, args, iteration: int, checkpoint: str,
+                     split: dict) -> None:
     """Evaluate on --eval-tasks tasks of each character set; print the accuracies and record them in results.json."""
     mode = "transductive" if args.transductive else "non-transductive"
     started = time.time()
     result = {"mode": mode, "meta_iteration": iteration, "checkpoint": checkpoint, "split": split["split"],
               "tasks": args.eval_tasks}
-    for name, sampler in samplers.items():
-        accuracies, _ = evaluate(meta_model, learner, inner_optimizer, sampler, args, args.eval_tasks,
-                                 stream(args.seed, EVALUATION_STREAM), progress=f"evaluating {name}")
-        accuracy, interval = 100 * accuracies.mean(), 100 * confidence_interval(accuracies)
-        result[name] = {"accuracy": accuracy, "ci95": interval}
-        print(f"{name} accuracy: {accuracy:.2f}% +- {interval:.2f}% "
-              f"(95% CI, {args.eval_tasks} tasks, {mode})")
+    with start_pool(samplers, args.workers) as pool:
+        for name in samplers:
+            accuracies, _ = evaluate(meta_model, inner_optimizer, samplers, name, args, args.eval_tasks,
+                                     stream(args.seed, EVALUATION_STREAM), pool, progress=True)
+            accuracy, interval = 100 * accuracies.mean(), 100 * confidence_interval(accuracies)
+            result[name] = {"accuracy": accuracy, "ci95": interval}
+            print(f"{name} accuracy: {accuracy:.2f}% +- {interval:.2f}% "
+                  f"(95% CI, {args.eval_tasks} tasks, {mode})")
     result["seconds"] = round(time.time() - started, 1)
     result["settings"] = saved_args(args)
     results_path = Path(args.logdir) / "results.json"
@@ -364,17 +440,16 @@ def main(argv: list[str]) -> int:
     train_sampler, test_sampler, split = load_split(args)
 
     torch.manual_seed(args.seed)
-    meta_model = OmniglotModel(args.classes).to(args.device)
-    learner = meta_model.clone()  # adapted to each task in turn, starting from the meta-model's weights
-    inner_optimizer = torch.optim.Adam(learner.parameters(), lr=args.lr, betas=(0.0, 0.999))
+    meta_model = prepare_model(OmniglotModel(args.classes), args.device)
+    learner, inner_optimizer = make_learner(meta_model, args.lr)  # adapted to each task in turn
     samplers = {"meta-test": test_sampler, "meta-train": train_sampler}
 
     if args.eval_only:
         meta_model.load_state_dict(state["meta_net"])
         inner_optimizer.load_state_dict(state["inner_optimizer"])
         print(f"evaluating {checkpoint_path} (meta-iteration {state['meta_iteration']})")
-        final_evaluation(meta_model, learner, inner_optimizer, samplers, args, state["meta_iteration"],
-                         checkpoint_path, split)
+        final_evaluation(meta_model, inner_optimizer, samplers, args, state["meta_iteration"], checkpoint_path,
+                         split)
         return 0
 
     mean_model = meta_model.clone()  # holds the mean of the adapted weights of a meta-batch
@@ -428,8 +503,8 @@ def main(argv: list[str]) -> int:
                        step_size, generators["train"])
             done = iteration + 1
             if done % args.validate_every == 0:
-                for name, sampler in samplers.items():
-                    accuracies, losses = evaluate(meta_model, learner, inner_optimizer, sampler, args, 1,
+                for name in samplers:
+                    accuracies, losses = evaluate(meta_model, inner_optimizer, samplers, name, args, 1,
                                                   generators["validation"])
                     writer.add_scalar(f"{name}/accuracy", accuracies[0], done)
                     writer.add_scalar(f"{name}/loss", losses[0], done)
@@ -451,8 +526,7 @@ def main(argv: list[str]) -> int:
         writer.close()
         signal.signal(signal.SIGINT, previous_handler)
 
-    final_evaluation(meta_model, learner, inner_optimizer, samplers, args, args.meta_iterations, checkpoint_path,
-                     split)
+    final_evaluation(meta_model, inner_optimizer, samplers, args, args.meta_iterations, checkpoint_path, split)
     return 0
 
 

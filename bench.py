@@ -1,0 +1,210 @@
+"""Time the project's meta-training and evaluation against a straightforward PyTorch loop, in one process.
+
+    python bench.py                  # 5-way 1-shot, the paper's settings, on this machine's CPU
+    python bench.py --classes 20     # 20-way (inner batch 20, 10 steps; evaluation batch 10)
+    python bench.py --device cuda
+
+Both sides run the same tasks, interleaved round by round. The images are random binary 28x28 images in the
+paper split's shape (1,200 meta-training characters in 4 rotations, 423 meta-test characters): the work does
+not depend on the pixels, and no data folder is needed.
+"""
+import argparse
+import copy
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import omniglot
+import train_omniglot as T
+from models import OmniglotModel
+
+
+# ----------------------------------------------------------------------------- the straightforward baseline
+
+def baseline_meta_iteration(meta_model: OmniglotModel, adam_state: dict, sampler: omniglot.TaskSampler,
+                            args: argparse.Namespace, step_size: float, generator: torch.Generator) -> dict:
+    """One meta-iteration the plain way: a deep copy and an Adam per task, one step at a time; the new Adam state."""
+    adapted = []
+    for _ in range(args.meta_batch):
+        task = sampler.sample(args.classes, args.train_shots, 0, generator)
+        model = copy.deepcopy(meta_model)
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.0, 0.999))
+        optimizer.load_state_dict(adam_state)  # the inner Adam state carries over from task to task
+        for indices in T.inner_batches(len(task.support_images), args.batch, args.iterations, generator):
+            optimizer.zero_grad()
+            F.nll_loss(model(task.support_images[indices]), task.support_labels[indices]).backward()
+            optimizer.step()
+        adam_state = copy.deepcopy(optimizer.state_dict())
+        adapted.append([param.detach() for param in model.parameters()])
+    with torch.no_grad():
+        for index, param in enumerate(meta_model.parameters()):
+            mean = sum(weights[index] for weights in adapted) / len(adapted)
+            param.add_(step_size * (mean - param))
+    return adam_state
+
+
+def baseline_evaluate(meta_model: OmniglotModel, adam_state: dict, sampler: omniglot.TaskSampler,
+                      args: argparse.Namespace, seeds: list[int]) -> list[tuple[int, float]]:
+    """(correct queries, query loss) of one task per seed, the plain way: a deep copy and an Adam per task."""
+    results = []
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(seed)
+        task = sampler.sample(args.classes, args.shots, 1, generator)
+        model = copy.deepcopy(meta_model)
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.0, 0.999))
+        optimizer.load_state_dict(copy.deepcopy(adam_state))
+        for indices in T.inner_batches(len(task.support_images), args.test_batch, args.test_iterations, generator):
+            optimizer.zero_grad()
+            F.nll_loss(model(task.support_images[indices]), task.support_labels[indices]).backward()
+            optimizer.step()
+        with torch.no_grad():
+            if args.transductive:
+                log_probs = model(task.query_images)
+            else:
+                log_probs = torch.stack([model(torch.cat([task.support_images, query[None]]))[-1]
+                                         for query in task.query_images])
+        correct = (log_probs.argmax(dim=1) == task.query_labels).sum().item()
+        results.append((correct, F.nll_loss(log_probs, task.query_labels).item()))
+    return results
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def paper_settings(classes: int, shots: int, extra: list[str] = ()) -> argparse.Namespace:
+    """train_omniglot.py's flags for the paper's N-way K-shot Omniglot setting."""
+    flags = ["--classes", str(classes), "--shots", str(shots), *extra]
+    if classes == 20:
+        flags += ["--batch", "20", "--iterations", "10", "--lr", "0.0005", "--test-batch", "10"]
+    return T.build_parser().parse_args(flags)
+
+
+def synthetic_samplers(device: str, seed: int = 0) -> dict:
+    """Task samplers over random binary images shaped like the paper split."""
+    images = (torch.rand(1623, omniglot.DRAWERS, omniglot.IMAGE_SIZE, omniglot.IMAGE_SIZE,
+                         generator=torch.Generator().manual_seed(seed)) > 0.2).float().to(device)
+    train, test = omniglot.split_sizes("paper")
+    return {"meta-train": omniglot.TaskSampler(images[:train], omniglot.ROTATIONS),
+            "meta-test": omniglot.TaskSampler(images[train:train + test])}
+
+
+def synchronize(device: str) -> None:
+    """Wait for queued GPU work, so that clocks measure it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device: str, size: int = 2048, repeats: int = 10) -> float:
+    """GFLOP/s of a large float32 matrix product on this device."""
+    a = torch.randn(size, size, device=device)
+    a @ a
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ a
+    synchronize(device)
+    return 2 * size ** 3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def flops_of(function) -> int:
+    """Floating-point operations that `function()` performs, as torch counts them."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        function()
+    return counter.get_total_flops()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--classes", type=int, choices=(5, 20), default=5, help="N-way setting")
+    parser.add_argument("--shots", type=int, default=1, help="K-shot of the evaluation tasks")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both sides run")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, each timing both sides in turn")
+    parser.add_argument("--iterations", type=int, default=10, help="meta-iterations per side and round")
+    parser.add_argument("--tasks", type=int, default=40, help="evaluation tasks per side and round")
+    parser.add_argument("--workers", type=int, default=T.build_parser().get_default("workers"),
+                        help="the project's evaluation worker processes (CPU)")
+    bench = parser.parse_args()
+    args = paper_settings(bench.classes, bench.shots, ["--workers", str(bench.workers)])
+    device = bench.device
+    samplers = synthetic_samplers(device)
+    print(f"bench: {args.classes}-way {args.shots}-shot, paper settings, {device}"
+          f"{f' ({torch.get_num_threads()} threads)' if device == 'cpu' else ''}, {bench.rounds} rounds")
+    print(f"matmul peak: {matmul_peak(device):.0f} GFLOP/s")
+
+    torch.manual_seed(0)
+    baseline_model = OmniglotModel(args.classes).to(device)
+    project_model = T.prepare_model(OmniglotModel(args.classes), device)
+    project_model.load_state_dict(baseline_model.state_dict())
+    learner, inner_optimizer = T.make_learner(project_model, args.lr)
+    mean_model, meta_optimizer = project_model.clone(), torch.optim.SGD(project_model.parameters(), lr=1.0)
+    adam_state = {"state": {}, "param_groups": inner_optimizer.state_dict()["param_groups"]}
+
+    def project_step(generator):
+        T.train_step(project_model, learner, inner_optimizer, mean_model, meta_optimizer, samplers["meta-train"],
+                     args, 0.5, generator)
+
+    def project_step_flops():
+        project_step(torch.Generator().manual_seed(0))
+
+    train_flops = flops_of(project_step_flops)
+    times = {"baseline": 0.0, "project": 0.0}
+    generator = torch.Generator().manual_seed(1)
+    for round_ in range(bench.rounds + 1):  # round 0 warms up both sides
+        state = generator.get_state()
+        for side in ("baseline", "project"):
+            generator.set_state(state)
+            synchronize(device)
+            started = time.perf_counter()
+            for _ in range(bench.iterations):
+                if side == "baseline":
+                    adam_state = baseline_meta_iteration(baseline_model, adam_state, samplers["meta-train"], args,
+                                                         0.5, generator)
+                else:
+                    project_step(generator)
+            synchronize(device)
+            if round_:
+                times[side] += time.perf_counter() - started
+    iterations = bench.rounds * bench.iterations
+    train_ms = {side: 1000 * seconds / iterations for side, seconds in times.items()}
+    train_ratio = train_ms["baseline"] / train_ms["project"]
+    print(f"meta-training ({args.meta_batch} tasks x {args.iterations} steps of batch {args.batch}): "
+          f"baseline {train_ms['baseline']:.1f} ms/it, project {train_ms['project']:.1f} ms/it, "
+          f"ratio {train_ratio:.2f}x; project {train_flops / train_ms['project'] / 1e6:.0f} GFLOP/s")
+
+    started = time.perf_counter()
+    with T.start_pool(samplers, args.workers if device == "cpu" else 0) as pool:
+        startup = time.perf_counter() - started
+        eval_flops = flops_of(lambda: T.evaluate_tasks(project_model.state_dict(), inner_optimizer.state_dict(),
+                                                       samplers["meta-test"], args, [0]))
+        times = {"baseline": 0.0, "project": 0.0}
+        generator = torch.Generator().manual_seed(2)
+        for round_ in range(bench.rounds + 1):
+            state = generator.get_state()
+            for side in ("baseline", "project"):
+                generator.set_state(state)
+                synchronize(device)
+                started = time.perf_counter()
+                if side == "baseline":
+                    baseline_evaluate(baseline_model, adam_state, samplers["meta-test"], args,
+                                      T.task_seeds(bench.tasks, generator))
+                else:
+                    T.evaluate(project_model, inner_optimizer, samplers, "meta-test", args, bench.tasks, generator,
+                               pool)
+                synchronize(device)
+                if round_:
+                    times[side] += time.perf_counter() - started
+    tasks = bench.rounds * bench.tasks
+    rate = {side: tasks / seconds for side, seconds in times.items()}
+    eval_ratio = rate["project"] / rate["baseline"]
+    how = f"{args.workers} worker processes, started in {startup:.1f} s" if pool else "in this process"
+    print(f"evaluation ({args.test_iterations} steps of batch {args.test_batch}, non-transductive): "
+          f"baseline {rate['baseline']:.1f} tasks/s, project {rate['project']:.1f} tasks/s, ratio {eval_ratio:.2f}x "
+          f"({how}); project {eval_flops * rate['project'] / 1e9:.0f} GFLOP/s")
+    print(f"train speedup {train_ratio:.2f}x, eval speedup {eval_ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
