@@ -16,11 +16,12 @@ from PIL import Image
 from torchvision.datasets.utils import check_md5, download_url, extract_archive
 from tqdm import tqdm
 
-from utils import UserError, list_dir, list_files, read_json, write_json
+from utils import UserError, list_dir, list_files, read_json, write_atomically, write_json
 
 URL = "https://github.com/brendenlake/omniglot/raw/master/python/"
 MIRROR_VARIABLE = "OMNIGLOT_MIRROR"
 MARKER = ".complete"  # written last: a data folder without it is redone, never used
+CACHE = "images28.pt"  # the decoded 28x28 images, saved beside the alphabets
 
 
 class SetInfo(NamedTuple):
@@ -144,15 +145,30 @@ def read_image(path: str) -> np.ndarray:
 
 
 def load_images(data_dir: Path) -> tuple[list[str], torch.Tensor]:
-    """Every character as 'ALPHABET/characterNN' (sorted), and their images as a (characters, 20, 28, 28) tensor."""
+    """Every character as 'ALPHABET/characterNN' (sorted), and their images as a (characters, 20, 28, 28) tensor.
+
+    The first call decodes the PNGs and saves them to images28.pt in the data folder; later calls read that
+    file instead, as long as it holds the same characters.
+    """
     characters = sorted(f"{a}/{c}" for a in list_dir(str(data_dir)) for c in list_dir(str(data_dir / a)))
-    images = torch.empty(len(characters), DRAWERS, IMAGE_SIZE, IMAGE_SIZE)
-    for index, character in enumerate(tqdm(characters, desc="decoding images", unit="char", leave=False)):
-        files = sorted(list_files(str(data_dir / character), ".png", prefix=True))
-        if len(files) != DRAWERS:
-            raise UserError(f"{data_dir / character} holds {len(files)} images where Omniglot has {DRAWERS}; "
+    files = [sorted(list_files(str(data_dir / character), ".png", prefix=True)) for character in characters]
+    for character, images in zip(characters, files):
+        if len(images) != DRAWERS:
+            raise UserError(f"{data_dir / character} holds {len(images)} images where Omniglot has {DRAWERS}; "
                             f"delete {data_dir} and run again to extract it anew")
-        images[index] = torch.from_numpy(np.stack([read_image(f) for f in files]))
+    cache = data_dir / CACHE
+    if cache.is_file():
+        try:
+            cached = torch.load(cache, weights_only=True)
+            if cached["characters"] == characters:
+                return characters, cached["images"].float()
+        except Exception:  # a damaged or outdated cache is simply rebuilt
+            pass
+    images = torch.empty(len(characters), DRAWERS, IMAGE_SIZE, IMAGE_SIZE)
+    for index, character_files in enumerate(tqdm(files, desc="decoding images", unit="char", leave=False)):
+        images[index] = torch.from_numpy(np.stack([read_image(f) for f in character_files]))
+    write_atomically(cache, lambda file: torch.save({"characters": characters, "images": images.to(torch.uint8)},
+                                                    file))
     return characters, images
 
 

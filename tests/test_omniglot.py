@@ -165,3 +165,18 @@ def test_a_damaged_character_folder_is_named(data_dir, tmp_path):
     (data / "Latin" / "character04" / "0001_01.png").write_bytes(b"not a png")
     with pytest.raises(UserError, match="character0[34]"):
         omniglot.load_images(data)
+
+
+def test_decoded_images_are_cached_and_a_bad_cache_is_rebuilt(data_dir, loaded, tmp_path):
+    characters, images = loaded
+    assert (data_dir / omniglot.CACHE).is_file()
+    again_characters, again_images = omniglot.load_images(data_dir)
+    assert again_characters == characters and torch.equal(again_images, images)
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    (data / omniglot.CACHE).write_bytes(b"damaged")
+    rebuilt_characters, rebuilt_images = omniglot.load_images(data)
+    assert rebuilt_characters == characters and torch.equal(rebuilt_images, images)
+    shutil.rmtree(data / "Latin")  # a cache of other characters is not used
+    fewer_characters, fewer_images = omniglot.load_images(data)
+    assert len(fewer_characters) == len(characters) - 26 and len(fewer_images) == len(fewer_characters)
