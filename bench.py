@@ -174,17 +174,23 @@ def main() -> None:
           f"baseline {train_ms['baseline']:.1f} ms/it, project {train_ms['project']:.1f} ms/it, "
           f"ratio {train_ratio:.2f}x; project {train_flops / train_ms['project'] / 1e6:.0f} GFLOP/s")
 
-    started = time.perf_counter()
-    with T.start_pool(samplers, args.workers if device == "cpu" else 0) as pool:
-        startup = time.perf_counter() - started
-        eval_flops = flops_of(lambda: T.evaluate_tasks(project_model.state_dict(), inner_optimizer.state_dict(),
-                                                       samplers["meta-test"], args, [0]))
-        times = {"baseline": 0.0, "project": 0.0}
-        generator = torch.Generator().manual_seed(2)
-        for round_ in range(bench.rounds + 1):
-            state = generator.get_state()
-            for side in ("baseline", "project"):
-                generator.set_state(state)
+    workers = args.workers if device == "cpu" else 0
+    eval_flops = flops_of(lambda: T.evaluate_tasks(project_model.state_dict(), inner_optimizer.state_dict(),
+                                                   samplers["meta-test"], args, [0]))
+    times, startup = {"baseline": 0.0, "project": 0.0}, 0.0
+    generator = torch.Generator().manual_seed(2)
+    for round_ in range(bench.rounds + 1):
+        state = generator.get_state()
+        for side in ("baseline", "project"):
+            generator.set_state(state)
+            # The project's worker processes live only while the project side runs: an idle pool that has
+            # worked slows this process down (seen here: 3x per step), which would handicap the baseline.
+            with T.start_pool(samplers, workers if side == "project" else 0) as pool:
+                started = time.perf_counter()
+                if pool:  # start the workers untimed, as a run does once for its whole evaluation
+                    T.evaluate(project_model, inner_optimizer, samplers, "meta-test", args, workers,
+                               torch.Generator(), pool)
+                    startup += time.perf_counter() - started
                 synchronize(device)
                 started = time.perf_counter()
                 if side == "baseline":
@@ -199,7 +205,8 @@ def main() -> None:
     tasks = bench.rounds * bench.tasks
     rate = {side: tasks / seconds for side, seconds in times.items()}
     eval_ratio = rate["project"] / rate["baseline"]
-    how = f"{args.workers} worker processes, started in {startup:.1f} s" if pool else "in this process"
+    how = (f"{workers} worker processes, one thread each, started in {startup / (bench.rounds + 1):.1f} s"
+           if workers > 1 else "in this process")
     print(f"evaluation ({args.test_iterations} steps of batch {args.test_batch}, non-transductive): "
           f"baseline {rate['baseline']:.1f} tasks/s, project {rate['project']:.1f} tasks/s, ratio {eval_ratio:.2f}x "
           f"({how}); project {eval_flops * rate['project'] / 1e9:.0f} GFLOP/s")

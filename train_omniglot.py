@@ -283,6 +283,7 @@ _worker_samplers: dict = {}  # the task samplers of an evaluation worker process
 def start_worker(samplers: dict) -> None:
     """Set up an evaluation worker: one thread, the run's task samplers (their images in shared memory)."""
     torch.set_num_threads(1)
+    torch.backends.mkldnn.enabled = False  # on one thread, ATen's own kernels run these small convolutions faster
     _worker_samplers.update(samplers)
 
 
@@ -404,13 +405,23 @@ def load_split(args: argparse.Namespace) -> tuple[omniglot.TaskSampler, omniglot
     return train, test, split
 
 
+def evaluation_mode(args: argparse.Namespace) -> str:
+    """How queries are classified: "transductive" or "non-transductive"."""
+    return "transductive" if args.transductive else "non-transductive"
+
+
+def results_key(args: argparse.Namespace) -> str:
+    """The entry of results.json that an evaluation with these settings fills, e.g. "5-shot non-transductive"."""
+    return f"{args.shots}-shot {evaluation_mode(args)}"
+
+
 def final_evaluation(meta_model, inner_optimizer, samplers: dict, args, iteration: int, checkpoint: str,
                      split: dict) -> None:
     """Evaluate on --eval-tasks tasks of each character set; print the accuracies and record them in results.json."""
-    mode = "transductive" if args.transductive else "non-transductive"
+    mode = evaluation_mode(args)
     started = time.time()
-    result = {"mode": mode, "meta_iteration": iteration, "checkpoint": checkpoint, "split": split["split"],
-              "tasks": args.eval_tasks}
+    result = {"shots": args.shots, "mode": mode, "meta_iteration": iteration, "checkpoint": checkpoint,
+              "split": split["split"], "tasks": args.eval_tasks}
     with start_pool(samplers, args.workers) as pool:
         for name in samplers:
             accuracies, _ = evaluate(meta_model, inner_optimizer, samplers, name, args, args.eval_tasks,
@@ -418,12 +429,12 @@ def final_evaluation(meta_model, inner_optimizer, samplers: dict, args, iteratio
             accuracy, interval = 100 * accuracies.mean(), 100 * confidence_interval(accuracies)
             result[name] = {"accuracy": accuracy, "ci95": interval}
             print(f"{name} accuracy: {accuracy:.2f}% +- {interval:.2f}% "
-                  f"(95% CI, {args.eval_tasks} tasks, {mode})")
+                  f"(95% CI, {args.eval_tasks} tasks, {args.classes}-way {args.shots}-shot, {mode})")
     result["seconds"] = round(time.time() - started, 1)
     result["settings"] = saved_args(args)
     results_path = Path(args.logdir) / "results.json"
     results = read_json(results_path) if results_path.is_file() else {}
-    results[mode] = result
+    results[results_key(args)] = result
     write_json(results_path, results)
 
 
@@ -474,16 +485,15 @@ def main(argv: list[str]) -> int:
     checkpoint_path = str(logdir / "checkpoint" / f"check-{start}.pth")
 
     results_path = logdir / "results.json"
-    mode = "transductive" if args.transductive else "non-transductive"
     if start >= args.meta_iterations and results_path.is_file():
-        result = read_json(results_path).get(mode, {})
+        result = read_json(results_path).get(results_key(args), {})
         if result.get("meta_iteration") == start and result.get("tasks") == args.eval_tasks:
-            print(f"training is complete and {results_path} holds its {mode} evaluation "
+            print(f"training is complete and {results_path} holds its {results_key(args)} evaluation "
                   f"(meta-test accuracy {result['meta-test']['accuracy']:.2f}% +- {result['meta-test']['ci95']:.2f}%);"
                   f" use --eval-only to evaluate again")
             return 0
 
-    # SIGINT ends the run cleanly at the end of the current meta-iteration; a second one stops at once.
+    # Ctrl-C or SIGTERM ends the run cleanly after the current meta-iteration; a second one stops at once.
     interrupted = []
 
     def on_interrupt(signum, frame):
@@ -491,7 +501,7 @@ def main(argv: list[str]) -> int:
             raise KeyboardInterrupt
         interrupted.append(signum)
 
-    previous_handler = signal.signal(signal.SIGINT, on_interrupt)
+    previous_handlers = {signum: signal.signal(signum, on_interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
     writer = SummaryWriter(str(logdir), purge_step=start + 1 if start else None)
     recent = {"meta-train": [], "meta-test": []}
     progress = tqdm(range(start, args.meta_iterations), initial=start, total=args.meta_iterations,
@@ -520,11 +530,12 @@ def main(argv: list[str]) -> int:
                 writer.close()
                 print(f"interrupted at meta-iteration {done}; checkpoint saved to {checkpoint_path}\n"
                       f"resume with: python train_omniglot.py {shlex.join(argv)}", file=sys.stderr)
-                return 130
+                return 128 + interrupted[0]
     finally:
         progress.close()
         writer.close()
-        signal.signal(signal.SIGINT, previous_handler)
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
 
     final_evaluation(meta_model, inner_optimizer, samplers, args, args.meta_iterations, checkpoint_path, split)
     return 0

@@ -38,12 +38,20 @@ def loaded(data_dir):
 
 
 @pytest.fixture
-def run_script(data_dir, mirror, monkeypatch):
-    """Run train_omniglot.py in a subprocess on the prepared data (unless args name another --data)."""
-    def run(*args: str, env: dict = None) -> subprocess.CompletedProcess:
+def script(data_dir, mirror):
+    """(command line, environment) that run train_omniglot.py offline on the prepared data."""
+    def command(*args: str, env: dict = None) -> tuple[list[str], dict]:
         environment = {**os.environ, **NO_NETWORK, omniglot.MIRROR_VARIABLE: str(mirror), **(env or {})}
-        result = subprocess.run([sys.executable, str(ROOT / "train_omniglot.py"), "--data", str(data_dir), *args],
-                                capture_output=True, env=environment, cwd=ROOT, timeout=600)
+        return [sys.executable, str(ROOT / "train_omniglot.py"), "--data", str(data_dir), *args], environment
+    return command
+
+
+@pytest.fixture
+def run_script(script):
+    """Run train_omniglot.py to the end (later --data flags override the prepared data)."""
+    def run(*args: str, env: dict = None) -> subprocess.CompletedProcess:
+        argv, environment = script(*args, env=env)
+        result = subprocess.run(argv, capture_output=True, env=environment, cwd=ROOT, timeout=600)
         # Decoded by hand: text mode would turn the progress bars' carriage returns into newlines.
         result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
         return result

@@ -1,6 +1,9 @@
 import argparse
 import copy
 import json
+import signal
+import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -164,12 +167,13 @@ def test_a_tiny_run_writes_everything_then_resumes(run_script, tmp_path):
     logdir = tmp_path / "run"
     first = run_script(str(logdir), *TINY)
     assert first.returncode == 0, first.stderr
-    assert "meta-test accuracy: " in first.stdout and "% (95% CI, 4 tasks, non-transductive)" in first.stdout
+    assert "meta-test accuracy: " in first.stdout
+    assert "% (95% CI, 4 tasks, 5-way 1-shot, non-transductive)" in first.stdout
     for name in ("args.json", "split.json", "results.json", "checkpoint/check-6.pth", "checkpoint/check-3.pth"):
         assert (logdir / name).is_file(), name
     assert list(logdir.glob("events.out.tfevents.*"))
     assert scalars(logdir, "meta-test/accuracy") == [2, 4, 6]
-    results = json.loads((logdir / "results.json").read_text())["non-transductive"]
+    results = json.loads((logdir / "results.json").read_text())["1-shot non-transductive"]
     assert results["meta_iteration"] == 6 and results["tasks"] == 4 and 0 <= results["meta-test"]["accuracy"] <= 100
     split = json.loads((logdir / "split.json").read_text())
     assert len(split["train"]) == 1200 and len(split["test"]) == 423
@@ -185,17 +189,36 @@ def test_a_tiny_run_writes_everything_then_resumes(run_script, tmp_path):
     assert "meta-iteration 6 of 9" in longer.stdout
     assert sorted(p.name for p in (logdir / "checkpoint").iterdir()) == ["check-6.pth", "check-9.pth"]
     assert scalars(logdir, "meta-test/accuracy") == [2, 4, 6, 8]
-    assert json.loads((logdir / "results.json").read_text())["non-transductive"]["meta_iteration"] == 9
+    assert json.loads((logdir / "results.json").read_text())["1-shot non-transductive"]["meta_iteration"] == 9
 
     evaluation = run_script(str(logdir), "--eval-only", "--transductive", "--eval-tasks", "3")
     assert evaluation.returncode == 0, evaluation.stderr
-    assert "(95% CI, 3 tasks, transductive)" in evaluation.stdout
+    assert "(95% CI, 3 tasks, 5-way 1-shot, transductive)" in evaluation.stdout
+    five_shot = run_script(str(logdir), "--eval-only", "--shots", "5", "--eval-tasks", "3")
+    assert five_shot.returncode == 0, five_shot.stderr
     results = json.loads((logdir / "results.json").read_text())
-    assert set(results) == {"non-transductive", "transductive"}
-    assert results["transductive"]["settings"]["shots"] == 1  # taken from the run's args.json
+    assert set(results) == {"1-shot non-transductive", "1-shot transductive", "5-shot non-transductive"}
+    assert results["1-shot transductive"]["settings"]["test_iterations"] == 5  # taken from the run's args.json
 
     changed = run_script(str(logdir), *TINY, "--classes", "10")
     assert changed.returncode != 0 and "--classes 10 differs from 5" in changed.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(signum, script, tmp_path):
+    logdir = tmp_path / "run"
+    argv, environment = script(str(logdir), *TINY, "--meta-iterations", "100000", "--check-every", "100000")
+    process = subprocess.Popen(argv, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (logdir / "args.json").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)  # some meta-iterations
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum
+    checkpoints = list((logdir / "checkpoint").iterdir())
+    assert len(checkpoints) == 1 and checkpoints[0].name != "check-100000.pth"
+    assert "resume with: python train_omniglot.py" in stderr.decode()
 
 
 def visible_lines(stderr: str) -> list[str]:
