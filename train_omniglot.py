@@ -8,7 +8,6 @@ Running the same command again resumes from the latest checkpoint of the logdir.
 import argparse
 import contextlib
 import copy
-import json
 import math
 import os
 import shlex
@@ -16,7 +15,7 @@ import signal
 import sys
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Optional, Union
 
@@ -192,7 +191,6 @@ def inner_batches(num_images: int, batch: int, steps: int, generator: torch.Gene
 def adapt(model: OmniglotModel, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
           steps: int, batch: int, generator: torch.Generator) -> None:
     """Train `model` on one task's images with `steps` Adam steps of mini-batches of `batch`."""
-    model.train()
     for indices in inner_batches(len(images), batch, steps, generator).to(images.device):
         loss = torch.nn.functional.nll_loss(model(images[indices]), labels[indices])
         optimizer.zero_grad()
@@ -306,22 +304,21 @@ def evaluate(meta_model: OmniglotModel, inner_optimizer: torch.optim.Optimizer, 
              pool: Optional[ProcessPoolExecutor] = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per-task accuracies and losses on `tasks` tasks of samplers[name], in the pool's workers if one is given."""
     seeds = task_seeds(tasks, generator)
-    meta_state = {key: value.detach().cpu() for key, value in meta_model.state_dict().items()}
+    # Copies: sending tensors to worker processes moves them into shared memory, and these must not be the model's.
+    meta_state = {key: value.detach().cpu().clone() for key, value in meta_model.state_dict().items()}
     adam_state = copy.deepcopy(inner_optimizer.state_dict())
-    bar = tqdm(total=tasks, desc=f"evaluating {name}", unit="task", disable=not progress, leave=False)
+    size = max(1, min(25, tasks // (4 * max(1, args.workers))))
+    chunks = [seeds[i:i + size] for i in range(0, tasks, size)]
     if pool is None:
-        results = []
-        for seed in seeds:
-            results += evaluate_tasks(meta_state, adam_state, samplers[name], args, [seed])
-            bar.update()
+        parts = (evaluate_tasks(meta_state, adam_state, samplers[name], args, chunk) for chunk in chunks)
     else:
-        chunk = max(1, min(50, tasks // (4 * pool._max_workers)))
-        futures = [pool.submit(evaluate_in_worker, name, meta_state, adam_state, args, seeds[i:i + chunk])
-                   for i in range(0, tasks, chunk)]
-        for future in as_completed(futures):
-            bar.update(len(future.result()))
-        results = [result for future in futures for result in future.result()]
-    bar.close()
+        futures = [pool.submit(evaluate_in_worker, name, meta_state, adam_state, args, chunk) for chunk in chunks]
+        parts = (future.result() for future in futures)
+    results = []
+    with tqdm(total=tasks, desc=f"evaluating {name}", unit="task", disable=not progress, leave=False) as bar:
+        for part in parts:
+            results += part
+            bar.update(len(part))
     correct, losses = np.array(results).T
     return correct / args.classes, losses
 
