@@ -113,10 +113,10 @@ def prepare_data(data_dir: str, mirror: Optional[str] = None) -> Path:
     archives = {name: fetch_archive(name, data_dir, mirror) for name in SETS}
     print(f"extracting Omniglot into {data_dir}")
     roots = {name: extract_checked(path, name, staging, downloaded) for name, (path, downloaded) in archives.items()}
-    alphabets_of_set = {}
+    characters_of_set = {}  # {set: {alphabet: number of characters}}, kept in the marker to check the folder
     for name, root in roots.items():
-        alphabets_of_set[name] = sorted(list_dir(str(root)))
-        for alphabet in alphabets_of_set[name]:
+        characters_of_set[name] = {a: len(list_dir(str(root / a))) for a in sorted(list_dir(str(root)))}
+        for alphabet in characters_of_set[name]:
             destination = data_dir / alphabet
             shutil.rmtree(destination, ignore_errors=True)  # left by an interrupted merge
             os.replace(root / alphabet, destination)
@@ -130,7 +130,7 @@ def prepare_data(data_dir: str, mirror: Optional[str] = None) -> Path:
     for path, downloaded in archives.values():
         if downloaded:
             path.unlink()
-    write_json(data_dir / MARKER, alphabets_of_set)
+    write_json(data_dir / MARKER, characters_of_set)
     return data_dir
 
 
@@ -144,18 +144,44 @@ def read_image(path: str) -> np.ndarray:
                         f"to extract it anew") from None
 
 
+def visible(folder: Path) -> list[Path]:
+    """The entries of a folder, without hidden ones (such as .DS_Store)."""
+    return sorted(entry for entry in folder.iterdir() if not entry.name.startswith("."))
+
+
+def list_character_images(data_dir: Path) -> dict[str, list[str]]:
+    """{'ALPHABET/characterNN': its 20 image paths}, after checking the folder holds exactly Omniglot."""
+    repair = f"delete {data_dir} and run again to extract it anew"
+    characters_of = {a: n for alphabets in read_json(data_dir / MARKER).values() for a, n in alphabets.items()}
+    for entry in visible(data_dir):
+        if entry.name not in characters_of and entry.name != CACHE:
+            raise UserError(f"{entry} does not belong in the Omniglot folder: remove it, or {repair}")
+    images = {}
+    for alphabet, count in characters_of.items():
+        folder = data_dir / alphabet
+        characters = visible(folder) if folder.is_dir() else []
+        if len(characters) != count or not all(c.is_dir() for c in characters):
+            raise UserError(f"{folder} holds {len(characters)} entries where Omniglot has {count} character "
+                            f"folders; {repair}")
+        for character in characters:
+            files = visible(character)
+            strays = [f for f in files if f.suffix != ".png"]
+            if strays:
+                raise UserError(f"{strays[0]} does not belong in the Omniglot folder: remove it, or {repair}")
+            if len(files) != DRAWERS:
+                raise UserError(f"{character} holds {len(files)} images where Omniglot has {DRAWERS}; {repair}")
+            images[f"{alphabet}/{character.name}"] = [str(f) for f in files]
+    return dict(sorted(images.items()))
+
+
 def load_images(data_dir: Path) -> tuple[list[str], torch.Tensor]:
     """Every character as 'ALPHABET/characterNN' (sorted), and their images as a (characters, 20, 28, 28) tensor.
 
     The first call decodes the PNGs and saves them to images28.pt in the data folder; later calls read that
     file instead, as long as it holds the same characters.
     """
-    characters = sorted(f"{a}/{c}" for a in list_dir(str(data_dir)) for c in list_dir(str(data_dir / a)))
-    files = [sorted(list_files(str(data_dir / character), ".png", prefix=True)) for character in characters]
-    for character, images in zip(characters, files):
-        if len(images) != DRAWERS:
-            raise UserError(f"{data_dir / character} holds {len(images)} images where Omniglot has {DRAWERS}; "
-                            f"delete {data_dir} and run again to extract it anew")
+    files = list_character_images(data_dir)
+    characters = list(files)
     cache = data_dir / CACHE
     if cache.is_file():
         try:
@@ -165,7 +191,7 @@ def load_images(data_dir: Path) -> tuple[list[str], torch.Tensor]:
         except Exception:  # a damaged or outdated cache is simply rebuilt
             pass
     images = torch.empty(len(characters), DRAWERS, IMAGE_SIZE, IMAGE_SIZE)
-    for index, character_files in enumerate(tqdm(files, desc="decoding images", unit="char", leave=False)):
+    for index, character_files in enumerate(tqdm(files.values(), desc="decoding images", unit="char", leave=False)):
         images[index] = torch.from_numpy(np.stack([read_image(f) for f in character_files]))
     write_atomically(cache, lambda file: torch.save({"characters": characters, "images": images.to(torch.uint8)},
                                                     file))

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import omniglot
 from models import OmniglotModel
-from utils import UserError, find_latest_file, list_checkpoints, read_json, write_atomically, write_json
+from utils import UserError, checkpoint_iteration, find_latest_file, list_checkpoints, read_json, write_atomically, write_json
 
 PROGRAM = "reptile-omniglot"  # marks checkpoints written by this script
 # Flags that fix what a run learns: a resumed run must keep them (--meta-iterations may grow).
@@ -76,7 +76,7 @@ positive_float, non_negative_float = number(float, 0, strict=True), number(float
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; the defaults are the paper's 5-way 5-shot Omniglot setting."""
-    parser = OneLineParser(description=__doc__.split("\n")[0], allow_abbrev=False,
+    parser = OneLineParser(prog="train_omniglot.py", description=__doc__.split("\n")[0], allow_abbrev=False,
                            formatter_class=HelpFormatter)
     parser.add_argument("logdir", nargs="?", help="run folder for TensorBoard events, checkpoints and results "
                         "(default: runs/<classes>way<shots>shot)")
@@ -157,6 +157,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for classes, name in ((train_classes, "meta-train"), (test_classes, "meta-test")):
         if args.classes > classes:
             raise UserError(f"--classes {args.classes} exceeds the {classes} {name} classes of the {args.split} split")
+    latest = find_latest_file(Path(args.logdir) / "checkpoint")
+    if latest and not args.eval_only and checkpoint_iteration(latest) > args.meta_iterations:
+        raise UserError(f"--meta-iterations {args.meta_iterations} is below the {checkpoint_iteration(latest)} this "
+                        f"run has done; use --eval-only --checkpoint to evaluate an earlier checkpoint")
     if args.checkpoint and not args.eval_only:
         raise UserError("--checkpoint needs --eval-only (training always resumes from the latest checkpoint)")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -476,9 +480,6 @@ def main(argv: list[str]) -> int:
         for name, generator in generators.items():
             generator.set_state(state["generators"][name])
         print(f"resumed {logdir} at meta-iteration {start} of {args.meta_iterations}")
-        if start > args.meta_iterations:
-            raise UserError(f"--meta-iterations {args.meta_iterations} is below the {start} this run has done; "
-                            f"use --eval-only --checkpoint to evaluate an earlier checkpoint")
     checkpoint_path = str(logdir / "checkpoint" / f"check-{start}.pth")
 
     results_path = logdir / "results.json"
@@ -499,7 +500,8 @@ def main(argv: list[str]) -> int:
         interrupted.append(signum)
 
     previous_handlers = {signum: signal.signal(signum, on_interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
-    writer = SummaryWriter(str(logdir), purge_step=start + 1 if start else None)
+    # Points logged after the checkpoint by an interrupted run are dropped, so none is duplicated.
+    writer = SummaryWriter(str(logdir), purge_step=start + 1)
     recent = {"meta-train": [], "meta-test": []}
     progress = tqdm(range(start, args.meta_iterations), initial=start, total=args.meta_iterations,
                     desc="meta-training", unit="it", dynamic_ncols=True)
@@ -538,11 +540,17 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run(argv: list[str]) -> int:
+    """main(), with a problem the user can fix reported in one line (status 2) and Ctrl-C as status 130."""
     try:
-        sys.exit(main(sys.argv[1:]))
+        return main(argv)
     except UserError as error:
-        sys.exit(f"train_omniglot.py: error: {error}")
+        print(f"train_omniglot.py: error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("train_omniglot.py: interrupted", file=sys.stderr)
-        sys.exit(130)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))

@@ -177,6 +177,23 @@ def test_decoded_images_are_cached_and_a_bad_cache_is_rebuilt(data_dir, loaded, 
     (data / omniglot.CACHE).write_bytes(b"damaged")
     rebuilt_characters, rebuilt_images = omniglot.load_images(data)
     assert rebuilt_characters == characters and torch.equal(rebuilt_images, images)
-    shutil.rmtree(data / "Latin")  # a cache of other characters is not used
-    fewer_characters, fewer_images = omniglot.load_images(data)
-    assert len(fewer_characters) == len(characters) - 26 and len(fewer_images) == len(fewer_characters)
+    torch.save({"characters": characters[:-1] + ["Latin/character99"], "images": images.to(torch.uint8) * 0},
+               data / omniglot.CACHE)  # a cache of other characters is not used
+    assert torch.equal(omniglot.load_images(data)[1], images)
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda data: shutil.rmtree(data / "Latin" / "character07"), "Latin holds 25 entries"),
+    (lambda data: (data / "notes.txt").write_text("x"), "notes.txt does not belong"),
+    (lambda data: (data / "Latin" / "character07" / "Thumbs.db").write_text("x"), "Thumbs.db does not belong"),
+    (lambda data: (data / "Latin" / "extra").mkdir(), "Latin holds 27 entries"),
+    (lambda data: shutil.rmtree(data / "Angelic"), "Angelic holds 0 entries"),
+])
+def test_a_folder_edited_by_hand_is_named(edit, named, data_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    (data / "Latin" / ".DS_Store").write_text("x")  # hidden files are tolerated
+    omniglot.list_character_images(data)
+    edit(data)
+    with pytest.raises(UserError, match=named):
+        omniglot.load_images(data)

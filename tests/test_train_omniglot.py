@@ -1,14 +1,20 @@
 import argparse
 import copy
 import json
+import os
+import random
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import NO_NETWORK, ROOT
 
 import bench
 import omniglot
@@ -209,8 +215,8 @@ def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(signum, script, tmp_
     logdir = tmp_path / "run"
     argv, environment = script(str(logdir), *TINY, "--meta-iterations", "100000", "--check-every", "100000")
     process = subprocess.Popen(argv, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not (logdir / "args.json").exists() and time.time() < deadline:
+    while not (logdir / "args.json").exists():
+        assert process.poll() is None, "the run ended before it started training"
         time.sleep(0.2)
     time.sleep(3)  # some meta-iterations
     process.send_signal(signum)
@@ -226,38 +232,90 @@ def visible_lines(stderr: str) -> list[str]:
     return [line.split("\r")[-1] for line in stderr.split("\n") if line.split("\r")[-1].strip()]
 
 
+# Each runs against an existing run folder, which must come out unchanged.
 BAD_INPUTS = {
     "too many shots": (["--shots", "25"], "--shots 25"),
     "too many train shots": (["--train-shots", "21"], "--train-shots 21"),
     "zero classes": (["--classes", "0"], "--classes"),
     "negative learning rate": (["--lr", "-1"], "--lr"),
+    "zero learning rate": (["--lr", "0"], "--lr"),
+    "NaN meta-step": (["--meta-lr", "nan"], "--meta-lr"),
     "not a number": (["--meta-batch", "five"], "--meta-batch"),
-    "more classes than test characters": (["--classes", "500", "--shots", "1"], "--classes 500"),
-    "checkpoint without eval-only": (["--checkpoint", "x.pth"], "--checkpoint"),
-    "eval-only on an empty logdir": (["--eval-only"], "holds no checkpoint"),
+    "zero meta-batch": (["--meta-batch", "0"], "--meta-batch"),
+    "negative meta-iterations": (["--meta-iterations", "-5"], "--meta-iterations"),
+    "zero inner steps": (["--iterations", "0"], "--iterations"),
+    "zero inner batch": (["--batch", "0"], "--batch"),
+    "zero test batch": (["--test-batch", "0"], "--test-batch"),
+    "zero test steps": (["--test-iterations", "0"], "--test-iterations"),
+    "zero evaluation tasks": (["--eval-tasks", "0"], "--eval-tasks"),
+    "zero validation interval": (["--validate-every", "0"], "--validate-every"),
+    "zero checkpoint interval": (["--check-every", "0"], "--check-every"),
+    "keep no checkpoint": (["--keep", "0"], "--keep"),
+    "negative workers": (["--workers", "-1"], "--workers"),
+    "unknown split": (["--split", "other"], "--split"),
+    "unknown device": (["--device", "tpu"], "--device"),
+    "more classes than test characters": (["--classes", "500"], "--classes 500"),
+    "resume with other classes": (["--classes", "10"], "--classes 10 differs from 5"),
+    "resume with other shots": (["--shots", "5"], "--shots 5 differs from 1"),
+    "resume with another seed": (["--seed", "3"], "--seed 3 differs from 0"),
+    "evaluate with other classes": (["--eval-only", "--classes", "20"], "--classes 20 differs from 5"),
+    "fewer meta-iterations than done": (["--meta-iterations", "3"], "below the 6"),
+    "checkpoint without eval-only": (["--checkpoint", "x.pth"], "--checkpoint needs --eval-only"),
     "missing checkpoint": (["--eval-only", "--checkpoint", "nowhere.pth"], "does not exist"),
+    "not our checkpoint": (["--eval-only", "--checkpoint", "{tmp}/other.pth"], "not a checkpoint of"),
+    "damaged checkpoint": (["--eval-only", "--checkpoint", "{tmp}/damaged.pth"], "unreadable"),
     "missing data, no network, no mirror": (["--data", "{tmp}/nodata"], "OMNIGLOT_MIRROR"),
 }
 
 
+@pytest.fixture(scope="module")
+def existing_run(tmp_path_factory, data_dir, mirror):
+    """A finished tiny run (5-way 1-shot, 6 meta-iterations)."""
+    logdir = tmp_path_factory.mktemp("existing") / "run"
+    environment = {**os.environ, **NO_NETWORK, omniglot.MIRROR_VARIABLE: str(mirror)}
+    subprocess.run([sys.executable, str(ROOT / "train_omniglot.py"), str(logdir), "--data", str(data_dir), *TINY],
+                   env=environment, check=True, capture_output=True, timeout=600)
+    return logdir
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under a folder and its bytes."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
 @pytest.mark.parametrize("name", BAD_INPUTS)
-def test_bad_inputs_end_with_one_line(name, run_script, tmp_path):
+def test_bad_inputs_end_with_one_line_and_change_nothing(name, existing_run, data_dir, tmp_path, monkeypatch,
+                                                         capsys):
     argv, expected = BAD_INPUTS[name]
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pth")
+    (tmp_path / "damaged.pth").write_bytes(b"\x80\x04 this is not a checkpoint")
     argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
-    result = run_script(str(tmp_path / "run"), *argv, env={"OMNIGLOT_MIRROR": ""})
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = visible_lines(result.stderr)
-    assert len(lines) == 1 and expected in lines[0], result.stderr
+    for variable, value in {**NO_NETWORK, omniglot.MIRROR_VARIABLE: ""}.items():
+        monkeypatch.setenv(variable, value)
+    before = snapshot(existing_run)
+    try:  # in this process, for speed: the same entry point as the command line's
+        status = T.run([str(existing_run), "--data", str(data_dir), *argv])
+    except SystemExit as exit:  # argparse's own errors
+        status = exit.code
+    assert status != 0
+    lines = visible_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert lines[0].startswith("train_omniglot.py: error: ")
+    assert snapshot(existing_run) == before
 
 
-def test_a_corrupt_checkpoint_is_one_line(run_script, tmp_path):
-    bad = tmp_path / "check-5.pth"
-    bad.write_bytes(b"\x80\x04 this is not a checkpoint")
-    result = run_script(str(tmp_path / "run"), "--eval-only", "--checkpoint", str(bad))
+def test_the_command_line_reports_a_bad_flag_in_one_line(run_script, tmp_path):
+    result = run_script(str(tmp_path / "run"), "--shots", "25")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert visible_lines(result.stderr) == ["train_omniglot.py: error: --shots 25 leaves no query image: a character "
+                                            "has 20 drawings, so --shots can be at most 19"]
+
+
+def test_eval_only_on_an_empty_logdir_is_one_line(run_script, tmp_path):
+    result = run_script(str(tmp_path / "empty"), "--eval-only")
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    lines = visible_lines(result.stderr)
-    assert len(lines) == 1 and "unreadable" in lines[0], result.stderr
+    assert visible_lines(result.stderr) == [f"train_omniglot.py: error: --eval-only: {tmp_path / 'empty'} holds no "
+                                            f"checkpoint; train first, or give --checkpoint FILE"]
 
 
 def test_cuda_without_cuda_is_refused(run_script, tmp_path):
@@ -266,3 +324,65 @@ def test_cuda_without_cuda_is_refused(run_script, tmp_path):
     result = run_script(str(tmp_path / "run"), "--device", "cuda")
     assert result.returncode != 0 and visible_lines(result.stderr) == [
         "train_omniglot.py: error: --device cuda: CUDA is not available here; use --device cpu"]
+
+
+def all_scalars(logdir) -> dict:
+    """Every logged scalar as {tag: [(step, value), ...]}, as TensorBoard reads them."""
+    events = EventAccumulator(str(logdir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def final_state(logdir) -> dict:
+    """The newest checkpoint of a run."""
+    return torch.load(sorted((logdir / "checkpoint").iterdir(), key=lambda p: int(p.stem.split("-")[1]))[-1],
+                      weights_only=True)
+
+
+def comparable_results(logdir) -> dict:
+    """results.json without what may differ between two runs of the same command: timings and paths."""
+    results = json.loads((logdir / "results.json").read_text())
+    for result in results.values():
+        del result["seconds"]
+        result["checkpoint"] = Path(result["checkpoint"]).name
+    return results
+
+
+def test_a_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(script, run_script, tmp_path):
+    flags = ["--meta-iterations", "40", "--check-every", "10", "--validate-every", "5", "--eval-tasks", "6",
+             "--test-iterations", "5", "--shots", "1"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert run_script(str(straight), *flags).returncode == 0
+
+    argv, environment = script(str(killed), *flags)
+    process = subprocess.Popen(argv, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)  # its own process group: kill -9 reaches its workers too
+    while not (killed / "checkpoint" / "check-10.pth").exists():
+        assert process.poll() is None, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    time.sleep(random.uniform(0, 3))
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    resumed = run_script(str(killed), *flags)
+    assert resumed.returncode == 0, resumed.stderr
+
+    straight_state, killed_state = final_state(straight), final_state(killed)
+    assert straight_state["meta_iteration"] == killed_state["meta_iteration"] == 40
+    for part in ("meta_net", "inner_optimizer"):
+        flat_straight = torch.utils._pytree.tree_flatten(straight_state[part])[0]
+        flat_killed = torch.utils._pytree.tree_flatten(killed_state[part])[0]
+        assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+                   for a, b in zip(flat_straight, flat_killed, strict=True)), part
+    assert comparable_results(killed) == comparable_results(straight)
+    assert all_scalars(killed) == all_scalars(straight)
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(run_script, tmp_path):
+    logdir = tmp_path / "run"
+    assert run_script(str(logdir), *TINY).returncode == 0
+    (logdir / "checkpoint" / "check-6.pth").write_bytes(b"truncated")
+    result = run_script(str(logdir), *TINY)
+    assert result.returncode == 0, result.stderr
+    assert "check-6.pth is unreadable" in result.stderr and "trying the previous checkpoint" in result.stderr
+    assert "resumed" in result.stdout and "meta-iteration 3 of 6" in result.stdout
+    assert T.load_checkpoint(str(logdir / "checkpoint" / "check-6.pth"))["meta_iteration"] == 6
