@@ -21,7 +21,7 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
-from tensorboardX import SummaryWriter
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import omniglot
@@ -521,7 +521,7 @@ def main(argv: list[str]) -> int:
                 writer.add_scalar("meta-step", step_size, done)
                 progress.set_postfix({f"{name} acc": f"{np.mean(accs):.3f}" for name, accs in recent.items()})
             if done % args.check_every == 0 or done == args.meta_iterations or interrupted:
-                writer.flush()
+                writer.flush()  # waits until every logged point is on disk (tensorboardX's flush does not)
                 checkpoint_path = str(save_checkpoint(logdir, done, meta_model, meta_optimizer, inner_optimizer,
                                                       generators, args))
             if interrupted:
