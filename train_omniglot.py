@@ -37,6 +37,7 @@ MODEL_FLAGS = ("classes", "split")
 NOT_SAVED = ("logdir", "eval_only", "checkpoint")
 # Flags that belong to the machine, not the run: recorded in args.json but never taken from it.
 MACHINE_FLAGS = ("device", "workers")
+TASKS_TOGETHER = 500  # evaluation tasks adapted side by side on a GPU (20-way 5-shot: about 20 GB)
 # Independent random streams, so that validation or evaluation never changes what training samples.
 TRAIN_STREAM, VALIDATION_STREAM, EVALUATION_STREAM = 0, 1, 2
 
@@ -279,6 +280,56 @@ def evaluate_tasks(meta_state: dict, adam_state: dict, sampler: omniglot.TaskSam
     return results
 
 
+def evaluate_tasks_together(meta_state: dict, adam_state: dict, sampler: omniglot.TaskSampler,
+                            args: argparse.Namespace, seeds: list[int]) -> list[tuple[int, float]]:
+    """evaluate_tasks, with all the tasks adapted side by side as one computation vmapped over tasks (for GPUs)."""
+    device = sampler.images.device
+    model = OmniglotModel(args.classes).to(device)
+    tasks, batches = [], []
+    for seed in seeds:  # the same draws, in the same order, as evaluate_tasks
+        generator = torch.Generator().manual_seed(seed)
+        tasks.append(sampler.sample(args.classes, args.shots, 1, generator))
+        batches.append(inner_batches(args.classes * args.shots, args.test_batch, args.test_iterations, generator))
+    support, support_labels, queries, query_labels = (torch.stack(part) for part in zip(*tasks))
+    batches = torch.stack(batches).to(device)  # (tasks, steps, batch)
+    count = len(seeds)
+    params = {name: value.to(device).expand(count, *value.shape).clone() for name, value in meta_state.items()}
+    # Each task starts from the training Adam state (beta1 = 0: no first moment, step = lr * g / (sqrt(v) + eps)).
+    names = [name for name, _ in model.named_parameters()]
+    saved = adam_state["state"]
+    squares = {name: saved[i]["exp_avg_sq"].to(device) if i in saved else torch.zeros_like(params[name][0])
+               for i, name in enumerate(names)}
+    squares = {name: value.expand(count, *value.shape).clone() for name, value in squares.items()}
+    steps_done = float(saved[0]["step"]) if saved else 0.0
+    group = adam_state["param_groups"][0]
+    lr, (_, beta2), eps = group["lr"], group["betas"], group["eps"]
+
+    def loss(task_params: dict, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.nll_loss(torch.func.functional_call(model, task_params, (images,)), labels)
+
+    task_gradients = torch.func.vmap(torch.func.grad(loss))
+    rows = torch.arange(count, device=device)[:, None]
+    for step in range(args.test_iterations):
+        indices = batches[:, step]
+        gradients = task_gradients(params, support[rows, indices], support_labels[rows, indices])
+        correction = math.sqrt(1 - beta2 ** (steps_done + step + 1))
+        with torch.no_grad():
+            for name, gradient in gradients.items():
+                squares[name].mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
+                params[name].addcdiv_(gradient, (squares[name].sqrt() / correction).add_(eps), value=-lr)
+
+    forward = torch.func.vmap(lambda task_params, images: torch.func.functional_call(model, task_params, (images,)))
+    with torch.no_grad():
+        if args.transductive:
+            log_probs = forward(params, queries)  # (tasks, classes, classes)
+        else:  # each query in a batch with its task's support images, one query position at a time
+            log_probs = torch.stack([forward(params, torch.cat([support, queries[:, q:q + 1]], dim=1))[:, -1]
+                                     for q in range(queries.shape[1])], dim=1)
+        correct = (log_probs.argmax(dim=2) == query_labels).sum(dim=1)
+        losses = torch.nn.functional.nll_loss(log_probs.transpose(1, 2), query_labels, reduction="none").mean(dim=1)
+    return list(zip(correct.tolist(), losses.tolist()))
+
+
 _worker_samplers: dict = {}  # the task samplers of an evaluation worker process
 
 
@@ -311,9 +362,12 @@ def evaluate(meta_model: OmniglotModel, inner_optimizer: torch.optim.Optimizer, 
     # Copies: sending tensors to worker processes moves them into shared memory, and these must not be the model's.
     meta_state = {key: value.detach().cpu().clone() for key, value in meta_model.state_dict().items()}
     adam_state = copy.deepcopy(inner_optimizer.state_dict())
-    size = max(1, min(25, tasks // (4 * max(1, args.workers))))
+    on_gpu = samplers[name].images.is_cuda
+    size = TASKS_TOGETHER if on_gpu else max(1, min(25, tasks // (4 * max(1, args.workers))))
     chunks = [seeds[i:i + size] for i in range(0, tasks, size)]
-    if pool is None:
+    if on_gpu:  # a GPU is fast only with large pieces of work: it adapts many tasks side by side
+        parts = (evaluate_tasks_together(meta_state, adam_state, samplers[name], args, chunk) for chunk in chunks)
+    elif pool is None:
         parts = (evaluate_tasks(meta_state, adam_state, samplers[name], args, chunk) for chunk in chunks)
     else:
         futures = [pool.submit(evaluate_in_worker, name, meta_state, adam_state, args, chunk) for chunk in chunks]

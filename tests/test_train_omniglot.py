@@ -130,6 +130,11 @@ def test_evaluation_agrees_with_the_straightforward_loop(transductive):
         in_workers = T.evaluate(meta_model, inner_optimizer, samplers, "meta-test", args, 40,
                                 torch.Generator().manual_seed(9), pool)
     np.testing.assert_allclose(in_workers[1], losses[:40], rtol=1e-4)
+    # The GPU's way, all tasks adapted side by side (vmapped), against the per-task evaluator on the first 100.
+    together = np.array(T.evaluate_tasks_together(meta_model.state_dict(), inner_optimizer.state_dict(),
+                                                   samplers["meta-test"], args, seeds[:100]))
+    assert (together[:, 0] / 5 == accuracies[:100]).mean() >= 0.98
+    assert np.median(np.abs(together[:, 1] - losses[:100]) / losses[:100]) < 1e-3
 
 
 def test_non_transductive_queries_do_not_share_batch_statistics():
