@@ -205,8 +205,12 @@ def main() -> None:
     tasks = bench.rounds * bench.tasks
     rate = {side: tasks / seconds for side, seconds in times.items()}
     eval_ratio = rate["project"] / rate["baseline"]
-    how = (f"{workers} worker processes, one thread each, started in {startup / (bench.rounds + 1):.1f} s"
-           if workers > 1 else "in this process")
+    if device == "cuda":
+        how = f"up to {T.TASKS_TOGETHER} tasks adapted side by side on the GPU"
+    elif workers > 1:
+        how = f"{workers} worker processes, one thread each, started in {startup / (bench.rounds + 1):.1f} s"
+    else:
+        how = "in this process"
     print(f"evaluation ({args.test_iterations} steps of batch {args.test_batch}, non-transductive): "
           f"baseline {rate['baseline']:.1f} tasks/s, project {rate['project']:.1f} tasks/s, ratio {eval_ratio:.2f}x "
           f"({how}); project {eval_flops * rate['project'] / 1e9:.0f} GFLOP/s")

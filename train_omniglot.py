@@ -293,13 +293,14 @@ def evaluate_tasks_together(meta_state: dict, adam_state: dict, sampler: omniglo
     support, support_labels, queries, query_labels = (torch.stack(part) for part in zip(*tasks))
     batches = torch.stack(batches).to(device)  # (tasks, steps, batch)
     count = len(seeds)
-    params = {name: value.to(device).expand(count, *value.shape).clone() for name, value in meta_state.items()}
+    # Contiguous, not channels-last: vmapped BatchNorm on CUDA does not support channels-last tensors.
+    params = {name: value.to(device).expand(count, *value.shape).contiguous() for name, value in meta_state.items()}
     # Each task starts from the training Adam state (beta1 = 0: no first moment, step = lr * g / (sqrt(v) + eps)).
     names = [name for name, _ in model.named_parameters()]
     saved = adam_state["state"]
     squares = {name: saved[i]["exp_avg_sq"].to(device) if i in saved else torch.zeros_like(params[name][0])
                for i, name in enumerate(names)}
-    squares = {name: value.expand(count, *value.shape).clone() for name, value in squares.items()}
+    squares = {name: value.expand(count, *value.shape).contiguous() for name, value in squares.items()}
     steps_done = float(saved[0]["step"]) if saved else 0.0
     group = adam_state["param_groups"][0]
     lr, (_, beta2), eps = group["lr"], group["betas"], group["eps"]

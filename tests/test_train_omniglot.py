@@ -3,10 +3,13 @@ import copy
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -213,6 +216,41 @@ def test_a_tiny_run_writes_everything_then_resumes(run_script, tmp_path):
 
     changed = run_script(str(logdir), *TINY, "--classes", "10")
     assert changed.returncode != 0 and "--classes 10 differs from 5" in changed.stderr
+
+
+def test_tensorboard_serves_the_logged_scalars(existing_run):
+    """The real TensorBoard server, on a free loopback port, reads a tiny run's scalars back over its HTTP API."""
+    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(existing_run.parent),
+                               "--host", "127.0.0.1", "--port", "0"], stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, **NO_NETWORK})
+    try:
+        address = None
+        for line in server.stderr:  # it announces "TensorBoard 2.x at http://127.0.0.1:PORT/ (Press CTRL+C to quit)"
+            match = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
+            if match:
+                address = match.group(1)
+                break
+        assert address, "tensorboard did not say where it serves"
+
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
+
+        def get(path: str):
+            with direct.open(address + path, timeout=10) as response:
+                return json.loads(response.read())
+
+        deadline = time.time() + 60
+        while "run" not in get("/data/plugin/scalars/tags") and time.time() < deadline:
+            time.sleep(0.5)  # it loads the event files in the background
+        tags = get("/data/plugin/scalars/tags")["run"]
+        assert {"meta-train/accuracy", "meta-train/loss", "meta-test/accuracy", "meta-test/loss", "meta-step"} <= set(
+            tags)
+        query = urllib.parse.urlencode({"run": "run", "tag": "meta-test/accuracy"})
+        served = get(f"/data/plugin/scalars/scalars?{query}")
+        assert [(step, value) for _, step, value in served] == all_scalars(existing_run)["meta-test/accuracy"]
+        assert [step for _, step, _ in served] == [2, 4, 6]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

@@ -1,0 +1,82 @@
+"""Plot the meta-test accuracy of runs against meta-iteration, from their TensorBoard event files.
+
+    pip install matplotlib                       # the one thing this script needs beyond requirements.txt
+    python plot_runs.py runs/5way runs/20way     # writes runs/accuracy.png
+
+Each point logged during training is the accuracy on one meta-test task, so the curves show a moving average.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from utils import UserError, read_json
+
+TAG = "meta-test/accuracy"
+
+
+def read_curve(logdir: Path, tag: str = TAG) -> tuple[np.ndarray, np.ndarray]:
+    """(meta-iterations, values) of one scalar of a run, as TensorBoard reads them."""
+    if not logdir.is_dir():
+        raise UserError(f"{logdir} is not a run folder")
+    events = EventAccumulator(str(logdir), size_guidance={"scalars": 0})  # 0: keep every point
+    events.Reload()
+    if tag not in events.Tags()["scalars"]:
+        raise UserError(f"{logdir} holds no '{tag}' scalars; is it a run of train_omniglot.py?")
+    points = events.Scalars(tag)
+    return np.array([p.step for p in points]), np.array([p.value for p in points])
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """The mean of each run of `window` consecutive values (shorter at the start)."""
+    sums = np.cumsum(np.insert(values, 0, 0.0))
+    counts = np.minimum(np.arange(1, len(values) + 1), window)
+    return (sums[1:] - sums[np.arange(1, len(values) + 1) - counts]) / counts
+
+
+def label(logdir: Path) -> str:
+    """A run's name and setting, e.g. 'runs/5way (5-way, lr 0.001)'."""
+    args_path = logdir / "args.json"
+    if not args_path.is_file():
+        return str(logdir)
+    args = read_json(args_path)
+    return f"{logdir} ({args['classes']}-way, {args['split']} split)"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run folders of train_omniglot.py")
+    parser.add_argument("--window", type=int, default=200, help="logged points in the moving average")
+    parser.add_argument("--output", default="runs/accuracy.png", help="the PNG to write")
+    args = parser.parse_args(argv)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plot_runs.py: error: it needs matplotlib; install it with: pip install matplotlib", file=sys.stderr)
+        return 2
+    try:
+        curves = {label(Path(run)): read_curve(Path(run)) for run in args.runs}
+    except UserError as error:
+        print(f"plot_runs.py: error: {error}", file=sys.stderr)
+        return 2
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for name, (steps, values) in curves.items():
+        axes.plot(steps, 100 * moving_average(values, args.window), label=name)
+    axes.set_xlabel("meta-iteration")
+    axes.set_ylabel(f"meta-test accuracy, % (moving average of {args.window} tasks)")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(args.output, dpi=120)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
