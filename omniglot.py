@@ -8,7 +8,7 @@ import shutil
 import zipfile
 import zlib
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence
+from typing import BinaryIO, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +19,8 @@ from tqdm import tqdm
 from utils import UserError, list_dir, list_files, read_json, write_atomically, write_json
 
 URL = "https://github.com/brendenlake/omniglot/raw/master/python/"
+LAKE_URL = URL + "one-shot-classification/all_runs.zip"  # Lake et al.'s one-shot benchmark (Science 2015)
+LAKE_MD5 = "e8996daecdf12afeeb4a53a179f06b19"
 MIRROR_VARIABLE = "OMNIGLOT_MIRROR"
 MARKER = ".complete"  # written last: a data folder without it is redone, never used
 CACHE = "images28.pt"  # the decoded 28x28 images, saved beside the alphabets
@@ -51,30 +53,29 @@ def count_tree(root: Path) -> tuple[int, int, int]:
     return len(alphabets), len(characters), images
 
 
-def fetch_archive(name: str, data_dir: Path, mirror: Optional[str]) -> tuple[Path, bool]:
-    """The path of `name`.zip, from the mirror folder or downloaded; and whether it was downloaded."""
+def fetch_archive(url: str, md5: str, data_dir: Path, mirror: Optional[str]) -> tuple[Path, bool]:
+    """The zip at `url`, from the mirror folder (same file name) or downloaded; and whether it was downloaded."""
+    file_name = url.rsplit("/", 1)[1]
     if mirror:
-        path = Path(mirror) / f"{name}.zip"
+        path = Path(mirror) / file_name
         if not path.is_file():
             raise UserError(f"{path} not found: the mirror folder ({MIRROR_VARIABLE} or --omniglot-mirror) "
-                            f"must hold {' and '.join(s + '.zip' for s in SETS)}")
+                            f"must hold {file_name}, a copy of {url}")
         return path, False
-    path = data_dir / f"{name}.zip"
-    if path.is_file() and check_md5(str(path), SETS[name].md5):
+    path = data_dir / file_name
+    if path.is_file() and check_md5(str(path), md5):
         return path, True
     partial = path.with_name(path.name + ".part")
-    url = URL + path.name
     print(f"downloading {url}")
     try:
         download_url(url, str(data_dir), partial.name)
     except (OSError, http.client.HTTPException) as error:
         partial.unlink(missing_ok=True)
         raise UserError(f"cannot download {url} ({error}); without internet, set {MIRROR_VARIABLE} "
-                        f"(or --omniglot-mirror) to a folder holding images_background.zip and "
-                        f"images_evaluation.zip") from None
-    if not check_md5(str(partial), SETS[name].md5):
+                        f"(or --omniglot-mirror) to a folder holding a copy of {file_name}") from None
+    if not check_md5(str(partial), md5):
         partial.unlink()
-        raise UserError(f"{url} did not match its official md5 {SETS[name].md5}; run again to retry the download")
+        raise UserError(f"{url} did not match its official md5 {md5}; run again to retry the download")
     os.replace(partial, path)
     return path, True
 
@@ -110,7 +111,7 @@ def prepare_data(data_dir: str, mirror: Optional[str] = None) -> Path:
     data_dir.mkdir(parents=True, exist_ok=True)
     staging = data_dir / ".extracting"
     shutil.rmtree(staging, ignore_errors=True)
-    archives = {name: fetch_archive(name, data_dir, mirror) for name in SETS}
+    archives = {name: fetch_archive(f"{URL}{name}.zip", info.md5, data_dir, mirror) for name, info in SETS.items()}
     print(f"extracting Omniglot into {data_dir}")
     roots = {name: extract_checked(path, name, staging, downloaded) for name, (path, downloaded) in archives.items()}
     characters_of_set = {}  # {set: {alphabet: number of characters}}, kept in the marker to check the folder
@@ -134,10 +135,10 @@ def prepare_data(data_dir: str, mirror: Optional[str] = None) -> Path:
     return data_dir
 
 
-def read_image(path: str) -> np.ndarray:
-    """One 28x28 image, float32, background 1 and ink 0 (Pillow resizes 1-bit images nearest-neighbour)."""
-    try:
-        with Image.open(path) as image:
+def read_image(path: str, source: Optional[BinaryIO] = None) -> np.ndarray:
+    """One 28x28 image (read from `source` if given, else `path`), float32, background 1 and ink 0."""
+    try:  # Pillow resizes 1-bit images nearest-neighbour, as the paper's code did
+        with Image.open(source or path) as image:
             return np.asarray(image.convert("1").resize((IMAGE_SIZE, IMAGE_SIZE)), dtype=np.float32)
     except (OSError, ValueError) as error:
         raise UserError(f"cannot read image {path} ({error}); delete the data folder and run again "
@@ -154,7 +155,7 @@ def list_character_images(data_dir: Path) -> dict[str, list[str]]:
     repair = f"delete {data_dir} and run again to extract it anew"
     characters_of = {a: n for alphabets in read_json(data_dir / MARKER).values() for a, n in alphabets.items()}
     for entry in visible(data_dir):
-        if entry.name not in characters_of and entry.name != CACHE:
+        if entry.name not in characters_of and entry.name not in (CACHE, LAKE_URL.rsplit("/", 1)[1]):
             raise UserError(f"{entry} does not belong in the Omniglot folder: remove it, or {repair}")
     images = {}
     for alphabet, count in characters_of.items():
@@ -250,3 +251,38 @@ class TaskSampler:
         labels = torch.arange(classes, device=images.device)[:, None].expand(classes, shots + queries)
         return Task(images[:, :shots].reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE), labels[:, :shots].reshape(-1),
                     images[:, shots:].reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE), labels[:, shots:].reshape(-1))
+
+
+def load_lake_runs(data_dir: Path, mirror: Optional[str] = None) -> dict[str, Task]:
+    """Lake et al.'s one-shot runs as {'runNN': Task}: one support image per class, labelled in file order
+    (class01 is 0), and the run's test images with the labels its class_labels.txt gives them.
+
+    all_runs.zip is read from the mirror folder, or downloaded into `data_dir` and kept there.
+    """
+    mirror = mirror or os.environ.get(MIRROR_VARIABLE)
+    archive, _ = fetch_archive(LAKE_URL, LAKE_MD5, Path(data_dir), mirror)
+    problem = f"{archive} is not laid out as Lake's all_runs.zip (runNN/training, runNN/test, runNN/class_labels.txt)"
+    try:
+        with zipfile.ZipFile(archive) as zip_file:
+            names = set(zip_file.namelist())
+            runs = {}
+            for run in sorted({name.split("/")[0] for name in names if name.endswith("/class_labels.txt")}):
+                classes = sorted(n for n in names if n.startswith(f"{run}/training/") and n.endswith(".png"))
+                pairs = [line.split() for line in zip_file.read(f"{run}/class_labels.txt").decode().splitlines()
+                         if line.strip()]
+                if not classes or any(len(pair) != 2 or pair[0] not in names or pair[1] not in classes
+                                      for pair in pairs):
+                    raise UserError(f"{problem}: {run} does not match its class_labels.txt")
+
+                def read(name: str) -> torch.Tensor:
+                    with zip_file.open(name) as file:
+                        return torch.from_numpy(read_image(f"{archive}:{name}", file))[None]
+
+                runs[run] = Task(torch.stack([read(name) for name in classes]), torch.arange(len(classes)),
+                                 torch.stack([read(test) for test, _ in pairs]),
+                                 torch.tensor([classes.index(label) for _, label in pairs]))
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError) as error:
+        raise UserError(f"{archive} is damaged ({error}); replace it with a good copy of {LAKE_URL}") from None
+    if not runs:
+        raise UserError(problem)
+    return runs

@@ -34,9 +34,10 @@ TRAINING_FLAGS = ("classes", "shots", "train_shots", "meta_batch", "iterations",
                   "meta_lr_final", "split", "seed")
 # Flags that fix the model and its characters: evaluation must keep them too.
 MODEL_FLAGS = ("classes", "split")
-NOT_SAVED = ("logdir", "eval_only", "checkpoint")
+NOT_SAVED = ("logdir", "eval_only", "eval_lake", "checkpoint")
 # Flags that belong to the machine, not the run: recorded in args.json but never taken from it.
 MACHINE_FLAGS = ("device", "workers")
+LAKE_REPEATS = 10  # adaptations to each run of Lake's benchmark, each with its own mini-batch order
 TASKS_TOGETHER = 500  # evaluation tasks adapted side by side on a GPU (20-way 5-shot: about 20 GB)
 # Independent random streams, so that validation or evaluation never changes what training samples.
 TRAIN_STREAM, VALIDATION_STREAM, EVALUATION_STREAM = 0, 1, 2
@@ -104,7 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--transductive", action="store_true",
                             help="classify all queries of a task in one batch (default: each query on its own)")
     evaluation.add_argument("--eval-only", action="store_true", help="evaluate a checkpoint of the logdir, no training")
-    evaluation.add_argument("--checkpoint", help="with --eval-only: the checkpoint file (default: the latest)")
+    evaluation.add_argument("--eval-lake", action="store_true",
+                            help="evaluate a checkpoint on Lake et al.'s one-shot benchmark instead (20 runs of 20-way "
+                            "one-shot tasks within an evaluation alphabet; needs a 20-way --split background run)")
+    evaluation.add_argument("--checkpoint", help="with --eval-only or --eval-lake: the checkpoint file "
+                            "(default: the latest)")
     run = parser.add_argument_group("run")
     run.add_argument("--validate-every", type=positive_int, default=10,
                      help="log one meta-train and one meta-test task every this many meta-iterations")
@@ -135,6 +140,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     """Flags from the command line; a run folder's args.json fills in those not given."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.eval_only = args.eval_only or args.eval_lake
     given = flags_given(parser, argv)
     args.logdir = args.logdir or f"runs/{args.classes}way{args.shots}shot"
     saved_path = Path(args.logdir) / "args.json"
@@ -163,7 +169,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise UserError(f"--meta-iterations {args.meta_iterations} is below the {checkpoint_iteration(latest)} this "
                         f"run has done; use --eval-only --checkpoint to evaluate an earlier checkpoint")
     if args.checkpoint and not args.eval_only:
-        raise UserError("--checkpoint needs --eval-only (training always resumes from the latest checkpoint)")
+        raise UserError("--checkpoint needs --eval-only or --eval-lake (training always resumes from the latest "
+                        "checkpoint)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: CUDA is not available here; use --device cpu")
     return args
@@ -264,20 +271,31 @@ def evaluate_tasks(meta_state: dict, adam_state: dict, sampler: omniglot.TaskSam
     for seed in seeds:
         generator = torch.Generator().manual_seed(seed)
         task = sampler.sample(args.classes, args.shots, 1, generator)
-        copy_weights(model, learner)
-        # Every test task starts from the training Adam state; load_state_dict would share its tensors.
-        optimizer.load_state_dict(copy.deepcopy(adam_state))
-        adapt(learner, optimizer, task.support_images, task.support_labels, args.test_iterations, args.test_batch,
-              generator)
-        with torch.no_grad():
-            if args.transductive:
-                log_probs = learner(task.query_images)
-            else:  # each query in a batch with the support images: queries never share BatchNorm statistics
-                log_probs = torch.cat([learner(torch.cat([task.support_images, query[None]]))[-1:]
-                                       for query in task.query_images])
+        adapt_to_test_task(model, learner, optimizer, adam_state, task, args, generator)
+        log_probs = classify_queries(learner, task, args.transductive)
         correct = (learner.predict(log_probs) == task.query_labels).sum().item()
         results.append((correct, torch.nn.functional.nll_loss(log_probs, task.query_labels).item()))
     return results
+
+
+def adapt_to_test_task(model: OmniglotModel, learner: OmniglotModel, optimizer: torch.optim.Optimizer,
+                       adam_state: dict, task: omniglot.Task, args: argparse.Namespace,
+                       generator: torch.Generator) -> None:
+    """Set `learner` to the meta-weights of `model`, then adapt it to a test task's support images."""
+    copy_weights(model, learner)
+    # Every test task starts from the training Adam state; load_state_dict would share its tensors.
+    optimizer.load_state_dict(copy.deepcopy(adam_state))
+    adapt(learner, optimizer, task.support_images, task.support_labels, args.test_iterations, args.test_batch,
+          generator)
+
+
+def classify_queries(learner: OmniglotModel, task: omniglot.Task, transductive: bool) -> torch.Tensor:
+    """Log-probabilities of a task's queries: all in one batch (transductive), or each with the support images."""
+    with torch.no_grad():
+        if transductive:
+            return learner(task.query_images)
+        # Each query in a batch with the support images: queries never share BatchNorm statistics.
+        return torch.cat([learner(torch.cat([task.support_images, query[None]]))[-1:] for query in task.query_images])
 
 
 def evaluate_tasks_together(meta_state: dict, adam_state: dict, sampler: omniglot.TaskSampler,
@@ -494,6 +512,56 @@ def final_evaluation(meta_model, inner_optimizer, samplers: dict, args, iteratio
     write_json(results_path, results)
 
 
+def lake_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Optimizer, args: argparse.Namespace,
+                    iteration: int, checkpoint: str, split: dict) -> None:
+    """Error rates on Lake et al.'s one-shot runs, both ways of classifying; printed and recorded in results.json."""
+    started = time.time()
+    data_dir = omniglot.prepare_data(args.data, args.omniglot_mirror)
+    evaluation_alphabets = set(read_json(data_dir / omniglot.MARKER)["images_evaluation"])
+    seen = [c for c in split["train"] if c.split("/")[0] in evaluation_alphabets]
+    if seen:
+        raise UserError(f"--eval-lake: {args.logdir} was meta-trained on {len(seen)} characters of the evaluation "
+                        f"alphabets (such as {seen[0]}), where Lake's benchmark tests; evaluate a run trained with "
+                        f"--split background")
+    runs = omniglot.load_lake_runs(data_dir, args.omniglot_mirror)
+    sizes = {len(task.support_labels) for task in runs.values()}
+    if sizes != {args.classes}:
+        raise UserError(f"--eval-lake: the benchmark's runs are {'/'.join(map(str, sizes))}-way and {args.logdir} "
+                        f"is {args.classes}-way; evaluate a run trained with --classes {min(sizes)}")
+    seeds = task_seeds(LAKE_REPEATS, stream(args.seed, EVALUATION_STREAM))
+    learner, optimizer = make_learner(meta_model, args.lr)
+    adam_state = copy.deepcopy(inner_optimizer.state_dict())
+    errors = {mode: np.zeros((len(runs), LAKE_REPEATS)) for mode in ("non-transductive", "transductive")}
+    with tqdm(total=len(runs) * LAKE_REPEATS, desc="Lake's runs", unit="task", leave=False) as bar:
+        for index, task in enumerate(runs.values()):
+            task = omniglot.Task(*(part.to(args.device) for part in task))
+            for repeat, seed in enumerate(seeds):
+                adapt_to_test_task(meta_model, learner, optimizer, adam_state, task, args,
+                                   torch.Generator().manual_seed(seed))
+                for mode in errors:
+                    predictions = learner.predict(classify_queries(learner, task, mode == "transductive"))
+                    errors[mode][index, repeat] = 100 * (predictions != task.query_labels).float().mean().item()
+                bar.update()
+    print(f"Lake et al.'s one-shot benchmark, meta-iteration {iteration}: error rate in %, mean +- standard deviation "
+          f"over {LAKE_REPEATS} adaptations")
+    print(f"{'run':8}{'non-transductive':>20}{'transductive':>20}")
+    for index, run in enumerate(runs):
+        print(f"{run:8}" + "".join(f"{errors[mode][index].mean():>12.1f} +- {errors[mode][index].std():4.1f}"
+                                   for mode in errors))
+    print(f"{'mean':8}" + "".join(f"{errors[mode].mean():>12.2f} +- {errors[mode].mean(axis=0).std():4.2f}"
+                                  for mode in errors))
+    result = {"meta_iteration": iteration, "checkpoint": checkpoint, "split": split["split"], "repeats": LAKE_REPEATS}
+    for mode, table in errors.items():
+        result[mode] = {"error": table.mean(), "std": table.mean(axis=0).std(),
+                        "runs": dict(zip(runs, table.mean(axis=1).tolist()))}
+    result["seconds"] = round(time.time() - started, 1)
+    result["settings"] = saved_args(args)
+    results_path = Path(args.logdir) / "results.json"
+    results = read_json(results_path) if results_path.is_file() else {}
+    results["lake one-shot"] = result
+    write_json(results_path, results)
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.device == "auto":
@@ -515,8 +583,11 @@ def main(argv: list[str]) -> int:
         meta_model.load_state_dict(state["meta_net"])
         inner_optimizer.load_state_dict(state["inner_optimizer"])
         print(f"evaluating {checkpoint_path} (meta-iteration {state['meta_iteration']})")
-        final_evaluation(meta_model, inner_optimizer, samplers, args, state["meta_iteration"], checkpoint_path,
-                         split)
+        if args.eval_lake:
+            lake_evaluation(meta_model, inner_optimizer, args, state["meta_iteration"], checkpoint_path, split)
+        else:
+            final_evaluation(meta_model, inner_optimizer, samplers, args, state["meta_iteration"], checkpoint_path,
+                             split)
         return 0
 
     mean_model = meta_model.clone()  # holds the mean of the adapted weights of a meta-batch

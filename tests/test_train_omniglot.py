@@ -18,6 +18,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import NO_NETWORK, ROOT
+from test_omniglot import make_lake_zip
 
 import bench
 import omniglot
@@ -345,6 +346,32 @@ def test_bad_inputs_end_with_one_line_and_change_nothing(name, existing_run, dat
     assert len(lines) == 1 and expected in lines[0], lines
     assert lines[0].startswith("train_omniglot.py: error: ")
     assert snapshot(existing_run) == before
+
+
+def test_eval_lake_scores_a_background_run_and_refuses_others(run_script, existing_run, tmp_path):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    make_lake_zip(mirror / "all_runs.zip", runs=2, classes=5)
+    lake = {"env": {omniglot.MIRROR_VARIABLE: str(mirror)}}
+    refused = run_script(str(existing_run), "--eval-lake", **lake)  # a paper-split run saw evaluation alphabets
+    assert refused.returncode == 2 and "meta-trained on" in refused.stderr and "--split background" in refused.stderr
+    logdir = tmp_path / "background"
+    trained = run_script(str(logdir), *TINY, "--split", "background")
+    assert trained.returncode == 0, trained.stderr
+    scored = run_script(str(logdir), "--eval-lake", **lake)
+    assert scored.returncode == 0, scored.stderr
+    lines = scored.stdout.splitlines()
+    assert [line.split()[0] for line in lines[-3:]] == ["run01", "run02", "mean"]
+    result = json.loads((logdir / "results.json").read_text())["lake one-shot"]
+    assert result["repeats"] == T.LAKE_REPEATS and result["split"] == "background"
+    for mode in ("non-transductive", "transductive"):
+        assert set(result[mode]["runs"]) == {"run01", "run02"} and 0 <= result[mode]["error"] <= 100
+        assert result[mode]["error"] == pytest.approx(np.mean(list(result[mode]["runs"].values())))
+    wrong_size = tmp_path / "twenty"
+    wrong_size.mkdir()
+    make_lake_zip(wrong_size / "all_runs.zip", runs=1, classes=20)
+    refused = run_script(str(logdir), "--eval-lake", env={omniglot.MIRROR_VARIABLE: str(wrong_size)})
+    assert refused.returncode == 2 and "runs are 20-way" in refused.stderr
 
 
 def test_the_command_line_reports_a_bad_flag_in_one_line(run_script, tmp_path):
