@@ -186,9 +186,10 @@ def split_classes(args: argparse.Namespace) -> tuple[int, int]:
     return train * len(omniglot.ROTATIONS), test
 
 
-def stream(seed: int, purpose: int) -> torch.Generator:
-    """A torch generator for one independent random stream of the run."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, purpose]).generate_state(1)[0]))
+def stream(seed: int, purpose: int, process: Optional[int] = None) -> torch.Generator:
+    """A torch generator for one independent random stream of the run (of one process, under torchrun)."""
+    entropy = [seed, purpose] + ([] if process is None else [process])
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
 
 
 # ----------------------------------------------------------------------------- Reptile
@@ -234,14 +235,14 @@ def copy_weights(source: OmniglotModel, destination: OmniglotModel) -> None:
             param.copy_(source_param)
 
 
-def train_step(meta_model: OmniglotModel, learner: OmniglotModel, inner_optimizer: torch.optim.Optimizer,
-               mean_model: OmniglotModel, meta_optimizer: torch.optim.Optimizer, sampler: omniglot.TaskSampler,
-               args: argparse.Namespace, step_size: float, generator: torch.Generator) -> None:
-    """One meta-iteration: adapt the meta-model to each task of a meta-batch, then step towards the mean result."""
+def adapt_to_tasks(meta_model: OmniglotModel, learner: OmniglotModel, inner_optimizer: torch.optim.Optimizer,
+                   mean_model: OmniglotModel, sampler: omniglot.TaskSampler, args: argparse.Namespace, tasks: int,
+                   generator: torch.Generator) -> None:
+    """Adapt the meta-model to `tasks` new tasks in turn; set mean_model to the sum of the results / --meta-batch."""
     with torch.no_grad():
         for param in mean_model.parameters():
             param.zero_()
-    for _ in range(args.meta_batch):
+    for _ in range(tasks):
         task = sampler.sample(args.classes, args.train_shots, 0, generator)
         copy_weights(meta_model, learner)
         # The inner Adam's state is not reset: as in the paper's code it lives on from task to task.
@@ -250,10 +251,34 @@ def train_step(meta_model: OmniglotModel, learner: OmniglotModel, inner_optimize
         with torch.no_grad():
             for mean, param in zip(mean_model.parameters(), learner.parameters()):
                 mean.add_(param, alpha=1 / args.meta_batch)
+
+
+def meta_step(meta_model: OmniglotModel, mean_model: OmniglotModel, meta_optimizer: torch.optim.Optimizer,
+              step_size: float) -> None:
+    """Move the meta-model `step_size` of the way to mean_model."""
     for group in meta_optimizer.param_groups:
         group["lr"] = step_size
     meta_model.point_grad_to(mean_model)
     meta_optimizer.step()
+
+
+def train_step(meta_model: OmniglotModel, learner: OmniglotModel, inner_optimizer: torch.optim.Optimizer,
+               mean_model: OmniglotModel, meta_optimizer: torch.optim.Optimizer, sampler: omniglot.TaskSampler,
+               args: argparse.Namespace, step_size: float, generator: torch.Generator) -> None:
+    """One meta-iteration: adapt the meta-model to each task of a meta-batch, then step towards the mean result.
+
+    Under torchrun each process adapts its share of the tasks, and one all-reduce sums the shares into the mean.
+    """
+    adapt_to_tasks(meta_model, learner, inner_optimizer, mean_model, sampler, args, args.meta_batch // processes(),
+                   generator)
+    if processes() > 1:
+        with torch.no_grad():
+            means = list(mean_model.parameters())
+            total = torch.cat([mean.reshape(-1) for mean in means])
+            torch.distributed.all_reduce(total)
+            for mean, summed in zip(means, total.split([mean.numel() for mean in means])):
+                mean.copy_(summed.view(mean.shape))
+    meta_step(meta_model, mean_model, meta_optimizer, step_size)
 
 
 def task_seeds(tasks: int, generator: torch.Generator) -> list[int]:
@@ -375,8 +400,10 @@ def start_pool(samplers: dict, workers: int) -> Union[ProcessPoolExecutor, conte
 
 def evaluate(meta_model: OmniglotModel, inner_optimizer: torch.optim.Optimizer, samplers: dict, name: str,
              args: argparse.Namespace, tasks: int, generator: torch.Generator,
-             pool: Optional[ProcessPoolExecutor] = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Per-task accuracies and losses on `tasks` tasks of samplers[name], in the pool's workers if one is given."""
+             pool: Optional[ProcessPoolExecutor] = None, progress: bool = False,
+             share: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Per-task accuracies and losses on `tasks` tasks of samplers[name], in the pool's workers if one is given,
+    each torchrun process taking its share of the tasks if `share`."""
     seeds = task_seeds(tasks, generator)
     # Copies: sending tensors to worker processes moves them into shared memory, and these must not be the model's.
     meta_state = {key: value.detach().cpu().clone() for key, value in meta_model.state_dict().items()}
@@ -384,6 +411,8 @@ def evaluate(meta_model: OmniglotModel, inner_optimizer: torch.optim.Optimizer, 
     on_gpu = samplers[name].images.is_cuda
     size = TASKS_TOGETHER if on_gpu else max(1, min(25, tasks // (4 * max(1, args.workers))))
     chunks = [seeds[i:i + size] for i in range(0, tasks, size)]
+    if share:
+        chunks = chunks[rank()::processes()]
     if on_gpu:  # a GPU is fast only with large pieces of work: it adapts many tasks side by side
         parts = (evaluate_tasks_together(meta_state, adam_state, samplers[name], args, chunk) for chunk in chunks)
     elif pool is None:
@@ -395,7 +424,9 @@ def evaluate(meta_model: OmniglotModel, inner_optimizer: torch.optim.Optimizer, 
     with tqdm(total=tasks, desc=f"evaluating {name}", unit="task", disable=not progress, leave=False) as bar:
         for part in parts:
             results += part
-            bar.update(len(part))
+            bar.update(len(part) * (processes() if share else 1))
+    if share:
+        results = [result for process_results in gather(results) for result in process_results]
     correct, losses = np.array(results).T
     return correct / args.classes, losses
 
@@ -405,23 +436,74 @@ def confidence_interval(accuracies: np.ndarray) -> float:
     return 1.96 * accuracies.std(ddof=1) / math.sqrt(len(accuracies)) if len(accuracies) > 1 else float("nan")
 
 
+# ----------------------------------------------------------------------------- torchrun
+
+def join_torchrun(args: argparse.Namespace) -> int:
+    """This process's rank in torchrun's process group (gloo on CPU, nccl on CUDA); 0 when not under torchrun."""
+    count = int(os.environ.get("WORLD_SIZE", "1"))
+    if count == 1:
+        return 0
+    if args.meta_batch % count:
+        raise UserError(f"--meta-batch {args.meta_batch} cannot be split evenly across {count} processes; "
+                        f"choose a multiple of {count}")
+    if args.eval_lake:
+        raise UserError("--eval-lake runs in one process: run it with python, not torchrun")
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    torch.distributed.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    return torch.distributed.get_rank()
+
+
+def processes() -> int:
+    """How many processes share the work: torchrun's world size, or 1."""
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's rank under torchrun, or 0."""
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true in any process, so that all processes stop at the same meta-iteration."""
+    if processes() == 1:
+        return flag
+    flags = torch.tensor([float(flag)], device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+    torch.distributed.all_reduce(flags)
+    return flags.item() > 0
+
+
+def gather(value) -> list:
+    """[the value of each process] on every process (just [value] without torchrun)."""
+    if processes() == 1:
+        return [value]
+    values = [None] * processes()
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(logdir: Path, iteration: int, meta_model, meta_optimizer, inner_optimizer,
                     generators: dict, args: argparse.Namespace) -> Path:
-    """Write checkpoint/check-<iteration>.pth atomically and keep only the newest --keep."""
+    """Write checkpoint/check-<iteration>.pth atomically, keep the newest --keep (under torchrun: the first process)."""
     folder = logdir / "checkpoint"
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"check-{iteration}.pth"
+    own = {"inner_optimizer": inner_optimizer.state_dict(),
+           "generators": {name: generator.get_state() for name, generator in generators.items()}}
+    first, *others = gather(own)
+    if rank() != 0:
+        return path
     state = {
         "program": PROGRAM,
         "meta_iteration": iteration,
         "meta_net": meta_model.state_dict(),
         "meta_optimizer": meta_optimizer.state_dict(),
-        "inner_optimizer": inner_optimizer.state_dict(),
-        "generators": {name: generator.get_state() for name, generator in generators.items()},
+        **first,
+        "other_processes": others,  # under torchrun: the inner state of the processes after the first
         "args": saved_args(args),
     }
+    folder.mkdir(parents=True, exist_ok=True)
     write_atomically(path, lambda file: torch.save(state, file))
     for old in list_checkpoints(folder)[:-args.keep]:
         Path(old).unlink()
@@ -496,14 +578,18 @@ def final_evaluation(meta_model, inner_optimizer, samplers: dict, args, iteratio
     started = time.time()
     result = {"shots": args.shots, "mode": mode, "meta_iteration": iteration, "checkpoint": checkpoint,
               "split": split["split"], "tasks": args.eval_tasks}
-    with start_pool(samplers, args.workers) as pool:
+    with start_pool(samplers, args.workers if processes() == 1 else 0) as pool:
         for name in samplers:
             accuracies, _ = evaluate(meta_model, inner_optimizer, samplers, name, args, args.eval_tasks,
-                                     stream(args.seed, EVALUATION_STREAM), pool, progress=True)
+                                     stream(args.seed, EVALUATION_STREAM), pool, progress=rank() == 0,
+                                     share=processes() > 1)
             accuracy, interval = 100 * accuracies.mean(), 100 * confidence_interval(accuracies)
             result[name] = {"accuracy": accuracy, "ci95": interval}
-            print(f"{name} accuracy: {accuracy:.2f}% +- {interval:.2f}% "
-                  f"(95% CI, {args.eval_tasks} tasks, {args.classes}-way {args.shots}-shot, {mode})")
+            if rank() == 0:
+                print(f"{name} accuracy: {accuracy:.2f}% +- {interval:.2f}% "
+                      f"(95% CI, {args.eval_tasks} tasks, {args.classes}-way {args.shots}-shot, {mode})")
+    if rank() != 0:
+        return
     result["seconds"] = round(time.time() - started, 1)
     result["settings"] = saved_args(args)
     results_path = Path(args.logdir) / "results.json"
@@ -567,12 +653,17 @@ def main(argv: list[str]) -> int:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     logdir = Path(args.logdir)
+    first = join_torchrun(args) == 0  # under torchrun, only the first process writes logs, checkpoints and results
     if args.eval_only:
         checkpoint_path = args.checkpoint or find_latest_file(logdir / "checkpoint")
         if checkpoint_path is None:
             raise UserError(f"--eval-only: {logdir} holds no checkpoint; train first, or give --checkpoint FILE")
         state = load_checkpoint(checkpoint_path)
+    if not first:
+        torch.distributed.barrier()  # the first process prepares the data folder alone
     train_sampler, test_sampler, split = load_split(args)
+    if first and processes() > 1:
+        torch.distributed.barrier()
 
     torch.manual_seed(args.seed)
     meta_model = prepare_model(OmniglotModel(args.classes), args.device)
@@ -582,7 +673,8 @@ def main(argv: list[str]) -> int:
     if args.eval_only:
         meta_model.load_state_dict(state["meta_net"])
         inner_optimizer.load_state_dict(state["inner_optimizer"])
-        print(f"evaluating {checkpoint_path} (meta-iteration {state['meta_iteration']})")
+        if first:
+            print(f"evaluating {checkpoint_path} (meta-iteration {state['meta_iteration']})")
         if args.eval_lake:
             lake_evaluation(meta_model, inner_optimizer, args, state["meta_iteration"], checkpoint_path, split)
         else:
@@ -592,20 +684,29 @@ def main(argv: list[str]) -> int:
 
     mean_model = meta_model.clone()  # holds the mean of the adapted weights of a meta-batch
     meta_optimizer = torch.optim.SGD(meta_model.parameters(), lr=args.meta_lr)
-    generators = {"train": stream(args.seed, TRAIN_STREAM), "validation": stream(args.seed, VALIDATION_STREAM)}
-    logdir.mkdir(parents=True, exist_ok=True)
-    write_json(logdir / "args.json", saved_args(args))
-    write_json(logdir / "split.json", split)
+    # Under torchrun each process draws its own tasks and keeps its own inner Adam state.
+    generators = {"train": stream(args.seed, TRAIN_STREAM, rank() if processes() > 1 else None),
+                  "validation": stream(args.seed, VALIDATION_STREAM)}
+    if first:
+        logdir.mkdir(parents=True, exist_ok=True)
+        write_json(logdir / "args.json", saved_args(args))
+        write_json(logdir / "split.json", split)
     start = 0
     state = latest_good_checkpoint(logdir)
     if state is not None:
         start = state["meta_iteration"]
+        trained_by = 1 + len(state.get("other_processes", []))
+        if trained_by != processes():
+            raise UserError(f"{logdir} was trained by {trained_by} process(es); resume it with as many "
+                            f"(torchrun --nproc_per_node={trained_by}, or python for 1)")
+        own = ([state] + state.get("other_processes", []))[rank()]
         meta_model.load_state_dict(state["meta_net"])
         meta_optimizer.load_state_dict(state["meta_optimizer"])
-        inner_optimizer.load_state_dict(state["inner_optimizer"])
+        inner_optimizer.load_state_dict(own["inner_optimizer"])
         for name, generator in generators.items():
-            generator.set_state(state["generators"][name])
-        print(f"resumed {logdir} at meta-iteration {start} of {args.meta_iterations}")
+            generator.set_state(own["generators"][name])
+        if first:
+            print(f"resumed {logdir} at meta-iteration {start} of {args.meta_iterations}")
     checkpoint_path = str(logdir / "checkpoint" / f"check-{start}.pth")
 
     results_path = logdir / "results.json"
@@ -627,17 +728,18 @@ def main(argv: list[str]) -> int:
 
     previous_handlers = {signum: signal.signal(signum, on_interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
     # Points logged after the checkpoint by an interrupted run are dropped, so none is duplicated.
-    writer = SummaryWriter(str(logdir), purge_step=start + 1)
+    writer = SummaryWriter(str(logdir), purge_step=start + 1) if first else None
     recent = {"meta-train": [], "meta-test": []}
     progress = tqdm(range(start, args.meta_iterations), initial=start, total=args.meta_iterations,
-                    desc="meta-training", unit="it", dynamic_ncols=True)
+                    desc="meta-training", unit="it", dynamic_ncols=True, disable=not first)
     try:
         for iteration in progress:
             step_size = meta_step_size(iteration, args)
             train_step(meta_model, learner, inner_optimizer, mean_model, meta_optimizer, train_sampler, args,
                        step_size, generators["train"])
             done = iteration + 1
-            if done % args.validate_every == 0:
+            stop = any_process(bool(interrupted))
+            if done % args.validate_every == 0 and first:
                 for name in samplers:
                     accuracies, losses = evaluate(meta_model, inner_optimizer, samplers, name, args, 1,
                                                   generators["validation"])
@@ -646,19 +748,22 @@ def main(argv: list[str]) -> int:
                     recent[name] = (recent[name] + [accuracies[0]])[-100:]
                 writer.add_scalar("meta-step", step_size, done)
                 progress.set_postfix({f"{name} acc": f"{np.mean(accs):.3f}" for name, accs in recent.items()})
-            if done % args.check_every == 0 or done == args.meta_iterations or interrupted:
-                writer.flush()  # waits until every logged point is on disk (tensorboardX's flush does not)
+            if done % args.check_every == 0 or done == args.meta_iterations or stop:
+                if writer:
+                    writer.flush()  # waits until every logged point is on disk (tensorboardX's flush does not)
                 checkpoint_path = str(save_checkpoint(logdir, done, meta_model, meta_optimizer, inner_optimizer,
                                                       generators, args))
-            if interrupted:
+            if stop:
                 progress.close()
-                writer.close()
-                print(f"interrupted at meta-iteration {done}; checkpoint saved to {checkpoint_path}\n"
-                      f"resume with: python train_omniglot.py {shlex.join(argv)}", file=sys.stderr)
-                return 128 + interrupted[0]
+                launcher = "python" if processes() == 1 else f"torchrun --nproc_per_node={processes()}"
+                if first:
+                    print(f"interrupted at meta-iteration {done}; checkpoint saved to {checkpoint_path}\n"
+                          f"resume with: {launcher} train_omniglot.py {shlex.join(argv)}", file=sys.stderr)
+                return 128 + (interrupted[0] if interrupted else signal.SIGTERM)
     finally:
         progress.close()
-        writer.close()
+        if writer:
+            writer.close()
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
 

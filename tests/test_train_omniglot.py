@@ -456,3 +456,50 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(run_script, tmp_
     assert "check-6.pth is unreadable" in result.stderr and "trying the previous checkpoint" in result.stderr
     assert "resumed" in result.stdout and "meta-iteration 3 of 6" in result.stdout
     assert T.load_checkpoint(str(logdir / "checkpoint" / "check-6.pth"))["meta_iteration"] == 6
+
+
+def test_torchrun_splits_the_meta_batch_and_changes_no_mathematics(script, data_dir, tmp_path):
+    logdir = tmp_path / "ddp"
+    flags = ["--meta-batch", "4", "--eval-tasks", "6", "--test-iterations", "5", "--shots", "1", "--validate-every", "1"]
+
+    def torchrun(iterations: int) -> str:
+        argv, environment = script(str(logdir), *flags, "--meta-iterations", str(iterations))
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 *argv[1:]], capture_output=True, env=environment, cwd=ROOT, timeout=600)
+        assert result.returncode == 0, result.stderr.decode()[-3000:]
+        return result.stdout.decode()
+
+    torchrun(2)
+    assert "resumed" in torchrun(3)  # resumes under torchrun, each process with its own inner state
+    state = final_state(logdir)
+    assert state["meta_iteration"] == 3 and len(state["other_processes"]) == 1
+    results = json.loads((logdir / "results.json").read_text())["1-shot non-transductive"]
+    assert results["tasks"] == 6 and 0 <= results["meta-test"]["accuracy"] <= 100
+
+    # The same arithmetic in one process, on one thread as under torchrun: each process's tasks adapted in its
+    # own inner Adam chain (2 tasks each), the two shares summed, one meta-step.
+    args = T.parse_args([str(logdir), "--data", str(data_dir), "--device", "cpu"])
+    sampler = T.load_split(args)[0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(args.seed)
+        meta_model = T.prepare_model(OmniglotModel(args.classes), "cpu")
+        mean_model, meta_optimizer = meta_model.clone(), torch.optim.SGD(meta_model.parameters(), lr=1)
+        processes = [(*T.make_learner(meta_model, args.lr), meta_model.clone(),
+                      T.stream(args.seed, T.TRAIN_STREAM, process)) for process in (0, 1)]
+        for iteration, total in ((0, 2), (1, 2), (2, 3)):  # the schedule of each launch's --meta-iterations
+            for learner, optimizer, share, generator in processes:
+                T.adapt_to_tasks(meta_model, learner, optimizer, share, sampler, args, 2, generator)
+            with torch.no_grad():
+                for mean, first, second in zip(mean_model.parameters(), *(p[2].parameters() for p in processes)):
+                    mean.copy_(first + second)
+            T.meta_step(meta_model, mean_model, meta_optimizer,
+                        T.meta_step_size(iteration, argparse.Namespace(**{**vars(args), "meta_iterations": total})))
+    finally:
+        torch.set_num_threads(threads)
+    for name, param in meta_model.named_parameters():
+        if not is_conv_bias(meta_model, name):  # see is_conv_bias
+            torch.testing.assert_close(state["meta_net"][name], param.detach(), rtol=1e-4, atol=1e-5)
+    assert torch.equal(state["generators"]["train"], processes[0][3].get_state())
+    assert torch.equal(state["other_processes"][0]["generators"]["train"], processes[1][3].get_state())
