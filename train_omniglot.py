@@ -267,10 +267,11 @@ def train_step(meta_model: OmniglotModel, learner: OmniglotModel, inner_optimize
                args: argparse.Namespace, step_size: float, generator: torch.Generator) -> None:
     """One meta-iteration: adapt the meta-model to each task of a meta-batch, then step towards the mean result.
 
-    Under torchrun each process adapts its share of the tasks, and one all-reduce sums the shares into the mean.
+    Under torchrun each process adapts its share of the tasks (5 over 2 processes: 3 and 2), and one all-reduce
+    sums the shares into the mean.
     """
-    adapt_to_tasks(meta_model, learner, inner_optimizer, mean_model, sampler, args, args.meta_batch // processes(),
-                   generator)
+    adapt_to_tasks(meta_model, learner, inner_optimizer, mean_model, sampler, args,
+                   len(range(rank(), args.meta_batch, processes())), generator)
     if processes() > 1:
         with torch.no_grad():
             means = list(mean_model.parameters())
@@ -443,9 +444,9 @@ def join_torchrun(args: argparse.Namespace) -> int:
     count = int(os.environ.get("WORLD_SIZE", "1"))
     if count == 1:
         return 0
-    if args.meta_batch % count:
-        raise UserError(f"--meta-batch {args.meta_batch} cannot be split evenly across {count} processes; "
-                        f"choose a multiple of {count}")
+    if args.meta_batch < count:
+        raise UserError(f"--meta-batch {args.meta_batch} leaves some of the {count} processes without a task; "
+                        f"use at most {args.meta_batch} processes, or a larger --meta-batch")
     if args.eval_lake:
         raise UserError("--eval-lake runs in one process: run it with python, not torchrun")
     if args.device == "cuda":
@@ -713,9 +714,10 @@ def main(argv: list[str]) -> int:
     if start >= args.meta_iterations and results_path.is_file():
         result = read_json(results_path).get(results_key(args), {})
         if result.get("meta_iteration") == start and result.get("tasks") == args.eval_tasks:
-            print(f"training is complete and {results_path} holds its {results_key(args)} evaluation "
-                  f"(meta-test accuracy {result['meta-test']['accuracy']:.2f}% +- {result['meta-test']['ci95']:.2f}%);"
-                  f" use --eval-only to evaluate again")
+            if first:
+                print(f"training is complete and {results_path} holds its {results_key(args)} evaluation "
+                      f"(meta-test accuracy {result['meta-test']['accuracy']:.2f}% +- {result['meta-test']['ci95']:.2f}%);"
+                      f" use --eval-only to evaluate again")
             return 0
 
     # Ctrl-C or SIGTERM ends the run cleanly after the current meta-iteration; a second one stops at once.

@@ -460,7 +460,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(run_script, tmp_
 
 def test_torchrun_splits_the_meta_batch_and_changes_no_mathematics(script, data_dir, tmp_path):
     logdir = tmp_path / "ddp"
-    flags = ["--meta-batch", "4", "--eval-tasks", "6", "--test-iterations", "5", "--shots", "1", "--validate-every", "1"]
+    flags = ["--eval-tasks", "6", "--test-iterations", "5", "--shots", "1", "--validate-every", "1"]
 
     def torchrun(iterations: int) -> str:
         argv, environment = script(str(logdir), *flags, "--meta-iterations", str(iterations))
@@ -477,7 +477,7 @@ def test_torchrun_splits_the_meta_batch_and_changes_no_mathematics(script, data_
     assert results["tasks"] == 6 and 0 <= results["meta-test"]["accuracy"] <= 100
 
     # The same arithmetic in one process, on one thread as under torchrun: each process's tasks adapted in its
-    # own inner Adam chain (2 tasks each), the two shares summed, one meta-step.
+    # own inner Adam chain (the meta-batch of 5: 3 tasks and 2), the two shares summed, one meta-step.
     args = T.parse_args([str(logdir), "--data", str(data_dir), "--device", "cpu"])
     sampler = T.load_split(args)[0]
     threads = torch.get_num_threads()
@@ -489,8 +489,8 @@ def test_torchrun_splits_the_meta_batch_and_changes_no_mathematics(script, data_
         processes = [(*T.make_learner(meta_model, args.lr), meta_model.clone(),
                       T.stream(args.seed, T.TRAIN_STREAM, process)) for process in (0, 1)]
         for iteration, total in ((0, 2), (1, 2), (2, 3)):  # the schedule of each launch's --meta-iterations
-            for learner, optimizer, share, generator in processes:
-                T.adapt_to_tasks(meta_model, learner, optimizer, share, sampler, args, 2, generator)
+            for (learner, optimizer, share, generator), tasks in zip(processes, (3, 2)):
+                T.adapt_to_tasks(meta_model, learner, optimizer, share, sampler, args, tasks, generator)
             with torch.no_grad():
                 for mean, first, second in zip(mean_model.parameters(), *(p[2].parameters() for p in processes)):
                     mean.copy_(first + second)
