@@ -265,11 +265,9 @@ def meta_step(meta_model: OmniglotModel, mean_model: OmniglotModel, meta_optimiz
 def train_step(meta_model: OmniglotModel, learner: OmniglotModel, inner_optimizer: torch.optim.Optimizer,
                mean_model: OmniglotModel, meta_optimizer: torch.optim.Optimizer, sampler: omniglot.TaskSampler,
                args: argparse.Namespace, step_size: float, generator: torch.Generator) -> None:
-    """One meta-iteration: adapt the meta-model to each task of a meta-batch, then step towards the mean result.
-
-    Under torchrun each process adapts its share of the tasks (5 over 2 processes: 3 and 2), and one all-reduce
-    sums the shares into the mean.
-    """
+    """One meta-iteration: adapt the meta-model to each task of a meta-batch, then step towards the mean result."""
+    # Under torchrun each process adapts its share of the tasks (5 over 2 processes: 3 and 2), and one all-reduce
+    # sums the shares into the mean.
     adapt_to_tasks(meta_model, learner, inner_optimizer, mean_model, sampler, args,
                    len(range(rank(), args.meta_batch, processes())), generator)
     if processes() > 1:
@@ -403,8 +401,7 @@ def evaluate(meta_model: OmniglotModel, inner_optimizer: torch.optim.Optimizer, 
              args: argparse.Namespace, tasks: int, generator: torch.Generator,
              pool: Optional[ProcessPoolExecutor] = None, progress: bool = False,
              share: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Per-task accuracies and losses on `tasks` tasks of samplers[name], in the pool's workers if one is given,
-    each torchrun process taking its share of the tasks if `share`."""
+    """Per-task accuracies and losses on `tasks` tasks of samplers[name] (in the pool's workers, or shared)."""
     seeds = task_seeds(tasks, generator)
     # Copies: sending tensors to worker processes moves them into shared memory, and these must not be the model's.
     meta_state = {key: value.detach().cpu().clone() for key, value in meta_model.state_dict().items()}
@@ -572,6 +569,14 @@ def results_key(args: argparse.Namespace) -> str:
     return f"{args.shots}-shot {evaluation_mode(args)}"
 
 
+def record_result(args: argparse.Namespace, key: str, result: dict) -> None:
+    """Set one entry of the run's results.json, with the settings that produced it."""
+    results_path = Path(args.logdir) / "results.json"
+    results = read_json(results_path) if results_path.is_file() else {}
+    results[key] = {**result, "settings": saved_args(args)}
+    write_json(results_path, results)
+
+
 def final_evaluation(meta_model, inner_optimizer, samplers: dict, args, iteration: int, checkpoint: str,
                      split: dict) -> None:
     """Evaluate on --eval-tasks tasks of each character set; print the accuracies and record them in results.json."""
@@ -592,11 +597,7 @@ def final_evaluation(meta_model, inner_optimizer, samplers: dict, args, iteratio
     if rank() != 0:
         return
     result["seconds"] = round(time.time() - started, 1)
-    result["settings"] = saved_args(args)
-    results_path = Path(args.logdir) / "results.json"
-    results = read_json(results_path) if results_path.is_file() else {}
-    results[results_key(args)] = result
-    write_json(results_path, results)
+    record_result(args, results_key(args), result)
 
 
 def lake_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Optimizer, args: argparse.Namespace,
@@ -642,11 +643,7 @@ def lake_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Opti
         result[mode] = {"error": table.mean(), "std": table.mean(axis=0).std(),
                         "runs": dict(zip(runs, table.mean(axis=1).tolist()))}
     result["seconds"] = round(time.time() - started, 1)
-    result["settings"] = saved_args(args)
-    results_path = Path(args.logdir) / "results.json"
-    results = read_json(results_path) if results_path.is_file() else {}
-    results["lake one-shot"] = result
-    write_json(results_path, results)
+    record_result(args, "lake one-shot", result)
 
 
 def main(argv: list[str]) -> int:
@@ -715,9 +712,10 @@ def main(argv: list[str]) -> int:
         result = read_json(results_path).get(results_key(args), {})
         if result.get("meta_iteration") == start and result.get("tasks") == args.eval_tasks:
             if first:
+                accuracy = result["meta-test"]
                 print(f"training is complete and {results_path} holds its {results_key(args)} evaluation "
-                      f"(meta-test accuracy {result['meta-test']['accuracy']:.2f}% +- {result['meta-test']['ci95']:.2f}%);"
-                      f" use --eval-only to evaluate again")
+                      f"(meta-test accuracy {accuracy['accuracy']:.2f}% +- {accuracy['ci95']:.2f}%); "
+                      f"use --eval-only to evaluate again")
             return 0
 
     # Ctrl-C or SIGTERM ends the run cleanly after the current meta-iteration; a second one stops at once.
