@@ -37,7 +37,7 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def label(logdir: Path) -> str:
-    """A run's name and setting, e.g. 'runs/5way (5-way, lr 0.001)'."""
+    """A run's name and setting, e.g. 'runs/5way (5-way, paper split)'."""
     args_path = logdir / "args.json"
     if not args_path.is_file():
         return str(logdir)
