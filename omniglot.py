@@ -19,7 +19,8 @@ from tqdm import tqdm
 from utils import UserError, list_dir, list_files, read_json, write_atomically, write_json
 
 URL = "https://github.com/brendenlake/omniglot/raw/master/python/"
-LAKE_URL = URL + "one-shot-classification/all_runs.zip"  # Lake et al.'s one-shot benchmark (Science 2015)
+LAKE_ARCHIVE = "all_runs.zip"  # Lake et al.'s one-shot benchmark (Science 2015)
+LAKE_URL = URL + "one-shot-classification/" + LAKE_ARCHIVE
 LAKE_MD5 = "e8996daecdf12afeeb4a53a179f06b19"
 MIRROR_VARIABLE = "OMNIGLOT_MIRROR"
 MARKER = ".complete"  # written last: a data folder without it is redone, never used
@@ -155,7 +156,7 @@ def list_character_images(data_dir: Path) -> dict[str, list[str]]:
     repair = f"delete {data_dir} and run again to extract it anew"
     characters_of = {a: n for alphabets in read_json(data_dir / MARKER).values() for a, n in alphabets.items()}
     for entry in visible(data_dir):
-        if entry.name not in characters_of and entry.name not in (CACHE, LAKE_URL.rsplit("/", 1)[1]):
+        if entry.name not in characters_of and entry.name not in (CACHE, LAKE_ARCHIVE):
             raise UserError(f"{entry} does not belong in the Omniglot folder: remove it, or {repair}")
     images = {}
     for alphabet, count in characters_of.items():
@@ -254,16 +255,17 @@ class TaskSampler:
 
 
 def load_lake_runs(data_dir: Path, mirror: Optional[str] = None) -> dict[str, Task]:
-    """Lake et al.'s one-shot runs as {'runNN': Task}: one support image per class, labelled in file order
-    (class01 is 0), and the run's test images with the labels its class_labels.txt gives them.
-
-    all_runs.zip is read from the mirror folder, or downloaded into `data_dir` and kept there.
-    """
+    """Lake et al.'s one-shot runs as {'runNN': Task}, from the mirror's all_runs.zip or one downloaded to data_dir."""
+    # Support images: one per class, labelled in file order (class01 is 0); queries: labelled by class_labels.txt.
     mirror = mirror or os.environ.get(MIRROR_VARIABLE)
     archive, _ = fetch_archive(LAKE_URL, LAKE_MD5, Path(data_dir), mirror)
     problem = f"{archive} is not laid out as Lake's all_runs.zip (runNN/training, runNN/test, runNN/class_labels.txt)"
     try:
         with zipfile.ZipFile(archive) as zip_file:
+            def read(name: str) -> torch.Tensor:
+                with zip_file.open(name) as file:
+                    return torch.from_numpy(read_image(f"{archive}:{name}", file))[None]
+
             names = set(zip_file.namelist())
             runs = {}
             for run in sorted({name.split("/")[0] for name in names if name.endswith("/class_labels.txt")}):
@@ -273,11 +275,6 @@ def load_lake_runs(data_dir: Path, mirror: Optional[str] = None) -> dict[str, Ta
                 if not classes or any(len(pair) != 2 or pair[0] not in names or pair[1] not in classes
                                       for pair in pairs):
                     raise UserError(f"{problem}: {run} does not match its class_labels.txt")
-
-                def read(name: str) -> torch.Tensor:
-                    with zip_file.open(name) as file:
-                        return torch.from_numpy(read_image(f"{archive}:{name}", file))[None]
-
                 runs[run] = Task(torch.stack([read(name) for name in classes]), torch.arange(len(classes)),
                                  torch.stack([read(test) for test, _ in pairs]),
                                  torch.tensor([classes.index(label) for _, label in pairs]))
