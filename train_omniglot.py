@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 import omniglot
 from models import OmniglotModel
-from utils import UserError, checkpoint_iteration, find_latest_file, list_checkpoints, read_json, write_atomically, write_json
+from utils import (UserError, checkpoint_iteration, find_latest_file, list_checkpoints, read_json, write_atomically,
+                   write_json)
 
 PROGRAM = "reptile-omniglot"  # marks checkpoints written by this script
 # Flags that fix what a run learns: a resumed run must keep them (--meta-iterations may grow).
@@ -113,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--validate-every", type=positive_int, default=10,
                      help="log one meta-train and one meta-test task every this many meta-iterations")
-    run.add_argument("--check-every", type=positive_int, default=1000, help="checkpoint every this many meta-iterations")
+    run.add_argument("--check-every", type=positive_int, default=1000,
+                     help="checkpoint every this many meta-iterations")
     run.add_argument("--keep", type=positive_int, default=3, help="checkpoints kept (the newest)")
     run.add_argument("--workers", type=non_negative_int, default=len(os.sched_getaffinity(0)),
                      help="evaluation worker processes on CPU, one thread each (ignored on CUDA)")
@@ -340,9 +342,8 @@ def evaluate_tasks_together(meta_state: dict, adam_state: dict, sampler: omniglo
     # Each task starts from the training Adam state (beta1 = 0: no first moment, step = lr * g / (sqrt(v) + eps)).
     names = [name for name, _ in model.named_parameters()]
     saved = adam_state["state"]
-    squares = {name: saved[i]["exp_avg_sq"].to(device) if i in saved else torch.zeros_like(params[name][0])
-               for i, name in enumerate(names)}
-    squares = {name: value.expand(count, *value.shape).contiguous() for name, value in squares.items()}
+    squares = {name: saved[i]["exp_avg_sq"].to(device).expand_as(params[name]).contiguous() if i in saved
+               else torch.zeros_like(params[name]) for i, name in enumerate(names)}
     steps_done = float(saved[0]["step"]) if saved else 0.0
     group = adam_state["param_groups"][0]
     lr, (_, beta2), eps = group["lr"], group["betas"], group["eps"]
@@ -541,9 +542,8 @@ def saved_args(args: argparse.Namespace) -> dict:
 
 # ----------------------------------------------------------------------------- the run
 
-def load_split(args: argparse.Namespace) -> tuple[omniglot.TaskSampler, omniglot.TaskSampler, dict]:
+def load_split(args: argparse.Namespace, data_dir: Path) -> tuple[omniglot.TaskSampler, omniglot.TaskSampler, dict]:
     """Meta-train and meta-test task samplers on the run's characters (split.json if the run has one)."""
-    data_dir = omniglot.prepare_data(args.data, args.omniglot_mirror)
     characters, images = omniglot.load_images(data_dir)
     split_path = Path(args.logdir) / "split.json"
     split = read_json(split_path) if split_path.is_file() else omniglot.make_split(data_dir, characters, args.split,
@@ -601,10 +601,9 @@ def final_evaluation(meta_model, inner_optimizer, samplers: dict, args, iteratio
 
 
 def lake_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Optimizer, args: argparse.Namespace,
-                    iteration: int, checkpoint: str, split: dict) -> None:
+                    iteration: int, checkpoint: str, split: dict, data_dir: Path) -> None:
     """Error rates on Lake et al.'s one-shot runs, both ways of classifying; printed and recorded in results.json."""
     started = time.time()
-    data_dir = omniglot.prepare_data(args.data, args.omniglot_mirror)
     evaluation_alphabets = set(read_json(data_dir / omniglot.MARKER)["images_evaluation"])
     seen = [c for c in split["train"] if c.split("/")[0] in evaluation_alphabets]
     if seen:
@@ -659,7 +658,8 @@ def main(argv: list[str]) -> int:
         state = load_checkpoint(checkpoint_path)
     if not first:
         torch.distributed.barrier()  # the first process prepares the data folder alone
-    train_sampler, test_sampler, split = load_split(args)
+    data_dir = omniglot.prepare_data(args.data, args.omniglot_mirror)
+    train_sampler, test_sampler, split = load_split(args, data_dir)
     if first and processes() > 1:
         torch.distributed.barrier()
 
@@ -674,7 +674,8 @@ def main(argv: list[str]) -> int:
         if first:
             print(f"evaluating {checkpoint_path} (meta-iteration {state['meta_iteration']})")
         if args.eval_lake:
-            lake_evaluation(meta_model, inner_optimizer, args, state["meta_iteration"], checkpoint_path, split)
+            lake_evaluation(meta_model, inner_optimizer, args, state["meta_iteration"], checkpoint_path, split,
+                            data_dir)
         else:
             final_evaluation(meta_model, inner_optimizer, samplers, args, state["meta_iteration"], checkpoint_path,
                              split)

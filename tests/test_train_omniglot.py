@@ -479,7 +479,7 @@ def test_torchrun_splits_the_meta_batch_and_changes_no_mathematics(script, data_
     # The same arithmetic in one process, on one thread as under torchrun: each process's tasks adapted in its
     # own inner Adam chain (the meta-batch of 5: 3 tasks and 2), the two shares summed, one meta-step.
     args = T.parse_args([str(logdir), "--data", str(data_dir), "--device", "cpu"])
-    sampler = T.load_split(args)[0]
+    sampler = T.load_split(args, data_dir)[0]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
