@@ -626,7 +626,8 @@ def lake_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Opti
                 adapt_to_test_task(meta_model, learner, optimizer, adam_state, task, args,
                                    torch.Generator().manual_seed(seed))
                 for mode in errors:
-                    wrong = learner.predict(classify_queries(learner, task, mode == "transductive")) != task.query_labels
+                    log_probs = classify_queries(learner, task, mode == "transductive")
+                    wrong = learner.predict(log_probs) != task.query_labels
                     errors[mode][index, repeat] = 100 * wrong.sum().item() / len(wrong)
                 bar.update()
     print(f"Lake et al.'s one-shot benchmark, meta-iteration {iteration}: error rate in %, mean +- standard deviation "
