@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--test-iterations", type=positive_int, default=50, help="Adam steps on a test task")
     evaluation.add_argument("--test-batch", type=positive_int, default=5, help="mini-batch size on a test task")
     evaluation.add_argument("--eval-tasks", type=positive_int, default=10000, help="tasks in the final evaluation")
+    evaluation.add_argument("--meta-test-only", action="store_true",
+                            help="final evaluation on meta-test tasks only, in half the time (default: meta-train "
+                            "tasks too)")
     evaluation.add_argument("--transductive", action="store_true",
                             help="classify all queries of a task in one batch (default: each query on its own)")
     evaluation.add_argument("--eval-only", action="store_true", help="evaluate a checkpoint of the logdir, no training")
@@ -579,13 +582,14 @@ def record_result(args: argparse.Namespace, key: str, result: dict) -> None:
 
 def final_evaluation(meta_model, inner_optimizer, samplers: dict, args, iteration: int, checkpoint: str,
                      split: dict) -> None:
-    """Evaluate on --eval-tasks tasks of each character set; print the accuracies and record them in results.json."""
+    """Evaluate on --eval-tasks tasks of each character set (or meta-test only); print and record the accuracies."""
     mode = evaluation_mode(args)
     started = time.time()
     result = {"shots": args.shots, "mode": mode, "meta_iteration": iteration, "checkpoint": checkpoint,
               "split": split["split"], "tasks": args.eval_tasks}
+    names = ["meta-test"] if args.meta_test_only else list(samplers)
     with start_pool(samplers, args.workers if processes() == 1 else 0) as pool:
-        for name in samplers:
+        for name in names:
             accuracies, _ = evaluate(meta_model, inner_optimizer, samplers, name, args, args.eval_tasks,
                                      stream(args.seed, EVALUATION_STREAM), pool, progress=rank() == 0,
                                      share=processes() > 1)

@@ -209,10 +209,12 @@ def test_a_tiny_run_writes_everything_then_resumes(run_script, tmp_path):
     evaluation = run_script(str(logdir), "--eval-only", "--transductive", "--eval-tasks", "3")
     assert evaluation.returncode == 0, evaluation.stderr
     assert "(95% CI, 3 tasks, 5-way 1-shot, transductive)" in evaluation.stdout
-    five_shot = run_script(str(logdir), "--eval-only", "--shots", "5", "--eval-tasks", "3")
+    five_shot = run_script(str(logdir), "--eval-only", "--shots", "5", "--eval-tasks", "3", "--meta-test-only")
     assert five_shot.returncode == 0, five_shot.stderr
+    assert "meta-test accuracy: " in five_shot.stdout and "meta-train accuracy" not in five_shot.stdout
     results = json.loads((logdir / "results.json").read_text())
     assert set(results) == {"1-shot non-transductive", "1-shot transductive", "5-shot non-transductive"}
+    assert "meta-train" in results["1-shot transductive"] and "meta-train" not in results["5-shot non-transductive"]
     assert results["1-shot transductive"]["settings"]["test_iterations"] == 5  # taken from the run's args.json
 
     changed = run_script(str(logdir), *TINY, "--classes", "10")
