@@ -34,7 +34,8 @@ def baseline_meta_iteration(meta_model: OmniglotModel, adam_state: dict, sampler
         optimizer.load_state_dict(adam_state)  # the inner Adam state carries over from task to task
         for indices in T.inner_batches(len(task.support_images), args.batch, args.iterations, generator):
             optimizer.zero_grad()
-            F.nll_loss(model(task.support_images[indices]), task.support_labels[indices]).backward()
+            F.nll_loss(model(task.support_images[indices]), task.support_labels[indices],
+                       reduction="sum").backward()
             optimizer.step()
         adam_state = copy.deepcopy(optimizer.state_dict())
         adapted.append([param.detach() for param in model.parameters()])
@@ -57,7 +58,8 @@ def baseline_evaluate(meta_model: OmniglotModel, adam_state: dict, sampler: omni
         optimizer.load_state_dict(copy.deepcopy(adam_state))
         for indices in T.inner_batches(len(task.support_images), args.test_batch, args.test_iterations, generator):
             optimizer.zero_grad()
-            F.nll_loss(model(task.support_images[indices]), task.support_labels[indices]).backward()
+            F.nll_loss(model(task.support_images[indices]), task.support_labels[indices],
+                       reduction="sum").backward()
             optimizer.step()
         with torch.no_grad():
             if args.transductive:

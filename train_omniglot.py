@@ -199,6 +199,12 @@ def stream(seed: int, purpose: int, process: Optional[int] = None) -> torch.Gene
 
 # ----------------------------------------------------------------------------- Reptile
 
+# The paper's code minimises the loss summed over the mini-batch, not its mean. Adam alone would not care, but
+# its state carries over from training (batch 10 in 5-way) to evaluation (batch 5): summed gradients make each
+# evaluation step about half the size that means give, relative to the training gradients Adam has seen.
+LOSS_REDUCTION = "sum"
+
+
 def inner_batches(num_images: int, batch: int, steps: int, generator: torch.Generator) -> torch.Tensor:
     """(steps, batch) image indices: shuffled passes over the task's images, walked in order (a batch may span two)."""
     passes = math.ceil(batch * steps / num_images)
@@ -210,7 +216,7 @@ def adapt(model: OmniglotModel, optimizer: torch.optim.Optimizer, images: torch.
           steps: int, batch: int, generator: torch.Generator) -> None:
     """Train `model` on one task's images with `steps` Adam steps of mini-batches of `batch`."""
     for indices in inner_batches(len(images), batch, steps, generator).to(images.device):
-        loss = torch.nn.functional.nll_loss(model(images[indices]), labels[indices])
+        loss = torch.nn.functional.nll_loss(model(images[indices]), labels[indices], reduction=LOSS_REDUCTION)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -352,7 +358,8 @@ def evaluate_tasks_together(meta_state: dict, adam_state: dict, sampler: omniglo
     lr, (_, beta2), eps = group["lr"], group["betas"], group["eps"]
 
     def loss(task_params: dict, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.nll_loss(torch.func.functional_call(model, task_params, (images,)), labels)
+        return torch.nn.functional.nll_loss(torch.func.functional_call(model, task_params, (images,)), labels,
+                                            reduction=LOSS_REDUCTION)
 
     task_gradients = torch.func.vmap(torch.func.grad(loss))
     rows = torch.arange(count, device=device)[:, None]

@@ -53,6 +53,19 @@ def test_inner_batches_walk_shuffled_passes():
     assert len({tuple(row.tolist()) for row in many}) > 1  # reshuffled between passes
 
 
+def test_adapt_follows_the_gradient_of_the_loss_summed_over_the_batch():
+    torch.manual_seed(0)
+    model, expected = OmniglotModel(5), OmniglotModel(5)
+    expected.load_state_dict(model.state_dict())
+    images, labels = torch.rand(10, 1, 28, 28), torch.arange(5).repeat(2)
+    # One step over all ten images: their order within the batch changes neither BatchNorm nor the sum.
+    T.adapt(model, torch.optim.SGD(model.parameters(), lr=1.0), images, labels, 1, 10, torch.Generator())
+    torch.nn.functional.nll_loss(expected(images), labels, reduction="sum").backward()
+    for param, before in zip(model.parameters(), expected.parameters()):
+        # Summation order differs between the two; a mean would make every step ten times smaller.
+        torch.testing.assert_close(before.detach() - param.detach(), before.grad, rtol=1e-2, atol=1e-4)
+
+
 def test_meta_step_is_annealed_linearly():
     args = settings(meta_lr=1.0, meta_lr_final=0.2, meta_iterations=100)
     assert T.meta_step_size(0, args) == 1.0
