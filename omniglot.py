@@ -4,6 +4,7 @@ Images are 28x28 floats with the paper's convention: background 1, ink 0.
 """
 import http.client
 import os
+import random
 import shutil
 import zipfile
 import zlib
@@ -210,9 +211,11 @@ def split_sizes(split: str) -> tuple[int, int]:
 def make_split(data_dir: Path, characters: list[str], split: str, seed: int) -> dict:
     """Which characters meta-train and which meta-test, as written to split.json."""
     if split == "paper":
-        order = torch.randperm(len(characters), generator=torch.Generator().manual_seed(seed)).tolist()
-        train = [characters[i] for i in order[:PAPER_TRAIN_CHARACTERS]]
-        test = [characters[i] for i in order[PAPER_TRAIN_CHARACTERS:]]
+        # The paper's code: Python's random, seeded with the run's seed, shuffles the characters listed alphabet
+        # by alphabet in sorted order; seed 0 (its default, and ours) gives the paper's own split.
+        shuffled = sorted(characters, key=lambda character: character.split("/"))
+        random.Random(seed).shuffle(shuffled)
+        train, test = shuffled[:PAPER_TRAIN_CHARACTERS], shuffled[PAPER_TRAIN_CHARACTERS:]
     elif split == "background":
         background = set(read_json(data_dir / MARKER)["images_background"])
         train = [c for c in characters if c.split("/")[0] in background]

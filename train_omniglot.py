@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("--shots", type=positive_int, default=5, help="support images per class at meta-test (K-shot)")
     task.add_argument("--train-shots", type=positive_int, default=10, help="images per class in a meta-training task")
     task.add_argument("--split", choices=("paper", "background"), default="paper",
-                      help="paper: 1,200 random characters train, 423 test; background: background alphabets "
-                      "train, evaluation alphabets test")
+                      help="paper: 1,200 random characters train, 423 test (with --seed 0 the paper's own); "
+                      "background: background alphabets train, evaluation alphabets test")
     meta = parser.add_argument_group("meta-training")
     meta.add_argument("--meta-batch", type=positive_int, default=5, help="tasks per meta-iteration")
     meta.add_argument("--meta-iterations", type=positive_int, default=100000, help="meta-iterations in all")

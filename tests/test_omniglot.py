@@ -1,4 +1,5 @@
 import io
+import random
 import shutil
 import zipfile
 
@@ -88,6 +89,39 @@ def test_paper_split(data_dir, loaded):
     assert omniglot.TaskSampler(images[:1200], split["train_rotations"]).num_classes == 4800
     assert omniglot.make_split(data_dir, characters, "paper", seed=0) == split
     assert omniglot.make_split(data_dir, characters, "paper", seed=1)["train"] != split["train"]
+
+
+def papers_split(alphabets: dict[str, list[str]], seed: int) -> tuple[list[str], list[str]]:
+    """The split as the paper's code makes it: random.seed(seed), then shuffle the characters listed alphabet by
+    alphabet, both levels sorted, and keep the first 1,200 for meta-training."""
+    listed = [f"{alphabet}/{character}" for alphabet in sorted(alphabets) for character in sorted(alphabets[alphabet])]
+    state = random.getstate()
+    try:
+        random.seed(seed)
+        random.shuffle(listed)
+    finally:
+        random.setstate(state)
+    return listed[:1200], listed[1200:]
+
+
+def first_difference(ours: list[str], theirs: list[str]):
+    """The first position where two lists differ (pytest's own report on lists this long takes minutes)."""
+    return next((i for i, pair in enumerate(zip(ours, theirs)) if pair[0] != pair[1]), None)
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_paper_split_is_the_papers_own(data_dir, loaded, seed):
+    alphabets = {alphabet: list_dir(str(data_dir / alphabet)) for alphabet in list_dir(str(data_dir))}
+    split = omniglot.make_split(data_dir, loaded[0], "paper", seed=seed)
+    assert first_difference(split["train"] + split["test"], sum(papers_split(alphabets, seed), [])) is None
+
+
+def test_paper_split_lists_alphabet_by_alphabet():
+    # "A-B/..." sorts before "A/..." as a string, but the alphabet "A" sorts before "A-B".
+    alphabets = {"A": [f"character{i:03d}" for i in range(900)], "A-B": [f"character{i:03d}" for i in range(900)]}
+    characters = sorted(f"{alphabet}/{character}" for alphabet, names in alphabets.items() for character in names)
+    split = omniglot.make_split(None, characters, "paper", seed=0)
+    assert first_difference(split["train"] + split["test"], sum(papers_split(alphabets, 0), [])) is None
 
 
 def test_background_split_shares_no_alphabet(data_dir, loaded):
