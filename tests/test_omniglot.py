@@ -104,7 +104,7 @@ def papers_split(alphabets: dict[str, list[str]], seed: int) -> tuple[list[str],
     return listed[:1200], listed[1200:]
 
 
-def first_difference(ours: list[str], theirs: list[str]):
+def first_difference(ours: list[str], theirs: list[str]) -> int | None:
     """The first position where two lists differ (pytest's own report on lists this long takes minutes)."""
     return next((i for i, pair in enumerate(zip(ours, theirs)) if pair[0] != pair[1]), None)
 
