@@ -392,7 +392,7 @@ _worker_samplers: dict = {}  # the task samplers of an evaluation worker process
 def start_worker(samplers: dict) -> None:
     """Set up an evaluation worker: one thread, the run's task samplers (their images in shared memory)."""
     torch.set_num_threads(1)
-    torch.backends.mkldnn.enabled = False  # on one thread, ATen's own kernels run small batches (<= 20) faster
+    torch.backends.mkldnn.enabled = False  # on one thread, ATen's own kernels run adaptation batches (5 or 10) faster
     _worker_samplers.update(samplers)
 
 
