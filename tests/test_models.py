@@ -1,4 +1,7 @@
+import math
+
 import torch
+import torch.nn.functional as F
 
 from models import OmniglotModel
 
@@ -60,3 +63,31 @@ def test_clone_is_independent():
     with torch.no_grad():
         next(copy.parameters()).add_(1.0)
     assert not torch.equal(next(copy.parameters()), next(model.parameters()))
+
+
+def tensorflow_same_padding_forward(model: OmniglotModel, images: torch.Tensor) -> torch.Tensor:
+    """The model's forward pass with TensorFlow's padding='same' (the odd pixel padded at the bottom and right)."""
+    x = images
+    for conv, batchnorm, relu in model.features[:4]:
+        size = x.shape[-1]
+        total = max((math.ceil(size / 2) - 1) * 2 + 3 - size, 0)
+        before, after = total // 2, total - total // 2
+        x = relu(batchnorm(F.conv2d(F.pad(x, (before, after, before, after)), conv.weight, conv.bias, stride=2)))
+    return model.log_softmax(model.classifier(x.flatten(1)))
+
+
+def test_our_padding_is_tensorflows_on_images_rotated_by_180_degrees():
+    torch.manual_seed(0)
+    ours, tensorflows = OmniglotModel(5), OmniglotModel(5)
+    with torch.no_grad():
+        for conv, rotated in zip(ours.features[:4], tensorflows.features[:4]):
+            rotated[0].weight.copy_(conv[0].weight.rot90(2, dims=(2, 3)))
+            rotated[0].bias.copy_(conv[0].bias)
+        weight = ours.classifier.weight.view(5, 64, 2, 2).rot90(2, dims=(2, 3))
+        tensorflows.classifier.weight.copy_(weight.reshape(5, 256))
+        tensorflows.classifier.bias.copy_(ours.classifier.bias)
+    images = torch.rand(6, 1, 28, 28)
+    expected = tensorflow_same_padding_forward(tensorflows, images.rot90(2, dims=(2, 3)))
+    torch.testing.assert_close(ours(images), expected)
+    # Without the rotation the two paddings differ.
+    assert not torch.allclose(ours(images), tensorflow_same_padding_forward(ours, images), atol=1e-3)
