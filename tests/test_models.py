@@ -80,9 +80,9 @@ def test_our_padding_is_tensorflows_on_images_rotated_by_180_degrees():
     torch.manual_seed(0)
     ours, tensorflows = OmniglotModel(5), OmniglotModel(5)
     with torch.no_grad():
-        for conv, rotated in zip(ours.features[:4], tensorflows.features[:4]):
-            rotated[0].weight.copy_(conv[0].weight.rot90(2, dims=(2, 3)))
-            rotated[0].bias.copy_(conv[0].bias)
+        for block, turned_block in zip(ours.features[:4], tensorflows.features[:4]):
+            turned_block[0].weight.copy_(block[0].weight.rot90(2, dims=(2, 3)))
+            turned_block[0].bias.copy_(block[0].bias)
         weight = ours.classifier.weight.view(5, 64, 2, 2).rot90(2, dims=(2, 3))
         tensorflows.classifier.weight.copy_(weight.reshape(5, 256))
         tensorflows.classifier.bias.copy_(ours.classifier.bias)
