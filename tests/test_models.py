@@ -71,7 +71,8 @@ def tensorflow_same_padding_forward(model: OmniglotModel, images: torch.Tensor) 
     for conv, batchnorm, relu in model.features[:4]:
         size = x.shape[-1]
         total = max((math.ceil(size / 2) - 1) * 2 + 3 - size, 0)
-        before, after = total // 2, total - total // 2
+        before = total // 2
+        after = total - before
         x = relu(batchnorm(F.conv2d(F.pad(x, (before, after, before, after)), conv.weight, conv.bias, stride=2)))
     return model.log_softmax(model.classifier(x.flatten(1)))
 
