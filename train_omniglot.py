@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="log one meta-train and one meta-test task every this many meta-iterations")
     run.add_argument("--check-every", type=positive_int, default=1000,
                      help="checkpoint every this many meta-iterations")
-    run.add_argument("--keep", type=positive_int, default=3, help="checkpoints kept (the newest)")
+    run.add_argument("--keep", type=positive_int, default=3, help="checkpoints kept (the newest), besides those that results.json reports on")
     run.add_argument("--workers", type=non_negative_int, default=len(os.sched_getaffinity(0)),
                      help="evaluation worker processes on CPU, one thread each (ignored on CUDA)")
     run.add_argument("--seed", type=int, default=0, help="seed of the split, the initial weights and every task")
@@ -497,7 +497,10 @@ def gather(value) -> list:
 
 def save_checkpoint(logdir: Path, iteration: int, meta_model, meta_optimizer, inner_optimizer,
                     generators: dict, args: argparse.Namespace) -> Path:
-    """Write checkpoint/check-<iteration>.pth atomically, keep the newest --keep (under torchrun: the first process)."""
+    """Write checkpoint/check-<iteration>.pth atomically; keep the newest --keep and those results.json reports on.
+
+    Under torchrun only the first process writes.
+    """
     folder = logdir / "checkpoint"
     path = folder / f"check-{iteration}.pth"
     own = {"inner_optimizer": inner_optimizer.state_dict(),
@@ -516,9 +519,18 @@ def save_checkpoint(logdir: Path, iteration: int, meta_model, meta_optimizer, in
     }
     folder.mkdir(parents=True, exist_ok=True)
     write_atomically(path, lambda file: torch.save(state, file))
+    evaluated = evaluated_checkpoints(logdir)
     for old in list_checkpoints(folder)[:-args.keep]:
-        Path(old).unlink()
+        if Path(old).name not in evaluated:
+            Path(old).unlink()
     return path
+
+
+def evaluated_checkpoints(logdir: Path) -> set[str]:
+    """File names of the checkpoints that the run's results.json reports on."""
+    results_path = logdir / "results.json"
+    results = read_json(results_path) if results_path.is_file() else {}
+    return {Path(entry["checkpoint"]).name for entry in results.values() if "checkpoint" in entry}
 
 
 def load_checkpoint(path: str) -> dict:
