@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="log one meta-train and one meta-test task every this many meta-iterations")
     run.add_argument("--check-every", type=positive_int, default=1000,
                      help="checkpoint every this many meta-iterations")
-    run.add_argument("--keep", type=positive_int, default=3, help="checkpoints kept (the newest), besides those that results.json reports on")
+    run.add_argument("--keep", type=positive_int, default=3,
+                     help="checkpoints kept (the newest), besides those that results.json reports on")
     run.add_argument("--workers", type=non_negative_int, default=len(os.sched_getaffinity(0)),
                      help="evaluation worker processes on CPU, one thread each (ignored on CUDA)")
     run.add_argument("--seed", type=int, default=0, help="seed of the split, the initial weights and every task")
@@ -528,9 +529,13 @@ def save_checkpoint(logdir: Path, iteration: int, meta_model, meta_optimizer, in
 
 def evaluated_checkpoints(logdir: Path) -> set[str]:
     """File names of the checkpoints that the run's results.json reports on."""
+    return {Path(entry["checkpoint"]).name for entry in read_results(logdir).values() if "checkpoint" in entry}
+
+
+def read_results(logdir: Path) -> dict:
+    """The run's results.json, or {} if it has none yet."""
     results_path = logdir / "results.json"
-    results = read_json(results_path) if results_path.is_file() else {}
-    return {Path(entry["checkpoint"]).name for entry in results.values() if "checkpoint" in entry}
+    return read_json(results_path) if results_path.is_file() else {}
 
 
 def load_checkpoint(path: str) -> dict:
@@ -595,10 +600,9 @@ def results_key(args: argparse.Namespace) -> str:
 
 def record_result(args: argparse.Namespace, key: str, result: dict) -> None:
     """Set one entry of the run's results.json, with the settings that produced it."""
-    results_path = Path(args.logdir) / "results.json"
-    results = read_json(results_path) if results_path.is_file() else {}
+    results = read_results(Path(args.logdir))
     results[key] = {**result, "settings": saved_args(args)}
-    write_json(results_path, results)
+    write_json(Path(args.logdir) / "results.json", results)
 
 
 def final_evaluation(meta_model, inner_optimizer, samplers: dict, args, iteration: int, checkpoint: str,
@@ -734,13 +738,12 @@ def main(argv: list[str]) -> int:
             print(f"resumed {logdir} at meta-iteration {start} of {args.meta_iterations}")
     checkpoint_path = str(logdir / "checkpoint" / f"check-{start}.pth")
 
-    results_path = logdir / "results.json"
-    if start >= args.meta_iterations and results_path.is_file():
-        result = read_json(results_path).get(results_key(args), {})
+    if start >= args.meta_iterations:
+        result = read_results(logdir).get(results_key(args), {})
         if result.get("meta_iteration") == start and result.get("tasks") == args.eval_tasks:
             if first:
                 accuracy = result["meta-test"]
-                print(f"training is complete and {results_path} holds its {results_key(args)} evaluation "
+                print(f"training is complete and {logdir / 'results.json'} holds its {results_key(args)} evaluation "
                       f"(meta-test accuracy {accuracy['accuracy']:.2f}% +- {accuracy['ci95']:.2f}%); "
                       f"use --eval-only to evaluate again")
             return 0
