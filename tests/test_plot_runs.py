@@ -1,0 +1,55 @@
+import sys
+
+import numpy as np
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+import plot_runs
+from utils import UserError, write_json
+
+
+def log_scalars(logdir, tag: str, values: list[float], every: int = 10) -> None:
+    """Write `values` of `tag` at steps every, 2 * every, ... as train_omniglot.py logs them."""
+    with SummaryWriter(str(logdir)) as writer:
+        for index, value in enumerate(values):
+            writer.add_scalar(tag, value, (index + 1) * every)
+
+
+def test_moving_average_is_the_mean_of_the_last_window_values():
+    values = np.random.default_rng(0).random(50)
+    expected = [values[max(0, i - 6):i + 1].mean() for i in range(len(values))]
+    np.testing.assert_allclose(plot_runs.moving_average(values, 7), expected)
+    np.testing.assert_allclose(plot_runs.moving_average(values, 1), values)
+
+
+def test_read_curve_returns_the_logged_points(tmp_path):
+    log_scalars(tmp_path, plot_runs.TAG, [0.2, 0.5, 0.75])
+    steps, values = plot_runs.read_curve(tmp_path)
+    assert steps.tolist() == [10, 20, 30]
+    np.testing.assert_allclose(values, [0.2, 0.5, 0.75], rtol=1e-6)
+
+
+def test_a_folder_without_the_curve_is_named(tmp_path):
+    with pytest.raises(UserError, match="is not a run folder"):
+        plot_runs.read_curve(tmp_path / "missing")
+    log_scalars(tmp_path, "something/else", [1.0])
+    with pytest.raises(UserError, match="holds no 'meta-test/accuracy' scalars"):
+        plot_runs.read_curve(tmp_path)
+
+
+def test_without_matplotlib_the_error_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    assert plot_runs.main([str(tmp_path), "--output", str(tmp_path / "plot.png")]) == 2
+    assert "pip install matplotlib" in capsys.readouterr().err
+    assert not (tmp_path / "plot.png").exists()
+
+
+def test_a_plot_of_two_runs_is_written(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    for name, classes in (("a", 5), ("b", 20)):
+        log_scalars(tmp_path / name, plot_runs.TAG, list(np.linspace(0.2, 0.9, 30)))
+        write_json(tmp_path / name / "args.json", {"classes": classes, "split": "paper"})
+    output = tmp_path / "out" / "plot.png"
+    assert plot_runs.main([str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(output), "--window", "5"]) == 0
+    assert output.read_bytes().startswith(b"\x89PNG")
+    assert f"wrote {output}" in capsys.readouterr().out
