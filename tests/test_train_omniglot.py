@@ -390,6 +390,13 @@ def test_eval_lake_scores_a_background_run_and_refuses_others(run_script, existi
     assert refused.returncode == 2 and "runs are 20-way" in refused.stderr
 
 
+def test_help_shows_every_default_but_none_and_false():
+    help_text = " ".join(T.build_parser().format_help().split())  # one line, as the wrapping falls
+    assert "--seed SEED seed of the split, the initial weights and every task (default: 0)" in help_text
+    assert "meta-step size at the end (annealed linearly) (default: 0.0)" in help_text
+    assert "(default: False)" not in help_text and "(default: None)" not in help_text
+
+
 def test_the_command_line_reports_a_bad_flag_in_one_line(run_script, tmp_path):
     result = run_script(str(tmp_path / "run"), "--shots", "25")
     assert result.returncode == 2 and "Traceback" not in result.stderr
