@@ -52,6 +52,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--window", type=int, default=200, help="logged points in the moving average")
     parser.add_argument("--output", default="runs/accuracy.png", help="the PNG to write")
     args = parser.parse_args(argv)
+    if args.window < 1:
+        parser.error(f"--window must be at least 1, got {args.window}")
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no display needed
