@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from utils import UserError, read_json
+from utils import UserError, positive_int, read_json
 
 TAG = "meta-test/accuracy"
 
@@ -49,11 +49,9 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders of train_omniglot.py")
-    parser.add_argument("--window", type=int, default=200, help="logged points in the moving average")
+    parser.add_argument("--window", type=positive_int, default=200, help="logged points in the moving average")
     parser.add_argument("--output", default="runs/accuracy.png", help="the PNG to write")
     args = parser.parse_args(argv)
-    if args.window < 1:
-        parser.error(f"--window must be at least 1, got {args.window}")
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no display needed

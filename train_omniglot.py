@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 import omniglot
 from models import OmniglotModel
-from utils import (UserError, checkpoint_iteration, find_latest_file, list_checkpoints, read_json, write_atomically,
-                   write_json)
+from utils import (UserError, checkpoint_iteration, find_latest_file, list_checkpoints, non_negative_float,
+                   non_negative_int, positive_float, positive_int, read_json, write_atomically, write_json)
 
 PROGRAM = "reptile-omniglot"  # marks checkpoints written by this script
 # Flags that fix what a run learns: a resumed run must keep them (--meta-iterations may grow).
@@ -60,21 +60,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
-
-
-def number(kind: type, minimum: float, strict: bool = False):
-    """An argparse type: a number of `kind` at least `minimum` (above it, if strict)."""
-    def parse(text: str):
-        value = kind(text)
-        if not (value > minimum if strict else value >= minimum):  # also refuses NaN
-            raise argparse.ArgumentTypeError(f"must be {'above' if strict else 'at least'} {minimum}, got {text}")
-        return value
-    parse.__name__ = kind.__name__  # argparse names the type in its "invalid value" message
-    return parse
-
-
-positive_int, non_negative_int = number(int, 1), number(int, 0)
-positive_float, non_negative_float = number(float, 0, strict=True), number(float, 0)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""Small helpers: listing folders and files, finding the latest checkpoint, writing files atomically."""
+"""Small helpers: listing folders and files, finding the latest checkpoint, writing files atomically, checking flags."""
+import argparse
 import json
 import os
 import re
@@ -10,6 +11,7 @@ from torchvision.datasets.utils import list_dir, list_files
 __all__ = [
     "list_dir", "list_files", "checkpoint_iteration", "list_checkpoints", "find_latest_file",
     "UserError", "write_atomically", "write_json", "read_json",
+    "number", "positive_int", "non_negative_int", "positive_float", "non_negative_float",
 ]
 
 
@@ -60,3 +62,18 @@ def read_json(path: str) -> Any:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:
         raise UserError(f"{path} is unreadable ({error}); delete it or restore it") from None
+
+
+def number(kind: type, minimum: float, strict: bool = False):
+    """An argparse type: a number of `kind` at least `minimum` (above it, if strict)."""
+    def parse(text: str):
+        value = kind(text)
+        if not (value > minimum if strict else value >= minimum):  # also refuses NaN
+            raise argparse.ArgumentTypeError(f"must be {'above' if strict else 'at least'} {minimum}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid value" message
+    return parse
+
+
+positive_int, non_negative_int = number(int, 1), number(int, 0)
+positive_float, non_negative_float = number(float, 0, strict=True), number(float, 0)

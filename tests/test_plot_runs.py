@@ -40,7 +40,7 @@ def test_a_folder_without_the_curve_is_named(tmp_path):
 def test_a_window_below_one_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         plot_runs.main([str(tmp_path), "--window", "0"])
-    assert stop.value.code == 2 and "--window must be at least 1, got 0" in capsys.readouterr().err
+    assert stop.value.code == 2 and "argument --window: must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_without_matplotlib_the_error_says_how_to_install_it(tmp_path, monkeypatch, capsys):

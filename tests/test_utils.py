@@ -1,5 +1,8 @@
+import argparse
+
 import pytest
 
+import utils
 from utils import UserError, find_latest_file, list_checkpoints, list_dir, list_files, read_json, write_json
 
 
@@ -37,3 +40,11 @@ def test_read_json_names_a_damaged_file(tmp_path):
     (tmp_path / "a.json").write_text("{not json")
     with pytest.raises(UserError, match="a.json"):
         read_json(tmp_path / "a.json")
+
+
+def test_number_flags_refuse_what_is_out_of_range():
+    assert utils.positive_int("1") == 1 and utils.non_negative_int("0") == 0 and utils.non_negative_float("0") == 0.0
+    for parse, text in ((utils.positive_int, "0"), (utils.non_negative_int, "-1"), (utils.positive_float, "0"),
+                        (utils.positive_float, "nan")):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"got {text}"):
+            parse(text)
