@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import omniglot
 import train_omniglot as T
 from models import OmniglotModel
+from utils import non_negative_int, positive_int
 
 
 # ----------------------------------------------------------------------------- the straightforward baseline
@@ -121,12 +122,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--classes", type=int, choices=(5, 20), default=5, help="N-way setting")
-    parser.add_argument("--shots", type=int, default=1, help="K-shot of the evaluation tasks")
+    parser.add_argument("--shots", type=positive_int, default=1, help="K-shot of the evaluation tasks")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both sides run")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds, each timing both sides in turn")
-    parser.add_argument("--iterations", type=int, default=10, help="meta-iterations per side and round")
-    parser.add_argument("--tasks", type=int, default=40, help="evaluation tasks per side and round")
-    parser.add_argument("--workers", type=int, default=T.build_parser().get_default("workers"),
+    parser.add_argument("--rounds", type=positive_int, default=3, help="rounds, each timing both sides in turn")
+    parser.add_argument("--iterations", type=positive_int, default=10, help="meta-iterations per side and round")
+    parser.add_argument("--tasks", type=positive_int, default=40, help="evaluation tasks per side and round")
+    parser.add_argument("--workers", type=non_negative_int, default=T.build_parser().get_default("workers"),
                         help="the project's evaluation worker processes (CPU)")
     bench = parser.parse_args()
     args = paper_settings(bench.classes, bench.shots, ["--workers", str(bench.workers)])

@@ -2,8 +2,8 @@ import argparse
 
 import pytest
 
-import utils
-from utils import UserError, find_latest_file, list_checkpoints, list_dir, list_files, read_json, write_json
+from utils import (UserError, find_latest_file, list_checkpoints, list_dir, list_files, non_negative_float,
+                   non_negative_int, positive_float, positive_int, read_json, write_json)
 
 
 def test_find_latest_file_compares_iterations_not_names(tmp_path):
@@ -43,8 +43,8 @@ def test_read_json_names_a_damaged_file(tmp_path):
 
 
 def test_number_flags_refuse_what_is_out_of_range():
-    assert utils.positive_int("1") == 1 and utils.non_negative_int("0") == 0 and utils.non_negative_float("0") == 0.0
-    for parse, text in ((utils.positive_int, "0"), (utils.non_negative_int, "-1"), (utils.positive_float, "0"),
-                        (utils.positive_float, "nan")):
+    assert positive_int("1") == 1 and non_negative_int("0") == 0 and non_negative_float("0") == 0.0
+    for parse, text in ((positive_int, "0"), (non_negative_int, "-1"), (positive_float, "0"),
+                        (positive_float, "nan")):
         with pytest.raises(argparse.ArgumentTypeError, match=f"got {text}"):
             parse(text)
