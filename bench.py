@@ -17,23 +17,25 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import omniglot
+import reptile
 import train_omniglot as T
 from models import OmniglotModel
+from reptile import Hyperparameters
 from utils import non_negative_int, positive_int
 
 
 # ----------------------------------------------------------------------------- the straightforward baseline
 
 def baseline_meta_iteration(meta_model: OmniglotModel, adam_state: dict, sampler: omniglot.TaskSampler,
-                            args: argparse.Namespace, step_size: float, generator: torch.Generator) -> dict:
+                            hp: Hyperparameters, step_size: float, generator: torch.Generator) -> dict:
     """One meta-iteration the plain way: a deep copy and an Adam per task, one step at a time; the new Adam state."""
     adapted = []
-    for _ in range(args.meta_batch):
-        task = sampler.sample(args.classes, args.train_shots, 0, generator)
+    for _ in range(hp.meta_batch):
+        task = sampler.sample(hp.classes, hp.train_shots, 0, generator)
         model = copy.deepcopy(meta_model)
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.0, 0.999))
+        optimizer = torch.optim.Adam(model.parameters(), lr=hp.lr, betas=(0.0, 0.999))
         optimizer.load_state_dict(adam_state)  # the inner Adam state carries over from task to task
-        for indices in T.inner_batches(len(task.support_images), args.batch, args.iterations, generator):
+        for indices in reptile.inner_batches(len(task.support_images), hp.batch, hp.iterations, generator):
             optimizer.zero_grad()
             F.nll_loss(model(task.support_images[indices]), task.support_labels[indices],
                        reduction="sum").backward()
@@ -48,22 +50,23 @@ def baseline_meta_iteration(meta_model: OmniglotModel, adam_state: dict, sampler
 
 
 def baseline_evaluate(meta_model: OmniglotModel, adam_state: dict, sampler: omniglot.TaskSampler,
-                      args: argparse.Namespace, seeds: list[int]) -> list[tuple[int, float]]:
+                      hp: Hyperparameters, seeds: list[int]) -> list[tuple[int, float]]:
     """(correct queries, query loss) of one task per seed, the plain way: a deep copy and an Adam per task."""
     results = []
     for seed in seeds:
         generator = torch.Generator().manual_seed(seed)
-        task = sampler.sample(args.classes, args.shots, 1, generator)
+        task = sampler.sample(hp.classes, hp.shots, 1, generator)
         model = copy.deepcopy(meta_model)
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.0, 0.999))
+        optimizer = torch.optim.Adam(model.parameters(), lr=hp.lr, betas=(0.0, 0.999))
         optimizer.load_state_dict(copy.deepcopy(adam_state))
-        for indices in T.inner_batches(len(task.support_images), args.test_batch, args.test_iterations, generator):
+        for indices in reptile.inner_batches(len(task.support_images), hp.test_batch, hp.test_iterations,
+                                             generator):
             optimizer.zero_grad()
             F.nll_loss(model(task.support_images[indices]), task.support_labels[indices],
                        reduction="sum").backward()
             optimizer.step()
         with torch.no_grad():
-            if args.transductive:
+            if hp.transductive:
                 log_probs = model(task.query_images)
             else:
                 log_probs = torch.stack([model(torch.cat([task.support_images, query[None]]))[-1]
@@ -74,14 +77,6 @@ def baseline_evaluate(meta_model: OmniglotModel, adam_state: dict, sampler: omni
 
 
 # ----------------------------------------------------------------------------- measuring
-
-def paper_settings(classes: int, shots: int, extra: list[str] = ()) -> argparse.Namespace:
-    """train_omniglot.py's flags for the paper's N-way K-shot Omniglot setting."""
-    flags = ["--classes", str(classes), "--shots", str(shots), *extra]
-    if classes == 20:
-        flags += ["--batch", "20", "--iterations", "10", "--lr", "0.0005", "--test-batch", "10"]
-    return T.build_parser().parse_args(flags)
-
 
 def synthetic_samplers(device: str, seed: int = 0) -> dict:
     """Task samplers over random binary images shaped like the paper split."""
@@ -130,24 +125,24 @@ def main() -> None:
     parser.add_argument("--workers", type=non_negative_int, default=T.build_parser().get_default("workers"),
                         help="the project's evaluation worker processes (CPU)")
     bench = parser.parse_args()
-    args = paper_settings(bench.classes, bench.shots, ["--workers", str(bench.workers)])
+    hp = Hyperparameters(**T.PAPER_SETTINGS[f"{bench.classes}way{bench.shots}shot"])
     device = bench.device
     samplers = synthetic_samplers(device)
-    print(f"bench: {args.classes}-way {args.shots}-shot, paper settings, {device}"
+    print(f"bench: {hp.classes}-way {hp.shots}-shot, paper settings, {device}"
           f"{f' ({torch.get_num_threads()} threads)' if device == 'cpu' else ''}, {bench.rounds} rounds")
     print(f"matmul peak: {matmul_peak(device):.0f} GFLOP/s")
 
     torch.manual_seed(0)
-    baseline_model = OmniglotModel(args.classes).to(device)
-    project_model = T.prepare_model(OmniglotModel(args.classes), device)
+    baseline_model = OmniglotModel(hp.classes).to(device)
+    project_model = reptile.prepare_model(OmniglotModel(hp.classes), device)
     project_model.load_state_dict(baseline_model.state_dict())
-    learner, inner_optimizer = T.make_learner(project_model, args.lr)
+    learner, inner_optimizer = reptile.make_learner(project_model, hp.lr)
     mean_model, meta_optimizer = project_model.clone(), torch.optim.SGD(project_model.parameters(), lr=1.0)
     adam_state = {"state": {}, "param_groups": inner_optimizer.state_dict()["param_groups"]}
 
     def project_step(generator):
-        T.train_step(project_model, learner, inner_optimizer, mean_model, meta_optimizer, samplers["meta-train"],
-                     args, 0.5, generator)
+        reptile.train_step(project_model, learner, inner_optimizer, mean_model, meta_optimizer,
+                           samplers["meta-train"], hp, 0.5, generator)
 
     def project_step_flops():
         project_step(torch.Generator().manual_seed(0))
@@ -163,7 +158,7 @@ def main() -> None:
             started = time.perf_counter()
             for _ in range(bench.iterations):
                 if side == "baseline":
-                    adam_state = baseline_meta_iteration(baseline_model, adam_state, samplers["meta-train"], args,
+                    adam_state = baseline_meta_iteration(baseline_model, adam_state, samplers["meta-train"], hp,
                                                          0.5, generator)
                 else:
                     project_step(generator)
@@ -173,13 +168,13 @@ def main() -> None:
     iterations = bench.rounds * bench.iterations
     train_ms = {side: 1000 * seconds / iterations for side, seconds in times.items()}
     train_ratio = train_ms["baseline"] / train_ms["project"]
-    print(f"meta-training ({args.meta_batch} tasks x {args.iterations} steps of batch {args.batch}): "
+    print(f"meta-training ({hp.meta_batch} tasks x {hp.iterations} steps of batch {hp.batch}): "
           f"baseline {train_ms['baseline']:.1f} ms/it, project {train_ms['project']:.1f} ms/it, "
           f"ratio {train_ratio:.2f}x; project {train_flops / train_ms['project'] / 1e6:.0f} GFLOP/s")
 
-    workers = args.workers if device == "cpu" else 0
-    eval_flops = flops_of(lambda: T.evaluate_tasks(project_model.state_dict(), inner_optimizer.state_dict(),
-                                                   samplers["meta-test"], args, [0]))
+    workers = bench.workers if device == "cpu" else 0
+    eval_flops = flops_of(lambda: reptile.evaluate_tasks(project_model.state_dict(), inner_optimizer.state_dict(),
+                                                         samplers["meta-test"], hp, [0]))
     times, startup = {"baseline": 0.0, "project": 0.0}, 0.0
     generator = torch.Generator().manual_seed(2)
     for round_ in range(bench.rounds + 1):
@@ -191,17 +186,17 @@ def main() -> None:
             with T.start_pool(samplers, workers if side == "project" else 0) as pool:
                 started = time.perf_counter()
                 if pool:  # start the workers untimed, as a run does once for its whole evaluation
-                    T.evaluate(project_model, inner_optimizer, samplers, "meta-test", args, workers,
-                               torch.Generator(), pool)
+                    T.evaluate(project_model, inner_optimizer, samplers, "meta-test", hp, workers,
+                               torch.Generator(), pool, workers)
                     startup += time.perf_counter() - started
                 synchronize(device)
                 started = time.perf_counter()
                 if side == "baseline":
-                    baseline_evaluate(baseline_model, adam_state, samplers["meta-test"], args,
-                                      T.task_seeds(bench.tasks, generator))
+                    baseline_evaluate(baseline_model, adam_state, samplers["meta-test"], hp,
+                                      reptile.task_seeds(bench.tasks, generator))
                 else:
-                    T.evaluate(project_model, inner_optimizer, samplers, "meta-test", args, bench.tasks, generator,
-                               pool)
+                    T.evaluate(project_model, inner_optimizer, samplers, "meta-test", hp, bench.tasks, generator,
+                               pool, workers)
                 synchronize(device)
                 if round_:
                     times[side] += time.perf_counter() - started
@@ -214,7 +209,7 @@ def main() -> None:
         how = f"{workers} worker processes, one thread each, started in {startup / (bench.rounds + 1):.1f} s"
     else:
         how = "in this process"
-    print(f"evaluation ({args.test_iterations} steps of batch {args.test_batch}, non-transductive): "
+    print(f"evaluation ({hp.test_iterations} steps of batch {hp.test_batch}, non-transductive): "
           f"baseline {rate['baseline']:.1f} tasks/s, project {rate['project']:.1f} tasks/s, ratio {eval_ratio:.2f}x "
           f"({how}); project {eval_flops * rate['project'] / 1e9:.0f} GFLOP/s")
     print(f"train speedup {train_ratio:.2f}x, eval speedup {eval_ratio:.2f}x")

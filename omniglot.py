@@ -20,9 +20,7 @@ from tqdm import tqdm
 from utils import UserError, list_dir, list_files, read_json, write_atomically, write_json
 
 URL = "https://github.com/brendenlake/omniglot/raw/master/python/"
-LAKE_ARCHIVE = "all_runs.zip"  # Lake et al.'s one-shot benchmark (Science 2015)
-LAKE_URL = URL + "one-shot-classification/" + LAKE_ARCHIVE
-LAKE_MD5 = "e8996daecdf12afeeb4a53a179f06b19"
+LAKE_ARCHIVE = "all_runs.zip"  # Lake et al.'s one-shot benchmark, read by lake.py; it may lie in the data folder
 MIRROR_VARIABLE = "OMNIGLOT_MIRROR"
 MARKER = ".complete"  # written last: a data folder without it is redone, never used
 CACHE = "images28.pt"  # the decoded 28x28 images, saved beside the alphabets
@@ -255,34 +253,3 @@ class TaskSampler:
         labels = torch.arange(classes, device=images.device)[:, None].expand(classes, shots + queries)
         return Task(images[:, :shots].reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE), labels[:, :shots].reshape(-1),
                     images[:, shots:].reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE), labels[:, shots:].reshape(-1))
-
-
-def load_lake_runs(data_dir: Path, mirror: Optional[str] = None) -> dict[str, Task]:
-    """Lake et al.'s one-shot runs as {'runNN': Task}, from the mirror's all_runs.zip or one downloaded to data_dir."""
-    # Support images: one per class, labelled in file order (class01 is 0); queries: labelled by class_labels.txt.
-    mirror = mirror or os.environ.get(MIRROR_VARIABLE)
-    archive, _ = fetch_archive(LAKE_URL, LAKE_MD5, Path(data_dir), mirror)
-    problem = f"{archive} is not laid out as Lake's all_runs.zip (runNN/training, runNN/test, runNN/class_labels.txt)"
-    try:
-        with zipfile.ZipFile(archive) as zip_file:
-            def read(name: str) -> torch.Tensor:
-                with zip_file.open(name) as file:
-                    return torch.from_numpy(read_image(f"{archive}:{name}", file))[None]
-
-            names = set(zip_file.namelist())
-            runs = {}
-            for run in sorted({name.split("/")[0] for name in names if name.endswith("/class_labels.txt")}):
-                classes = sorted(n for n in names if n.startswith(f"{run}/training/") and n.endswith(".png"))
-                pairs = [line.split() for line in zip_file.read(f"{run}/class_labels.txt").decode().splitlines()
-                         if line.strip()]
-                if not classes or any(len(pair) != 2 or pair[0] not in names or pair[1] not in classes
-                                      for pair in pairs):
-                    raise UserError(f"{problem}: {run} does not match its class_labels.txt")
-                runs[run] = Task(torch.stack([read(name) for name in classes]), torch.arange(len(classes)),
-                                 torch.stack([read(test) for test, _ in pairs]),
-                                 torch.tensor([classes.index(label) for _, label in pairs]))
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError) as error:
-        raise UserError(f"{archive} is damaged ({error}); replace it with a good copy of {LAKE_URL}") from None
-    if not runs:
-        raise UserError(problem)
-    return runs

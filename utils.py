@@ -1,4 +1,5 @@
-"""Small helpers: listing folders and files, finding the latest checkpoint, writing files atomically, checking flags."""
+"""Small helpers: listing folders and files, finding the latest checkpoint, writing files atomically, command-line
+parsing, and the process group under torchrun."""
 import argparse
 import json
 import os
@@ -6,12 +7,14 @@ import re
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Optional
 
+import torch
 from torchvision.datasets.utils import list_dir, list_files
 
 __all__ = [
     "list_dir", "list_files", "checkpoint_iteration", "list_checkpoints", "find_latest_file",
     "UserError", "write_atomically", "write_json", "read_json",
-    "number", "positive_int", "non_negative_int", "positive_float", "non_negative_float",
+    "number", "positive_int", "non_negative_int", "positive_float", "non_negative_float", "OneLineParser",
+    "HelpFormatter", "processes", "rank", "any_process", "gather",
 ]
 
 
@@ -77,3 +80,47 @@ def number(kind: type, minimum: float, strict: bool = False):
 
 positive_int, non_negative_int = number(int, 1), number(int, 0)
 positive_float, non_negative_float = number(float, 0, strict=True), number(float, 0)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, unless it has none or its help already tells it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def processes() -> int:
+    """How many processes share the work: torchrun's world size, or 1."""
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's rank under torchrun, or 0."""
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true in any process, so that all processes stop at the same meta-iteration."""
+    if processes() == 1:
+        return flag
+    flags = torch.tensor([float(flag)], device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+    torch.distributed.all_reduce(flags)
+    return flags.item() > 0
+
+
+def gather(value) -> list:
+    """[the value of each process] on every process (just [value] without torchrun)."""
+    if processes() == 1:
+        return [value]
+    values = [None] * processes()
+    torch.distributed.all_gather_object(values, value)
+    return values

@@ -5,11 +5,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import omniglot  # noqa: E402
+
+# One thread, here and in the scripts the tests start: the tests' tensors are tiny, so a second thread gains
+# nothing, and when other work holds the cores (a training run beside the suite) threads that wait for each other
+# made the suite crawl (one test took 83 s on two threads against 33 s on one, and 253 s with more load).
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 # Any attempt to reach the network goes to a closed local port and fails at once.
 NO_NETWORK = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",

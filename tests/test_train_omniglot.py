@@ -1,5 +1,5 @@
-import argparse
 import copy
+import dataclasses
 import json
 import os
 import random
@@ -18,171 +18,44 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import NO_NETWORK, ROOT
-from test_omniglot import make_lake_zip
+from test_lake import make_lake_zip
+from test_reptile import is_conv_bias, random_sampler, trained_side
 
-import bench
 import omniglot
+import reptile
+import run_folder
 import train_omniglot as T
 from models import OmniglotModel
+from reptile import Hyperparameters
 
 TINY = ["--meta-iterations", "6", "--eval-tasks", "4", "--validate-every", "2", "--check-every", "3",
         "--test-iterations", "5", "--shots", "1"]
 
 
-def settings(**overrides) -> argparse.Namespace:
-    """The default flags, with some changed."""
-    args = T.build_parser().parse_args([])
-    for name, value in overrides.items():
-        setattr(args, name, value)
-    return args
-
-
-def random_sampler(characters: int = 30) -> omniglot.TaskSampler:
-    torch.manual_seed(1)
-    return omniglot.TaskSampler((torch.rand(characters, omniglot.DRAWERS, 28, 28) > 0.8).float())
-
-
-def test_inner_batches_walk_shuffled_passes():
-    generator = torch.Generator().manual_seed(0)
-    one_pass = T.inner_batches(50, 10, 5, generator)
-    assert one_pass.shape == (5, 10) and sorted(one_pass.flatten().tolist()) == list(range(50))
-    spanning = T.inner_batches(7, 5, 3, generator).flatten().tolist()  # 15 indices: passes of 7, 7, then 1
-    assert sorted(spanning[:7]) == list(range(7)) and sorted(spanning[7:14]) == list(range(7))
-    many = T.inner_batches(5, 5, 50, generator)
-    assert all(sorted(row.tolist()) == list(range(5)) for row in many)
-    assert len({tuple(row.tolist()) for row in many}) > 1  # reshuffled between passes
-
-
-def test_adapt_follows_the_gradient_of_the_loss_summed_over_the_batch():
-    torch.manual_seed(0)
-    model, expected = OmniglotModel(5), OmniglotModel(5)
-    expected.load_state_dict(model.state_dict())
-    images, labels = torch.rand(10, 1, 28, 28), torch.arange(5).repeat(2)
-    # One step over all ten images: their order within the batch changes neither BatchNorm nor the sum.
-    T.adapt(model, torch.optim.SGD(model.parameters(), lr=1.0), images, labels, 1, 10, torch.Generator())
-    torch.nn.functional.nll_loss(expected(images), labels, reduction="sum").backward()
-    for param, before in zip(model.parameters(), expected.parameters()):
-        # Summation order differs between the two; a mean would make every step ten times smaller.
-        torch.testing.assert_close(before.detach() - param.detach(), before.grad, rtol=1e-2, atol=1e-4)
-
-
-def test_meta_step_is_annealed_linearly():
-    args = settings(meta_lr=1.0, meta_lr_final=0.2, meta_iterations=100)
-    assert T.meta_step_size(0, args) == 1.0
-    assert T.meta_step_size(50, args) == pytest.approx(0.6)
-    assert T.meta_step_size(100, args) == pytest.approx(0.2)
-
-
-def project_side(classes: int, lr: float):
-    """The project's meta-model, learner, inner Adam, mean holder and meta-optimizer, from seed 0."""
-    torch.manual_seed(0)
-    meta_model = T.prepare_model(OmniglotModel(classes), "cpu")
-    learner, inner_optimizer = T.make_learner(meta_model, lr)
-    return meta_model, learner, inner_optimizer, meta_model.clone(), torch.optim.SGD(meta_model.parameters(), lr=1)
-
-
-def is_conv_bias(model: OmniglotModel, name: str) -> bool:
-    """Whether a parameter is the bias of a convolution followed by BatchNorm.
-
-    BatchNorm subtracts the batch mean, so such a bias has no effect on the output and its gradient is
-    rounding noise; Adam divides that noise by its own scale, so the bias drifts differently under any change
-    of summation order (fused Adam, memory layout) while the function stays the same.
-    """
-    module_name, _, kind = name.rpartition(".")
-    return kind == "bias" and isinstance(model.get_submodule(module_name), torch.nn.Conv2d)
-
-
-def test_train_step_equals_the_straightforward_loop():
-    args = settings(classes=3, train_shots=4, meta_batch=3, iterations=3, batch=5)
-    sampler = random_sampler()
-    meta_model, learner, inner_optimizer, mean_model, meta_optimizer = project_side(3, args.lr)
-    plain_model = OmniglotModel(3)
-    plain_model.load_state_dict(meta_model.state_dict())
-    adam_state = {"state": {}, "param_groups": inner_optimizer.state_dict()["param_groups"]}
-    generator, plain_generator = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    for step_size in (0.4, 0.3):  # two meta-iterations: the inner Adam state carries over
-        T.train_step(meta_model, learner, inner_optimizer, mean_model, meta_optimizer, sampler, args, step_size,
-                     generator)
-        adam_state = bench.baseline_meta_iteration(plain_model, adam_state, sampler, args, step_size,
-                                                   plain_generator)
-    plain_params = dict(plain_model.named_parameters())
-    for name, param in meta_model.named_parameters():
-        if is_conv_bias(meta_model, name):
-            continue  # see is_conv_bias
-        torch.testing.assert_close(param.detach(), plain_params[name].detach(), rtol=1e-4, atol=1e-5, msg=name)
-    images = sampler.sample(3, 5, 0, torch.Generator().manual_seed(0)).support_images
-    torch.testing.assert_close(meta_model(images), plain_model(images), rtol=1e-4, atol=1e-5)
-    assert not torch.equal(meta_model.features[0][0].weight, OmniglotModel(3).features[0][0].weight)
-    assert torch.equal(generator.get_state(), plain_generator.get_state())
-    state = inner_optimizer.state_dict()["state"]
-    assert state[0]["step"].item() == adam_state["state"][0]["step"].item() == 2 * args.meta_batch * args.iterations
-    for index, plain in adam_state["state"].items():
-        torch.testing.assert_close(state[index]["exp_avg_sq"], plain["exp_avg_sq"], rtol=1e-3, atol=1e-9)
-
-
-def trained_side(args, sampler):
-    """The project's side after one meta-iteration (so its inner Adam has a state)."""
-    side = project_side(args.classes, args.lr)
-    T.train_step(*side, sampler, args, 1.0, torch.Generator().manual_seed(0))
-    return side
-
-
-@pytest.mark.parametrize("transductive", [False, True])
-def test_evaluation_agrees_with_the_straightforward_loop(transductive):
-    args = settings(classes=5, shots=1, test_iterations=10, transductive=transductive, meta_batch=1, workers=2)
+def test_evaluation_in_worker_processes_equals_evaluation_in_this_process():
+    hp = Hyperparameters(classes=5, shots=1, test_iterations=10, meta_batch=1)
     samplers = {"meta-test": random_sampler()}
-    meta_model, learner, inner_optimizer, *_ = trained_side(args, samplers["meta-test"])
-    plain_model = OmniglotModel(5)
-    plain_model.load_state_dict(meta_model.state_dict())
-    seeds = T.task_seeds(200, torch.Generator().manual_seed(9))
-    plain = np.array(bench.baseline_evaluate(plain_model, inner_optimizer.state_dict(), samplers["meta-test"], args,
-                                             seeds))
-    accuracies, losses = T.evaluate(meta_model, inner_optimizer, samplers, "meta-test", args, 200,
-                                    torch.Generator().manual_seed(9))
-    assert abs(accuracies.mean() - plain[:, 0].mean() / 5) <= 0.005
-    assert (accuracies == plain[:, 0] / 5).mean() >= 0.95  # the same predictions, but for rare near-ties
-    # Adam turns rounding differences in near-zero gradients into full-size steps, so losses drift slightly.
-    assert np.median(np.abs(losses - plain[:, 1]) / plain[:, 1]) < 0.01
+    meta_model, _, inner_optimizer, *_ = trained_side(hp, samplers["meta-test"])
+    here = T.evaluate(meta_model, inner_optimizer, samplers, "meta-test", hp, 40, torch.Generator().manual_seed(9))
     with T.start_pool(samplers, 2) as pool:
-        in_workers = T.evaluate(meta_model, inner_optimizer, samplers, "meta-test", args, 40,
-                                torch.Generator().manual_seed(9), pool)
-    np.testing.assert_allclose(in_workers[1], losses[:40], rtol=1e-4)
-    # The GPU's way, all tasks adapted side by side (vmapped), against the per-task evaluator on the first 100.
-    together = np.array(T.evaluate_tasks_together(meta_model.state_dict(), inner_optimizer.state_dict(),
-                                                   samplers["meta-test"], args, seeds[:100]))
-    assert (together[:, 0] / 5 == accuracies[:100]).mean() >= 0.98
-    assert np.median(np.abs(together[:, 1] - losses[:100]) / losses[:100]) < 1e-3
-
-
-def test_non_transductive_queries_do_not_share_batch_statistics():
-    args = settings(classes=5, shots=1, test_iterations=2)
-    sampler = random_sampler()
-    meta_model, _, inner_optimizer, *_ = trained_side(args, sampler)
-    seeds = [3]
-    alone = T.evaluate_tasks(meta_model.state_dict(), inner_optimizer.state_dict(), sampler, args, seeds)
-    together = T.evaluate_tasks(meta_model.state_dict(), inner_optimizer.state_dict(), sampler,
-                                settings(**{**vars(args), "transductive": True}), seeds)
-    assert alone != together
+        in_workers = T.evaluate(meta_model, inner_optimizer, samplers, "meta-test", hp, 40,
+                                torch.Generator().manual_seed(9), pool, 2)
+    np.testing.assert_allclose(in_workers[1], here[1], rtol=1e-4)
 
 
 def test_evaluation_leaves_the_training_state_alone():
-    args = settings(classes=5, shots=1, test_iterations=3, meta_batch=1)
+    hp = Hyperparameters(classes=5, shots=1, test_iterations=3, meta_batch=1)
     samplers = {"meta-test": random_sampler()}
-    meta_model, _, inner_optimizer, *_ = trained_side(args, samplers["meta-test"])
+    meta_model, _, inner_optimizer, *_ = trained_side(hp, samplers["meta-test"])
     before = copy.deepcopy(inner_optimizer.state_dict())
     weights = copy.deepcopy(meta_model.state_dict())
-    accuracies, losses = T.evaluate(meta_model, inner_optimizer, samplers, "meta-test", args, 3, torch.Generator())
+    accuracies, losses = T.evaluate(meta_model, inner_optimizer, samplers, "meta-test", hp, 3, torch.Generator())
     assert accuracies.shape == (3,) and ((0 <= accuracies) & (accuracies <= 1)).all()
     after = inner_optimizer.state_dict()
     for index, state in before["state"].items():
         for key, value in state.items():
             assert torch.equal(after["state"][index][key], value)
     assert all(torch.equal(weights[k], v) for k, v in meta_model.state_dict().items())
-
-
-def test_confidence_interval():
-    accuracies = np.array([1.0, 0.0] * 50)
-    assert T.confidence_interval(accuracies) == pytest.approx(1.96 * accuracies.std(ddof=1) / 10)
 
 
 def scalars(logdir, tag):
@@ -201,6 +74,12 @@ def test_a_tiny_run_writes_everything_then_resumes(run_script, tmp_path):
         assert (logdir / name).is_file(), name
     assert list(logdir.glob("events.out.tfevents.*"))
     assert scalars(logdir, "meta-test/accuracy") == [2, 4, 6]
+    logged = all_scalars(logdir)
+    for name in ("meta-train", "meta-test"):  # the readable curve: the mean of the tasks logged so far (up to 100)
+        steps, accuracies = zip(*logged[f"{name}/accuracy"])
+        mean_steps, means = zip(*logged[f"{name}/accuracy_mean100"])
+        assert mean_steps == steps
+        assert means == pytest.approx([np.mean(accuracies[:i + 1]) for i in range(len(accuracies))], abs=1e-6)
     results = json.loads((logdir / "results.json").read_text())["1-shot non-transductive"]
     assert results["meta_iteration"] == 6 and results["tasks"] == 4 and 0 <= results["meta-test"]["accuracy"] <= 100
     split = json.loads((logdir / "split.json").read_text())
@@ -259,8 +138,8 @@ def test_tensorboard_serves_the_logged_scalars(existing_run):
         while "run" not in get("/data/plugin/scalars/tags") and time.time() < deadline:
             time.sleep(0.5)  # it loads the event files in the background
         tags = get("/data/plugin/scalars/tags")["run"]
-        assert {"meta-train/accuracy", "meta-train/loss", "meta-test/accuracy", "meta-test/loss", "meta-step"} <= set(
-            tags)
+        assert {"meta-train/accuracy", "meta-train/loss", "meta-test/accuracy", "meta-test/loss", "meta-step",
+                "meta-train/accuracy_mean100", "meta-test/accuracy_mean100"} <= set(tags)
         query = urllib.parse.urlencode({"run": "run", "tag": "meta-test/accuracy"})
         served = get(f"/data/plugin/scalars/scalars?{query}")
         assert [(step, value) for _, step, value in served] == all_scalars(existing_run)["meta-test/accuracy"]
@@ -318,6 +197,8 @@ BAD_INPUTS = {
     "resume with other classes": (["--classes", "10"], "--classes 10 differs from 5"),
     "resume with other shots": (["--shots", "5"], "--shots 5 differs from 1"),
     "resume with another seed": (["--seed", "3"], "--seed 3 differs from 0"),
+    "resume with another paper setting": (["--paper-setting", "20way1shot"], "--classes 20 differs from 5"),
+    "unknown paper setting": (["--paper-setting", "10way1shot"], "--paper-setting"),
     "evaluate with other classes": (["--eval-only", "--classes", "20"], "--classes 20 differs from 5"),
     "fewer meta-iterations than done": (["--meta-iterations", "3"], "below the 6"),
     "checkpoint without eval-only": (["--checkpoint", "x.pth"], "--checkpoint needs --eval-only"),
@@ -388,6 +269,16 @@ def test_eval_lake_scores_a_background_run_and_refuses_others(run_script, existi
     make_lake_zip(wrong_size / "all_runs.zip", runs=1, classes=20)
     refused = run_script(str(logdir), "--eval-lake", env={omniglot.MIRROR_VARIABLE: str(wrong_size)})
     assert refused.returncode == 2 and "runs are 20-way" in refused.stderr
+
+
+def test_a_paper_setting_fills_in_the_flags_not_given(tmp_path):
+    args = T.parse_args(["--paper-setting", "20way1shot", "--lr", "0.001"])
+    assert (args.classes, args.shots, args.batch, args.iterations, args.meta_iterations, args.test_batch) == (
+        20, 1, 20, 10, 200000, 10)
+    assert args.lr == 0.001 and args.logdir == "runs/20way1shot"  # a flag given wins
+    five_shot = T.parse_args([str(tmp_path / "run"), "--paper-setting", "5way5shot"])
+    assert vars(five_shot) == {**vars(T.parse_args([str(tmp_path / "run")])), "paper_setting": "5way5shot"}
+    assert "paper_setting" not in T.saved_args(args)
 
 
 def test_help_shows_every_default_but_none_and_false():
@@ -478,7 +369,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(run_script, tmp_
     assert result.returncode == 0, result.stderr
     assert "check-6.pth is unreadable" in result.stderr and "trying the previous checkpoint" in result.stderr
     assert "resumed" in result.stdout and "meta-iteration 3 of 6" in result.stdout
-    assert T.load_checkpoint(str(logdir / "checkpoint" / "check-6.pth"))["meta_iteration"] == 6
+    assert run_folder.load_checkpoint(str(logdir / "checkpoint" / "check-6.pth"))["meta_iteration"] == 6
 
 
 def test_torchrun_splits_the_meta_batch_and_changes_no_mathematics(script, data_dir, tmp_path):
@@ -507,18 +398,19 @@ def test_torchrun_splits_the_meta_batch_and_changes_no_mathematics(script, data_
     torch.set_num_threads(1)
     try:
         torch.manual_seed(args.seed)
-        meta_model = T.prepare_model(OmniglotModel(args.classes), "cpu")
+        hp = T.hyperparameters(args)
+        meta_model = reptile.prepare_model(OmniglotModel(hp.classes), "cpu")
         mean_model, meta_optimizer = meta_model.clone(), torch.optim.SGD(meta_model.parameters(), lr=1)
-        processes = [(*T.make_learner(meta_model, args.lr), meta_model.clone(),
+        processes = [(*reptile.make_learner(meta_model, hp.lr), meta_model.clone(),
                       T.stream(args.seed, T.TRAIN_STREAM, process)) for process in (0, 1)]
         for iteration, total in ((0, 2), (1, 2), (2, 3)):  # the schedule of each launch's --meta-iterations
             for (learner, optimizer, share, generator), tasks in zip(processes, (3, 2)):
-                T.adapt_to_tasks(meta_model, learner, optimizer, share, sampler, args, tasks, generator)
+                reptile.adapt_to_tasks(meta_model, learner, optimizer, share, sampler, hp, tasks, generator)
             with torch.no_grad():
                 for mean, first, second in zip(mean_model.parameters(), *(p[2].parameters() for p in processes)):
                     mean.copy_(first + second)
-            T.meta_step(meta_model, mean_model, meta_optimizer,
-                        T.meta_step_size(iteration, argparse.Namespace(**{**vars(args), "meta_iterations": total})))
+            reptile.meta_step(meta_model, mean_model, meta_optimizer,
+                              reptile.meta_step_size(iteration, dataclasses.replace(hp, meta_iterations=total)))
     finally:
         torch.set_num_threads(threads)
     for name, param in meta_model.named_parameters():

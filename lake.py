@@ -1,0 +1,86 @@
+"""Lake et al.'s one-shot benchmark (Science 2015): 20 runs, each a 20-way one-shot problem whose classes all come
+from one evaluation alphabet of Omniglot; reading its all_runs.zip and scoring a meta-trained model on it.
+"""
+import os
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import omniglot
+import reptile
+from models import OmniglotModel
+from utils import UserError
+
+URL = omniglot.URL + "one-shot-classification/" + omniglot.LAKE_ARCHIVE
+MD5 = "e8996daecdf12afeeb4a53a179f06b19"
+MODES = ("non-transductive", "transductive")
+
+
+def load_runs(data_dir: Path, mirror: Optional[str] = None) -> dict[str, omniglot.Task]:
+    """Lake et al.'s one-shot runs as {'runNN': Task}, from the mirror's all_runs.zip or one downloaded to data_dir."""
+    # Support images: one per class, labelled in file order (class01 is 0); queries: labelled by class_labels.txt.
+    mirror = mirror or os.environ.get(omniglot.MIRROR_VARIABLE)
+    archive, _ = omniglot.fetch_archive(URL, MD5, Path(data_dir), mirror)
+    problem = f"{archive} is not laid out as Lake's all_runs.zip (runNN/training, runNN/test, runNN/class_labels.txt)"
+    try:
+        with zipfile.ZipFile(archive) as zip_file:
+            def read(name: str) -> torch.Tensor:
+                with zip_file.open(name) as file:
+                    return torch.from_numpy(omniglot.read_image(f"{archive}:{name}", file))[None]
+
+            names = set(zip_file.namelist())
+            runs = {}
+            for run in sorted({name.split("/")[0] for name in names if name.endswith("/class_labels.txt")}):
+                classes = sorted(n for n in names if n.startswith(f"{run}/training/") and n.endswith(".png"))
+                pairs = [line.split() for line in zip_file.read(f"{run}/class_labels.txt").decode().splitlines()
+                         if line.strip()]
+                if not classes or any(len(pair) != 2 or pair[0] not in names or pair[1] not in classes
+                                      for pair in pairs):
+                    raise UserError(f"{problem}: {run} does not match its class_labels.txt")
+                runs[run] = omniglot.Task(torch.stack([read(name) for name in classes]), torch.arange(len(classes)),
+                                          torch.stack([read(test) for test, _ in pairs]),
+                                          torch.tensor([classes.index(label) for _, label in pairs]))
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError) as error:
+        raise UserError(f"{archive} is damaged ({error}); replace it with a good copy of {URL}") from None
+    if not runs:
+        raise UserError(problem)
+    return runs
+
+
+def error_rates(meta_model: OmniglotModel, adam_state: dict, runs: dict[str, omniglot.Task],
+                hp: reptile.Hyperparameters, seeds: list[int], device: str) -> dict[str, np.ndarray]:
+    """{mode: error rate in % of each run (rows) after each adaptation (columns, one per seed)}."""
+    learner, optimizer = reptile.make_learner(meta_model, hp.lr)
+    errors = {mode: np.zeros((len(runs), len(seeds))) for mode in MODES}
+    with tqdm(total=len(runs) * len(seeds), desc="Lake's runs", unit="task", leave=False) as bar:
+        for index, task in enumerate(runs.values()):
+            task = omniglot.Task(*(part.to(device) for part in task))
+            for repeat, seed in enumerate(seeds):
+                reptile.adapt_to_test_task(meta_model, learner, optimizer, adam_state, task, hp,
+                                           torch.Generator().manual_seed(seed))
+                for mode in errors:
+                    log_probs = reptile.classify_queries(learner, task, mode == "transductive")
+                    wrong = learner.predict(log_probs) != task.query_labels
+                    errors[mode][index, repeat] = 100 * wrong.sum().item() / len(wrong)
+                bar.update()
+    return errors
+
+
+def report(errors: dict[str, np.ndarray], runs: dict[str, omniglot.Task], iteration: int) -> dict:
+    """Print each run's error rate and their mean, +- the standard deviation over adaptations; return them."""
+    repeats = len(next(iter(errors.values()))[0])
+    print(f"Lake et al.'s one-shot benchmark, meta-iteration {iteration}: error rate in %, mean +- standard deviation "
+          f"over {repeats} adaptations")
+    print(f"{'run':8}{'non-transductive':>20}{'transductive':>20}")
+    for index, run in enumerate(runs):
+        print(f"{run:8}" + "".join(f"{errors[mode][index].mean():>12.1f} +- {errors[mode][index].std():4.1f}"
+                                   for mode in MODES))
+    print(f"{'mean':8}" + "".join(f"{errors[mode].mean():>12.2f} +- {errors[mode].mean(axis=0).std():4.2f}"
+                                  for mode in MODES))
+    return {mode: {"error": table.mean(), "std": table.mean(axis=0).std(),
+                   "runs": dict(zip(runs, table.mean(axis=1).tolist()))} for mode, table in errors.items()}

@@ -1,0 +1,232 @@
+"""Reptile (Nichol, Achiam & Schulman 2018) on N-way K-shot tasks: the inner loop, the meta-iteration, and the
+adaptation to test tasks that evaluation rests on.
+
+Every function takes explicit values (the run's `Hyperparameters`); the command line, run folders, checkpoints
+and worker processes live in train_omniglot.py.
+"""
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+import omniglot
+from models import OmniglotModel
+
+# The paper's code minimises the loss summed over the mini-batch, not its mean. Adam alone would not care, but
+# its state carries over from training (batch 10 in 5-way) to evaluation (batch 5): summed gradients make each
+# evaluation step about half the size that means give, relative to the training gradients Adam has seen.
+LOSS_REDUCTION = "sum"
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """What a run learns and how it is evaluated; the defaults are the paper's 5-way 5-shot Omniglot setting."""
+    classes: int = 5  # N-way
+    shots: int = 5  # support images per class of a test task (K-shot)
+    train_shots: int = 10  # images per class of a meta-training task
+    meta_batch: int = 5  # tasks per meta-iteration
+    meta_iterations: int = 100000
+    iterations: int = 5  # inner Adam steps per meta-training task
+    batch: int = 10  # inner mini-batch size
+    lr: float = 0.001  # inner Adam learning rate (beta1 = 0)
+    meta_lr: float = 1.0  # meta-step size at the start...
+    meta_lr_final: float = 0.0  # ...annealed linearly to this at the end
+    test_iterations: int = 50  # Adam steps on a test task
+    test_batch: int = 5  # mini-batch size on a test task
+    transductive: bool = False  # classify a test task's queries together (else each with the support images)
+
+
+# ----------------------------------------------------------------------------- the inner loop
+
+def inner_batches(num_images: int, batch: int, steps: int, generator: torch.Generator) -> torch.Tensor:
+    """(steps, batch) image indices: shuffled passes over the task's images, walked in order (a batch may span two)."""
+    passes = math.ceil(batch * steps / num_images)
+    order = torch.cat([torch.randperm(num_images, generator=generator) for _ in range(passes)])
+    return order[:batch * steps].view(steps, batch)
+
+
+def adapt(model: OmniglotModel, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+          steps: int, batch: int, generator: torch.Generator) -> None:
+    """Train `model` on one task's images with `steps` Adam steps of mini-batches of `batch`."""
+    for indices in inner_batches(len(images), batch, steps, generator).to(images.device):
+        loss = torch.nn.functional.nll_loss(model(images[indices]), labels[indices], reduction=LOSS_REDUCTION)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def prepare_model(model: OmniglotModel, device: str) -> OmniglotModel:
+    """The model on `device`, its convolution weights channels-last (faster small convolutions)."""
+    return model.to(device, memory_format=torch.channels_last)
+
+
+def make_learner(model: OmniglotModel, lr: float) -> tuple[OmniglotModel, torch.optim.Adam]:
+    """A copy of `model` to adapt to tasks, and its inner Adam (beta1 = 0, as in the paper)."""
+    learner = model.clone()
+    return learner, torch.optim.Adam(learner.parameters(), lr=lr, betas=(0.0, 0.999), fused=True)
+
+
+def copy_weights(source: OmniglotModel, destination: OmniglotModel) -> None:
+    """Overwrite the parameters of `destination` with those of `source`."""
+    with torch.no_grad():
+        for param, source_param in zip(destination.parameters(), source.parameters()):
+            param.copy_(source_param)
+
+
+# ----------------------------------------------------------------------------- the meta-iteration
+
+def adapt_to_tasks(meta_model: OmniglotModel, learner: OmniglotModel, inner_optimizer: torch.optim.Optimizer,
+                   mean_model: OmniglotModel, sampler: omniglot.TaskSampler, hp: Hyperparameters, tasks: int,
+                   generator: torch.Generator) -> None:
+    """Adapt the meta-model to `tasks` new tasks in turn; set mean_model to the sum of the results / meta-batch."""
+    with torch.no_grad():
+        for param in mean_model.parameters():
+            param.zero_()
+    for _ in range(tasks):
+        task = sampler.sample(hp.classes, hp.train_shots, 0, generator)
+        copy_weights(meta_model, learner)
+        # The inner Adam's state is not reset: as in the paper's code it lives on from task to task.
+        adapt(learner, inner_optimizer, task.support_images, task.support_labels, hp.iterations, hp.batch, generator)
+        with torch.no_grad():
+            for mean, param in zip(mean_model.parameters(), learner.parameters()):
+                mean.add_(param, alpha=1 / hp.meta_batch)
+
+
+def meta_step(meta_model: OmniglotModel, mean_model: OmniglotModel, meta_optimizer: torch.optim.Optimizer,
+              step_size: float) -> None:
+    """Move the meta-model `step_size` of the way to mean_model: the Reptile update."""
+    for group in meta_optimizer.param_groups:
+        group["lr"] = step_size
+    meta_model.point_grad_to(mean_model)
+    meta_optimizer.step()
+
+
+def meta_step_size(iteration: int, hp: Hyperparameters) -> float:
+    """The meta-step at `iteration`, annealed linearly from meta_lr to meta_lr_final across meta_iterations."""
+    done = iteration / hp.meta_iterations
+    return done * hp.meta_lr_final + (1 - done) * hp.meta_lr
+
+
+def train_step(meta_model: OmniglotModel, learner: OmniglotModel, inner_optimizer: torch.optim.Optimizer,
+               mean_model: OmniglotModel, meta_optimizer: torch.optim.Optimizer, sampler: omniglot.TaskSampler,
+               hp: Hyperparameters, step_size: float, generator: torch.Generator, tasks: Optional[int] = None,
+               all_reduce: Optional[Callable[[torch.Tensor], None]] = None) -> None:
+    """One meta-iteration: adapt the meta-model to each task of a meta-batch, then step towards the mean result.
+
+    Shared between processes, each adapts `tasks` of the meta-batch and `all_reduce` sums their shares in place.
+    """
+    adapt_to_tasks(meta_model, learner, inner_optimizer, mean_model, sampler, hp,
+                   hp.meta_batch if tasks is None else tasks, generator)
+    if all_reduce is not None:
+        with torch.no_grad():
+            means = list(mean_model.parameters())
+            total = torch.cat([mean.reshape(-1) for mean in means])
+            all_reduce(total)
+            for mean, summed in zip(means, total.split([mean.numel() for mean in means])):
+                mean.copy_(summed.view(mean.shape))
+    meta_step(meta_model, mean_model, meta_optimizer, step_size)
+
+
+# ----------------------------------------------------------------------------- test tasks
+
+def task_seeds(tasks: int, generator: torch.Generator) -> list[int]:
+    """One seed per evaluation task, so tasks can be evaluated in any order or process."""
+    return torch.randint(2 ** 62, (tasks,), generator=generator).tolist()
+
+
+def adapt_to_test_task(model: OmniglotModel, learner: OmniglotModel, optimizer: torch.optim.Optimizer,
+                       adam_state: dict, task: omniglot.Task, hp: Hyperparameters,
+                       generator: torch.Generator) -> None:
+    """Set `learner` to the meta-weights of `model`, then adapt it to a test task's support images."""
+    copy_weights(model, learner)
+    # Every test task starts from the training Adam state; load_state_dict would share its tensors.
+    optimizer.load_state_dict(copy.deepcopy(adam_state))
+    adapt(learner, optimizer, task.support_images, task.support_labels, hp.test_iterations, hp.test_batch,
+          generator)
+
+
+def classify_queries(learner: OmniglotModel, task: omniglot.Task, transductive: bool) -> torch.Tensor:
+    """Log-probabilities of a task's queries: all in one batch (transductive), or each with the support images."""
+    # Evaluation workers turn oneDNN off for the small adaptation batches; on these larger ones it is faster
+    # (20-way 5-shot: 20 batches of 101 images). allow_tf32=None leaves that setting alone (setting it warns).
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=True, allow_tf32=None):
+        if transductive:
+            return learner(task.query_images)
+        # Each query in a batch with the support images: queries never share BatchNorm statistics.
+        return torch.cat([learner(torch.cat([task.support_images, query[None]]))[-1:] for query in task.query_images])
+
+
+def evaluate_tasks(meta_state: dict, adam_state: dict, sampler: omniglot.TaskSampler, hp: Hyperparameters,
+                   seeds: list[int]) -> list[tuple[int, float]]:
+    """(correct queries, mean query loss) of one test task per seed, each adapted from the meta-weights."""
+    model = prepare_model(OmniglotModel(hp.classes), sampler.images.device)
+    model.load_state_dict(meta_state)
+    learner, optimizer = make_learner(model, hp.lr)
+    results = []
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(seed)
+        task = sampler.sample(hp.classes, hp.shots, 1, generator)
+        adapt_to_test_task(model, learner, optimizer, adam_state, task, hp, generator)
+        log_probs = classify_queries(learner, task, hp.transductive)
+        correct = (learner.predict(log_probs) == task.query_labels).sum().item()
+        results.append((correct, torch.nn.functional.nll_loss(log_probs, task.query_labels).item()))
+    return results
+
+
+def evaluate_tasks_together(meta_state: dict, adam_state: dict, sampler: omniglot.TaskSampler, hp: Hyperparameters,
+                            seeds: list[int]) -> list[tuple[int, float]]:
+    """evaluate_tasks, with all the tasks adapted side by side as one computation vmapped over tasks (for GPUs)."""
+    device = sampler.images.device
+    model = OmniglotModel(hp.classes).to(device)
+    tasks, batches = [], []
+    for seed in seeds:  # the same draws, in the same order, as evaluate_tasks
+        generator = torch.Generator().manual_seed(seed)
+        tasks.append(sampler.sample(hp.classes, hp.shots, 1, generator))
+        batches.append(inner_batches(hp.classes * hp.shots, hp.test_batch, hp.test_iterations, generator))
+    support, support_labels, queries, query_labels = (torch.stack(part) for part in zip(*tasks))
+    batches = torch.stack(batches).to(device)  # (tasks, steps, batch)
+    count = len(seeds)
+    # Contiguous, not channels-last: vmapped BatchNorm on CUDA does not support channels-last tensors.
+    params = {name: value.to(device).expand(count, *value.shape).contiguous() for name, value in meta_state.items()}
+    # Each task starts from the training Adam state (beta1 = 0: no first moment, step = lr * g / (sqrt(v) + eps)).
+    names = [name for name, _ in model.named_parameters()]
+    saved = adam_state["state"]
+    squares = {name: saved[i]["exp_avg_sq"].to(device).expand_as(params[name]).contiguous() if i in saved
+               else torch.zeros_like(params[name]) for i, name in enumerate(names)}
+    steps_done = float(saved[0]["step"]) if saved else 0.0
+    group = adam_state["param_groups"][0]
+    lr, (_, beta2), eps = group["lr"], group["betas"], group["eps"]
+
+    def loss(task_params: dict, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.nll_loss(torch.func.functional_call(model, task_params, (images,)), labels,
+                                            reduction=LOSS_REDUCTION)
+
+    task_gradients = torch.func.vmap(torch.func.grad(loss))
+    rows = torch.arange(count, device=device)[:, None]
+    for step in range(hp.test_iterations):
+        indices = batches[:, step]
+        gradients = task_gradients(params, support[rows, indices], support_labels[rows, indices])
+        correction = math.sqrt(1 - beta2 ** (steps_done + step + 1))
+        with torch.no_grad():
+            for name, gradient in gradients.items():
+                squares[name].mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
+                params[name].addcdiv_(gradient, (squares[name].sqrt() / correction).add_(eps), value=-lr)
+
+    forward = torch.func.vmap(lambda task_params, images: torch.func.functional_call(model, task_params, (images,)))
+    with torch.no_grad():
+        if hp.transductive:
+            log_probs = forward(params, queries)  # (tasks, classes, classes)
+        else:  # each query in a batch with its task's support images, one query position at a time
+            log_probs = torch.stack([forward(params, torch.cat([support, queries[:, q:q + 1]], dim=1))[:, -1]
+                                     for q in range(queries.shape[1])], dim=1)
+        correct = (log_probs.argmax(dim=2) == query_labels).sum(dim=1)
+        losses = torch.nn.functional.nll_loss(log_probs.transpose(1, 2), query_labels, reduction="none").mean(dim=1)
+    return list(zip(correct.tolist(), losses.tolist()))
+
+
+def confidence_interval(accuracies: np.ndarray) -> float:
+    """Half-width of the normal-approximation 95% confidence interval of the mean of per-task accuracies."""
+    return 1.96 * accuracies.std(ddof=1) / math.sqrt(len(accuracies)) if len(accuracies) > 1 else float("nan")

@@ -1,0 +1,88 @@
+"""A run folder: its checkpoints (checkpoint/check-<meta-iteration>.pth) and results.json, written atomically."""
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from utils import UserError, gather, list_checkpoints, rank, read_json, write_atomically, write_json
+
+PROGRAM = "reptile-omniglot"  # marks checkpoints written by train_omniglot.py
+
+
+def save_checkpoint(logdir: Path, iteration: int, meta_model: torch.nn.Module, meta_optimizer: torch.optim.Optimizer,
+                    inner_optimizer: torch.optim.Optimizer, generators: dict, recent: dict, settings: dict,
+                    keep: int) -> Path:
+    """Write checkpoint/check-<iteration>.pth atomically; keep the newest `keep` and those results.json reports on.
+
+    Under torchrun only the first process writes.
+    """
+    folder = logdir / "checkpoint"
+    path = folder / f"check-{iteration}.pth"
+    own = {"inner_optimizer": inner_optimizer.state_dict(),
+           "generators": {name: generator.get_state() for name, generator in generators.items()}}
+    first, *others = gather(own)
+    if rank() != 0:
+        return path
+    state = {
+        "program": PROGRAM,
+        "meta_iteration": iteration,
+        "meta_net": meta_model.state_dict(),
+        "meta_optimizer": meta_optimizer.state_dict(),
+        **first,
+        "other_processes": others,  # under torchrun: the inner state of the processes after the first
+        "recent_accuracies": recent,  # the validation accuracies that the next logged means average over
+        "args": settings,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, lambda file: torch.save(state, file))
+    evaluated = evaluated_checkpoints(logdir)
+    for old in list_checkpoints(folder)[:-keep]:
+        if Path(old).name not in evaluated:
+            Path(old).unlink()
+    return path
+
+
+def evaluated_checkpoints(logdir: Path) -> set[str]:
+    """File names of the checkpoints that the run's results.json reports on."""
+    return {Path(entry["checkpoint"]).name for entry in read_results(logdir).values() if "checkpoint" in entry}
+
+
+def read_results(logdir: Path) -> dict:
+    """The run's results.json, or {} if it has none yet."""
+    results_path = logdir / "results.json"
+    return read_json(results_path) if results_path.is_file() else {}
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint written by this script, or a UserError that says what is wrong with the file."""
+    if not Path(path).is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        with warnings.catch_warnings():  # a damaged file may first trigger warnings about its contents
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many kinds of error on damaged files
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"checkpoint {path} is unreadable ({reason[:120]})") from None
+    if not isinstance(state, dict) or state.get("program") != PROGRAM:
+        raise UserError(f"{path} is not a checkpoint of train_omniglot.py")
+    return state
+
+
+def latest_good_checkpoint(logdir: Path) -> Optional[dict]:
+    """The newest readable checkpoint of the run, skipping (and reporting) damaged ones; None if there is none."""
+    for path in reversed(list_checkpoints(logdir / "checkpoint")):
+        try:
+            return load_checkpoint(path)
+        except UserError as error:
+            print(f"warning: {error}; trying the previous checkpoint", file=sys.stderr)
+    return None
+
+
+def record_result(logdir: Path, key: str, result: dict) -> None:
+    """Set one entry of the run's results.json."""
+    results = read_results(logdir)
+    results[key] = result
+    write_json(logdir / "results.json", results)
