@@ -17,7 +17,7 @@ from PIL import Image
 from torchvision.datasets.utils import check_md5, download_url, extract_archive
 from tqdm import tqdm
 
-from utils import UserError, list_dir, list_files, read_json, write_atomically, write_json
+from utils import UserError, list_dir, list_files, read_json, reason, save_atomically, write_json
 
 URL = "https://github.com/brendenlake/omniglot/raw/master/python/"
 LAKE_ARCHIVE = "all_runs.zip"  # Lake et al.'s one-shot benchmark, read by lake.py; it may lie in the data folder
@@ -57,6 +57,9 @@ def fetch_archive(url: str, md5: str, data_dir: Path, mirror: Optional[str]) -> 
     """The zip at `url`, from the mirror folder (same file name) or downloaded; and whether it was downloaded."""
     file_name = url.rsplit("/", 1)[1]
     if mirror:
+        if not Path(mirror).is_dir():
+            raise UserError(f"the mirror {mirror} ({MIRROR_VARIABLE} or --omniglot-mirror) is not a folder; it must be "
+                            f"a folder holding {file_name}, a copy of {url}")
         path = Path(mirror) / file_name
         if not path.is_file():
             raise UserError(f"{path} not found: the mirror folder ({MIRROR_VARIABLE} or --omniglot-mirror) "
@@ -105,10 +108,16 @@ def extract_checked(archive: Path, name: str, staging: Path, downloaded: bool) -
 def prepare_data(data_dir: str, mirror: Optional[str] = None) -> Path:
     """Make `data_dir` hold all 50 alphabets (ALPHABET/characterNN/*.png), downloading or extracting if needed."""
     data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise UserError(f"the data folder {data_dir} is a file; give --data a folder (it is filled when missing)")
     if (data_dir / MARKER).is_file():
         return data_dir
     mirror = mirror or os.environ.get(MIRROR_VARIABLE)
-    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create the data folder {data_dir} ({reason(error)}); give --data a folder you can "
+                        f"write to") from None
     staging = data_dir / ".extracting"
     shutil.rmtree(staging, ignore_errors=True)
     archives = {name: fetch_archive(f"{URL}{name}.zip", info.md5, data_dir, mirror) for name, info in SETS.items()}
@@ -194,8 +203,7 @@ def load_images(data_dir: Path) -> tuple[list[str], torch.Tensor]:
     images = torch.empty(len(characters), DRAWERS, IMAGE_SIZE, IMAGE_SIZE)
     for index, character_files in enumerate(tqdm(files.values(), desc="decoding images", unit="char", leave=False)):
         images[index] = torch.from_numpy(np.stack([read_image(f) for f in character_files]))
-    write_atomically(cache, lambda file: torch.save({"characters": characters, "images": images.to(torch.uint8)},
-                                                    file))
+    save_atomically(cache, {"characters": characters, "images": images.to(torch.uint8)})
     return characters, images
 
 

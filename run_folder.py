@@ -1,4 +1,8 @@
-"""A run folder: its checkpoints (checkpoint/check-<meta-iteration>.pth) and results.json, written atomically."""
+"""A run folder: its checkpoints (checkpoint/check-<meta-iteration>.pth) and results.json, written atomically, and
+the lock that lets one training process at a time write it."""
+import contextlib
+import fcntl
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -6,9 +10,54 @@ from typing import Optional
 
 import torch
 
-from utils import UserError, gather, list_checkpoints, rank, read_json, write_atomically, write_json
+from utils import UserError, WriteError, gather, list_checkpoints, rank, read_json, reason, save_atomically, write_json
 
 PROGRAM = "reptile-omniglot"  # marks checkpoints written by train_omniglot.py
+LOCK = ".lock"  # held by the process that trains the run; it holds that process's id while it does
+RESULTS_LOCK = ".results.lock"  # held while results.json is read, changed and written back
+
+
+@contextlib.contextmanager
+def training_lock(logdir: Path):
+    """Hold the run folder for one training process; another one is refused at once with a UserError.
+
+    The operating system releases the lock when the process ends, however it ends (kill -9 included).
+    """
+    try:
+        logdir.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(logdir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise UserError(f"cannot use {logdir} as the run folder ({reason(error)}); give a folder you can write "
+                        f"to") from None
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
+            raise UserError(f"{logdir} is being trained by another process{f' (pid {holder})' if holder else ''}; "
+                            f"wait for it to end or stop it, or choose another logdir") from None
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, str(os.getpid()).encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(descriptor, 0)  # the process id goes; the file stays, so that no two locks exist at once
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+@contextlib.contextmanager
+def results_lock(logdir: Path):
+    """Wait for, then hold, the run's results.json for one read-change-write (trainer and --eval-only alike)."""
+    try:
+        descriptor = os.open(logdir / RESULTS_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise WriteError(f"cannot write {logdir / 'results.json'} ({reason(error)})") from None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
 
 
 def save_checkpoint(logdir: Path, iteration: int, meta_model: torch.nn.Module, meta_optimizer: torch.optim.Optimizer,
@@ -36,7 +85,7 @@ def save_checkpoint(logdir: Path, iteration: int, meta_model: torch.nn.Module, m
         "args": settings,
     }
     folder.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, lambda file: torch.save(state, file))
+    save_atomically(path, state)
     evaluated = evaluated_checkpoints(logdir)
     for old in list_checkpoints(folder)[:-keep]:
         if Path(old).name not in evaluated:
@@ -57,6 +106,9 @@ def read_results(logdir: Path) -> dict:
 
 def load_checkpoint(path: str) -> dict:
     """A checkpoint written by this script, or a UserError that says what is wrong with the file."""
+    if Path(path).is_dir():
+        raise UserError(f"checkpoint {path} is a folder; give a checkpoint file, such as LOGDIR/checkpoint/"
+                        f"check-1000.pth")
     if not Path(path).is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
@@ -64,8 +116,7 @@ def load_checkpoint(path: str) -> dict:
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many kinds of error on damaged files
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"checkpoint {path} is unreadable ({reason[:120]})") from None
+        raise UserError(f"checkpoint {path} is unreadable ({reason(error)[:120]})") from None
     if not isinstance(state, dict) or state.get("program") != PROGRAM:
         raise UserError(f"{path} is not a checkpoint of train_omniglot.py")
     return state
@@ -82,7 +133,8 @@ def latest_good_checkpoint(logdir: Path) -> Optional[dict]:
 
 
 def record_result(logdir: Path, key: str, result: dict) -> None:
-    """Set one entry of the run's results.json."""
-    results = read_results(logdir)
-    results[key] = result
-    write_json(logdir / "results.json", results)
+    """Set one entry of the run's results.json, keeping the entries that other processes write meanwhile."""
+    with results_lock(logdir):
+        results = read_results(logdir)
+        results[key] = result
+        write_json(logdir / "results.json", results)

@@ -15,6 +15,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -33,7 +34,7 @@ from models import OmniglotModel
 from reptile import Hyperparameters
 from utils import (HelpFormatter, OneLineParser, UserError, any_process, checkpoint_iteration, find_latest_file,
                    gather, non_negative_float, non_negative_int, positive_float, positive_int, processes, rank,
-                   read_json, write_json)
+                   read_json, reason, write_json, WriteError)
 
 # Flags that fix what a run learns: a resumed run must keep them (--meta-iterations may grow).
 TRAINING_FLAGS = ("classes", "shots", "train_shots", "meta_batch", "iterations", "batch", "lr", "meta_lr",
@@ -146,6 +147,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             setattr(args, name, value)
             given.add(name)
     args.logdir = args.logdir or f"runs/{args.classes}way{args.shots}shot"
+    if Path(args.logdir).exists() and not Path(args.logdir).is_dir():
+        raise UserError(f"the run folder {args.logdir} is a file; give a folder (a new one, or an earlier run's)")
     saved_path = Path(args.logdir) / "args.json"
     if saved_path.is_file():
         saved = read_json(saved_path)
@@ -367,39 +370,62 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    hp = hyperparameters(args)
-    logdir = Path(args.logdir)
     first = join_torchrun(args) == 0  # under torchrun, only the first process writes logs, checkpoints and results
     if args.eval_only:
-        checkpoint_path = args.checkpoint or find_latest_file(logdir / "checkpoint")
-        if checkpoint_path is None:
-            raise UserError(f"--eval-only: {logdir} holds no checkpoint; train first, or give --checkpoint FILE")
-        state = run_folder.load_checkpoint(checkpoint_path)
+        return evaluate_checkpoint(args, first)
+    # One training process per run folder: under torchrun the first process holds it for all of them.
+    with run_folder.training_lock(Path(args.logdir)) if first else contextlib.nullcontext():
+        return train(args, argv, first)
+
+
+def load_samplers(args: argparse.Namespace, first: bool) -> tuple[dict, dict, Path]:
+    """The run's task samplers {"meta-test": ..., "meta-train": ...}, its split, and the data folder."""
     if not first:
         torch.distributed.barrier()  # the first process prepares the data folder alone
     data_dir = omniglot.prepare_data(args.data, args.omniglot_mirror)
     train_sampler, test_sampler, split = load_split(args, data_dir)
     if first and processes() > 1:
         torch.distributed.barrier()
+    return {"meta-test": test_sampler, "meta-train": train_sampler}, split, data_dir
 
+
+def new_model(args: argparse.Namespace) -> tuple[OmniglotModel, OmniglotModel, torch.optim.Optimizer]:
+    """The meta-model at its seeded initialisation, the learner adapted to each task in turn, and its inner Adam."""
     torch.manual_seed(args.seed)
-    meta_model = reptile.prepare_model(OmniglotModel(hp.classes), args.device)
-    learner, inner_optimizer = reptile.make_learner(meta_model, hp.lr)  # adapted to each task in turn
-    samplers = {"meta-test": test_sampler, "meta-train": train_sampler}
+    meta_model = reptile.prepare_model(OmniglotModel(args.classes), args.device)
+    return meta_model, *reptile.make_learner(meta_model, args.lr)
 
-    if args.eval_only:
-        meta_model.load_state_dict(state["meta_net"])
-        inner_optimizer.load_state_dict(state["inner_optimizer"])
-        if first:
-            print(f"evaluating {checkpoint_path} (meta-iteration {state['meta_iteration']})")
-        if args.eval_lake:
-            lake_evaluation(meta_model, inner_optimizer, args, state["meta_iteration"], checkpoint_path, split,
-                            data_dir)
-        else:
-            final_evaluation(meta_model, inner_optimizer, samplers, args, state["meta_iteration"], checkpoint_path,
-                             split)
-        return 0
 
+def all_finite(tensors) -> bool:
+    """Whether every value of the tensors is finite (one check; a sum overflows only on absurd magnitudes)."""
+    return bool(torch.stack([tensor.detach().sum() for tensor in tensors]).isfinite().all())
+
+
+def evaluate_checkpoint(args: argparse.Namespace, first: bool) -> int:
+    """--eval-only and --eval-lake: evaluate a checkpoint of the run and record the result."""
+    checkpoint_path = args.checkpoint or find_latest_file(Path(args.logdir) / "checkpoint")
+    if checkpoint_path is None:
+        raise UserError(f"--eval-only: {args.logdir} holds no checkpoint; train first, or give --checkpoint FILE")
+    state = run_folder.load_checkpoint(checkpoint_path)
+    samplers, split, data_dir = load_samplers(args, first)
+    meta_model, _, inner_optimizer = new_model(args)
+    meta_model.load_state_dict(state["meta_net"])
+    inner_optimizer.load_state_dict(state["inner_optimizer"])
+    if first:
+        print(f"evaluating {checkpoint_path} (meta-iteration {state['meta_iteration']})")
+    if args.eval_lake:
+        lake_evaluation(meta_model, inner_optimizer, args, state["meta_iteration"], checkpoint_path, split, data_dir)
+    else:
+        final_evaluation(meta_model, inner_optimizer, samplers, args, state["meta_iteration"], checkpoint_path, split)
+    return 0
+
+
+def train(args: argparse.Namespace, argv: list[str], first: bool) -> int:
+    """Meta-train from the run's newest checkpoint (or the start) to --meta-iterations, then evaluate."""
+    hp = hyperparameters(args)
+    logdir = Path(args.logdir)
+    samplers, split, _ = load_samplers(args, first)
+    meta_model, learner, inner_optimizer = new_model(args)
     mean_model = meta_model.clone()  # holds the mean of the adapted weights of a meta-batch
     meta_optimizer = torch.optim.SGD(meta_model.parameters(), lr=hp.meta_lr)
     # Under torchrun each process draws its own tasks and keeps its own inner Adam state.
@@ -407,7 +433,6 @@ def main(argv: list[str]) -> int:
                   "validation": stream(args.seed, VALIDATION_STREAM)}
     recent = {"meta-train": [], "meta-test": []}  # accuracies of the last RECENT_TASKS validation tasks
     if first:
-        logdir.mkdir(parents=True, exist_ok=True)
         write_json(logdir / "args.json", saved_args(args))
         write_json(logdir / "split.json", split)
     start = 0
@@ -448,20 +473,33 @@ def main(argv: list[str]) -> int:
         interrupted.append(signum)
 
     previous_handlers = {signum: signal.signal(signum, on_interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
-    # Points logged after the checkpoint by an interrupted run are dropped, so none is duplicated.
-    writer = SummaryWriter(str(logdir), purge_step=start + 1) if first else None
+    # TensorBoard's writer thread reports a failed write (OSError) to this thread, which says it in one line; the
+    # thread's own traceback would only repeat it.
+    previous_hook = threading.excepthook
+    threading.excepthook = lambda hook: None if issubclass(hook.exc_type, OSError) else previous_hook(hook)
+    resume = f"{'python' if processes() == 1 else f'torchrun --nproc_per_node={processes()}'} train_omniglot.py " \
+             f"{shlex.join(argv)}"
     # Under torchrun each process adapts its share of the tasks (5 over 2 processes: 3 and 2), and one all-reduce
     # sums the shares into the mean.
     share = len(range(rank(), hp.meta_batch, processes()))
     all_reduce = torch.distributed.all_reduce if processes() > 1 else None
-    progress = tqdm(range(start, hp.meta_iterations), initial=start, total=hp.meta_iterations,
-                    desc="meta-training", unit="it", dynamic_ncols=True, disable=not first)
+    progress = tqdm(initial=start, total=hp.meta_iterations, desc="meta-training", unit="it", dynamic_ncols=True,
+                    disable=not first)
+    writer = None
     try:
-        for iteration in progress:
+        # Points logged after the checkpoint by an interrupted run are dropped, so none is duplicated.
+        writer = SummaryWriter(str(logdir), purge_step=start + 1) if first else None
+        for iteration in range(start, hp.meta_iterations):
             step_size = reptile.meta_step_size(iteration, hp)
-            reptile.train_step(meta_model, learner, inner_optimizer, mean_model, meta_optimizer, train_sampler, hp,
-                               step_size, generators["train"], share, all_reduce)
+            reptile.train_step(meta_model, learner, inner_optimizer, mean_model, meta_optimizer, samplers["meta-train"],
+                               hp, step_size, generators["train"], share, all_reduce)
             done = iteration + 1
+            progress.update()
+            if not all_finite([*meta_model.parameters(), *(s["exp_avg_sq"] for s in inner_optimizer.state.values())]):
+                raise UserError(f"meta-iteration {done}: the meta-weights or the inner Adam state became NaN or "
+                                f"infinite; the inner learning rate (--lr {hp.lr}) or the meta-step (--meta-lr "
+                                f"{hp.meta_lr}) is likely too large. Nothing non-finite was written ({kept(logdir)}); "
+                                f"train with smaller values in a new logdir")
             stop = any_process(bool(interrupted))
             if done % args.validate_every == 0 and first:
                 for name in samplers:
@@ -481,20 +519,33 @@ def main(argv: list[str]) -> int:
                                                                  saved_args(args), args.keep))
             if stop:
                 progress.close()
-                launcher = "python" if processes() == 1 else f"torchrun --nproc_per_node={processes()}"
                 if first:
                     print(f"interrupted at meta-iteration {done}; checkpoint saved to {checkpoint_path}\n"
-                          f"resume with: {launcher} train_omniglot.py {shlex.join(argv)}", file=sys.stderr)
+                          f"resume with: {resume}", file=sys.stderr)
                 return 128 + (interrupted[0] if interrupted else signal.SIGTERM)
+    except OSError as error:  # TensorBoard's writer could not write its events (a full disk, no permission)
+        raise UserError(f"cannot write the TensorBoard events in {logdir} ({reason(error)}); {kept(logdir)}; once "
+                        f"the cause is fixed, resume with: {resume}") from None
+    except WriteError as error:
+        raise UserError(f"{error}; {kept(logdir)}; once the cause is fixed, resume with: {resume}") from None
     finally:
+        progress.leave = sys.exc_info()[0] is None  # an error's one line takes the progress bar's place
         progress.close()
         if writer:
-            writer.close()
+            with contextlib.suppress(OSError):  # already reported
+                writer.close()
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
+        threading.excepthook = previous_hook
 
     final_evaluation(meta_model, inner_optimizer, samplers, args, hp.meta_iterations, checkpoint_path, split)
     return 0
+
+
+def kept(logdir: Path) -> str:
+    """What a run that stops on a failure keeps: its newest checkpoint, named."""
+    newest = find_latest_file(logdir / "checkpoint")
+    return f"the newest good checkpoint, {newest}, is kept" if newest else "no checkpoint had been written yet"
 
 
 def run(argv: list[str]) -> int:

@@ -1,7 +1,9 @@
 """Small helpers: listing folders and files, finding the latest checkpoint, writing files atomically, command-line
 parsing, and the process group under torchrun."""
 import argparse
+import io
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -12,7 +14,7 @@ from torchvision.datasets.utils import list_dir, list_files
 
 __all__ = [
     "list_dir", "list_files", "checkpoint_iteration", "list_checkpoints", "find_latest_file",
-    "UserError", "write_atomically", "write_json", "read_json",
+    "UserError", "WriteError", "write_atomically", "save_atomically", "reason", "write_json", "read_json",
     "number", "positive_int", "non_negative_int", "positive_float", "non_negative_float", "OneLineParser",
     "HelpFormatter", "processes", "rank", "any_process", "gather",
 ]
@@ -43,15 +45,39 @@ class UserError(Exception):
     """A problem the user must fix (bad flag, missing data, damaged file); the message says how."""
 
 
+class WriteError(UserError):
+    """A file that could not be written (a full disk, no permission); nothing half-written was left."""
+
+
 def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """Write a file through `write(file)` under a temporary name, then rename it into place."""
+    """Write a file through `write(file)` under a temporary name, then rename it into place.
+
+    A failed write removes the temporary file and raises a WriteError that names the file and the reason.
+    """
     path = Path(path)
     temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as file:
-        write(file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise WriteError(f"cannot write {path} ({reason(error)})") from None
+
+
+def save_atomically(path: str, data: Any) -> None:
+    """torch.save `data` to `path` atomically (serialized in memory first, so a failed write names its reason)."""
+    serialized = io.BytesIO()
+    torch.save(data, serialized)
+    write_atomically(path, lambda file: file.write(serialized.getbuffer()))
+
+
+def reason(error: Exception) -> str:
+    """The first line of an exception's message, e.g. "No space left on device"."""
+    text = getattr(error, "strerror", None) or str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:160]
 
 
 def write_json(path: str, data: Any) -> None:
@@ -68,11 +94,13 @@ def read_json(path: str) -> Any:
 
 
 def number(kind: type, minimum: float, strict: bool = False):
-    """An argparse type: a number of `kind` at least `minimum` (above it, if strict)."""
+    """An argparse type: a finite number of `kind` at least `minimum` (above it, if strict)."""
     def parse(text: str):
         value = kind(text)
         if not (value > minimum if strict else value >= minimum):  # also refuses NaN
             raise argparse.ArgumentTypeError(f"must be {'above' if strict else 'at least'} {minimum}, got {text}")
+        if not math.isfinite(value):  # an infinite learning rate or meta-step can never train
+            raise argparse.ArgumentTypeError(f"must be finite, got {text}")
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its "invalid value" message
     return parse

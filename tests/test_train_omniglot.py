@@ -4,6 +4,8 @@ import json
 import os
 import random
 import re
+import resource
+import shlex
 import signal
 import subprocess
 import sys
@@ -179,6 +181,8 @@ BAD_INPUTS = {
     "negative learning rate": (["--lr", "-1"], "--lr"),
     "zero learning rate": (["--lr", "0"], "--lr"),
     "NaN meta-step": (["--meta-lr", "nan"], "--meta-lr"),
+    "infinite learning rate": (["--lr", "inf"], "--lr: must be finite"),
+    "infinite final meta-step": (["--meta-lr-final", "Infinity"], "--meta-lr-final: must be finite"),
     "not a number": (["--meta-batch", "five"], "--meta-batch"),
     "zero meta-batch": (["--meta-batch", "0"], "--meta-batch"),
     "negative meta-iterations": (["--meta-iterations", "-5"], "--meta-iterations"),
@@ -206,6 +210,10 @@ BAD_INPUTS = {
     "not our checkpoint": (["--eval-only", "--checkpoint", "{tmp}/other.pth"], "not a checkpoint of"),
     "damaged checkpoint": (["--eval-only", "--checkpoint", "{tmp}/damaged.pth"], "unreadable"),
     "missing data, no network, no mirror": (["--data", "{tmp}/nodata"], "OMNIGLOT_MIRROR"),
+    "data folder is a file": (["--data", "{tmp}/other.pth"], "the data folder {tmp}/other.pth is a file"),
+    "checkpoint is a folder": (["--eval-only", "--checkpoint", "{tmp}"], "checkpoint {tmp} is a folder"),
+    "mirror is a file": (["--data", "{tmp}/nodata", "--omniglot-mirror", "{tmp}/other.pth"],
+                         "the mirror {tmp}/other.pth (OMNIGLOT_MIRROR or --omniglot-mirror) is not a folder"),
 }
 
 
@@ -230,7 +238,7 @@ def test_bad_inputs_end_with_one_line_and_change_nothing(name, existing_run, dat
     argv, expected = BAD_INPUTS[name]
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pth")
     (tmp_path / "damaged.pth").write_bytes(b"\x80\x04 this is not a checkpoint")
-    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
+    argv, expected = [arg.replace("{tmp}", str(tmp_path)) for arg in argv], expected.replace("{tmp}", str(tmp_path))
     for variable, value in {**NO_NETWORK, omniglot.MIRROR_VARIABLE: ""}.items():
         monkeypatch.setenv(variable, value)
     before = snapshot(existing_run)
@@ -243,6 +251,122 @@ def test_bad_inputs_end_with_one_line_and_change_nothing(name, existing_run, dat
     assert len(lines) == 1 and expected in lines[0], lines
     assert lines[0].startswith("train_omniglot.py: error: ")
     assert snapshot(existing_run) == before
+
+
+def run_in_process(argv: list[str], capsys) -> tuple[int, list[str]]:
+    """T.run(argv) in this process: its status and the lines left on the terminal's stderr."""
+    try:
+        status = T.run(argv)
+    except SystemExit as exit:  # argparse's own errors
+        status = exit.code
+    return status, visible_lines(capsys.readouterr().err)
+
+
+def test_paths_of_the_wrong_kind_are_named_in_one_line(data_dir, tmp_path, monkeypatch, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    status, lines = run_in_process([str(a_file), "--data", str(data_dir), *TINY], capsys)
+    assert status == 2 and lines == [f"train_omniglot.py: error: the run folder {a_file} is a file; give a folder "
+                                     f"(a new one, or an earlier run's)"]
+    monkeypatch.setenv(omniglot.MIRROR_VARIABLE, str(a_file))
+    status, lines = run_in_process([str(tmp_path / "run"), "--data", str(tmp_path / "new-data"), *TINY], capsys)
+    assert status == 2 and len(lines) == 1 and f"the mirror {a_file} (OMNIGLOT_MIRROR" in lines[0]
+
+
+def test_a_second_trainer_is_refused_until_the_first_is_killed(script, run_script, existing_run, tmp_path):
+    logdir = tmp_path / "run"
+    argv, environment = script(str(logdir), *TINY, "--meta-iterations", "100000", "--check-every", "100000")
+    first = subprocess.Popen(argv, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not list(logdir.glob("events.out.tfevents.*")):  # training has begun
+            assert first.poll() is None, "the first run ended before it trained"
+            time.sleep(0.2)
+        second = run_script(str(logdir), *TINY)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert visible_lines(second.stderr) == [f"train_omniglot.py: error: {logdir} is being trained by another "
+                                                f"process (pid {first.pid}); wait for it to end or stop it, or "
+                                                f"choose another logdir"]
+        assert len(list(logdir.glob("events.out.tfevents.*"))) == 1  # the second one wrote nothing
+        # Evaluation of a folder in training still works (here of another run's checkpoint, as this one has none yet).
+        evaluation = run_script(str(logdir), "--eval-only", "--eval-tasks", "2", "--meta-test-only",
+                                "--checkpoint", str(existing_run / "checkpoint" / "check-6.pth"))
+        assert evaluation.returncode == 0, evaluation.stderr
+    finally:
+        first.kill()  # SIGKILL: the operating system releases the lock
+        first.wait()
+    again = run_script(str(logdir), *TINY)
+    assert again.returncode == 0, again.stderr
+
+
+def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(run_script, data_dir, tmp_path, monkeypatch,
+                                                                      capsys):
+    diverging = run_script(str(tmp_path / "diverging"), *TINY, "--lr", "1e30")
+    assert diverging.returncode == 2 and "Traceback" not in diverging.stderr
+    assert visible_lines(diverging.stderr) == [
+        "train_omniglot.py: error: meta-iteration 1: the meta-weights or the inner Adam state became NaN or infinite; "
+        "the inner learning rate (--lr 1e+30) or the meta-step (--meta-lr 1.0) is likely too large. Nothing "
+        "non-finite was written (no checkpoint had been written yet); train with smaller values in a new logdir"]
+    assert not (tmp_path / "diverging" / "checkpoint").exists()
+
+    # A run whose weights turn NaN in its 5th meta-iteration, after good checkpoints at 2 and 4.
+    real_train_step, calls = reptile.train_step, []
+
+    def train_step_that_fails_at_5(meta_model, *args, **kwargs):
+        real_train_step(meta_model, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 5:
+            with torch.no_grad():
+                next(meta_model.parameters()).view(-1)[0] = float("nan")
+
+    monkeypatch.setattr(reptile, "train_step", train_step_that_fails_at_5)
+    logdir = tmp_path / "run"
+    flags = [str(logdir), "--data", str(data_dir), *TINY, "--check-every", "2", "--workers", "1"]
+    status, lines = run_in_process(flags, capsys)
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("train_omniglot.py: error: meta-iteration 5: ")
+    assert f"the newest good checkpoint, {logdir / 'checkpoint' / 'check-4.pth'}, is kept" in lines[0]
+    assert sorted(p.name for p in (logdir / "checkpoint").iterdir()) == ["check-2.pth", "check-4.pth"]
+    state = run_folder.load_checkpoint(str(logdir / "checkpoint" / "check-4.pth"))
+    assert all(value.isfinite().all() for value in state["meta_net"].values())
+    monkeypatch.setattr(reptile, "train_step", real_train_step)
+    assert run_in_process(flags, capsys)[0] == 0  # resumes from check-4 and finishes
+
+
+def limit_file_size(size: int):
+    """A preexec_fn that makes every file the child writes fail beyond `size` bytes (File too large)."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+
+def test_a_failed_write_ends_in_one_line_leaves_no_temporary_file_and_resumes(script, run_script, tmp_path):
+    logdir = tmp_path / "run"
+    assert run_script(str(logdir), *TINY, "--meta-iterations", "3").returncode == 0  # check-3.pth
+    argv, environment = script(str(logdir), *TINY)
+    # A checkpoint is about 1.4 MB; the JSON files and events are far smaller.
+    failed = subprocess.run(argv, env=environment, capture_output=True, timeout=600,
+                            preexec_fn=limit_file_size(1_000_000))
+    stderr = failed.stderr.decode()  # not text mode, which would turn the progress bar's carriage returns into lines
+    assert failed.returncode == 2 and "Traceback" not in stderr
+    assert visible_lines(stderr) == [
+        f"train_omniglot.py: error: cannot write {logdir / 'checkpoint' / 'check-6.pth'} (File too large); the "
+        f"newest good checkpoint, {logdir / 'checkpoint' / 'check-3.pth'}, is kept; once the cause is fixed, resume "
+        f"with: python train_omniglot.py {shlex.join(argv[2:])}"]
+    assert not [path for path in logdir.rglob("*") if path.suffix == ".tmp"]
+    resumed = run_script(str(logdir), *TINY)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "meta-iteration 3 of 6" in resumed.stdout and (logdir / "checkpoint" / "check-6.pth").is_file()
+
+
+def test_a_failed_write_of_tensorboard_events_ends_in_one_line(script, loaded, tmp_path):
+    logdir = tmp_path / "run"  # `loaded`: the data folder's decoded-image cache (8 MB) is written beforehand
+    argv, environment = script(str(logdir), *TINY, "--meta-iterations", "100000", "--check-every", "100000",
+                               "--validate-every", "1")
+    # split.json (51 kB) fits; the event file outgrows the limit after about 80 meta-iterations.
+    failed = subprocess.run(argv, env=environment, capture_output=True, timeout=600,
+                            preexec_fn=limit_file_size(60_000))
+    stderr = failed.stderr.decode()
+    assert failed.returncode == 2 and "Traceback" not in stderr and "Exception in thread" not in stderr
+    assert visible_lines(stderr) == [
+        f"train_omniglot.py: error: cannot write the TensorBoard events in {logdir} (File too large); no checkpoint "
+        f"had been written yet; once the cause is fixed, resume with: python train_omniglot.py {shlex.join(argv[2:])}"]
 
 
 def test_eval_lake_scores_a_background_run_and_refuses_others(run_script, existing_run, tmp_path):

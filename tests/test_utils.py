@@ -45,6 +45,6 @@ def test_read_json_names_a_damaged_file(tmp_path):
 def test_number_flags_refuse_what_is_out_of_range():
     assert positive_int("1") == 1 and non_negative_int("0") == 0 and non_negative_float("0") == 0.0
     for parse, text in ((positive_int, "0"), (non_negative_int, "-1"), (positive_float, "0"),
-                        (positive_float, "nan")):
+                        (positive_float, "nan"), (positive_float, "inf"), (non_negative_float, "Infinity")):
         with pytest.raises(argparse.ArgumentTypeError, match=f"got {text}"):
             parse(text)
