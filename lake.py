@@ -55,7 +55,7 @@ def load_runs(data_dir: Path, mirror: Optional[str] = None) -> dict[str, omniglo
 def error_rates(meta_model: OmniglotModel, adam_state: dict, runs: dict[str, omniglot.Task],
                 hp: reptile.Hyperparameters, seeds: list[int], device: str) -> dict[str, np.ndarray]:
     """{mode: error rate in % of each run (rows) after each adaptation (columns, one per seed)}."""
-    learner, optimizer = reptile.make_learner(meta_model, hp.lr)
+    learner, optimizer = reptile.make_learner(meta_model, hp.lr, hp.inner_optimizer)
     errors = {mode: np.zeros((len(runs), len(seeds))) for mode in MODES}
     with tqdm(total=len(runs) * len(seeds), desc="Lake's runs", unit="task", leave=False) as bar:
         for index, task in enumerate(runs.values()):

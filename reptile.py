@@ -37,22 +37,41 @@ class Hyperparameters:
     test_iterations: int = 50  # Adam steps on a test task
     test_batch: int = 5  # mini-batch size on a test task
     transductive: bool = False  # classify a test task's queries together (else each with the support images)
+    algorithm: str = "reptile"  # or "fomaml": first-order MAML, the meta-update follows the last inner step alone
+    fomaml_tail: Optional[int] = None  # first-order MAML: images per class kept apart for the last inner step
+    inner_optimizer: str = "adam"  # or "sgd", plain gradient descent
+    replacement: bool = False  # each inner mini-batch a draw of its own (else shuffled passes over the images)
+    weight_decay: float = 1.0  # the weights are multiplied by this before each inner step (1: none)
 
 
 # ----------------------------------------------------------------------------- the inner loop
 
-def inner_batches(num_images: int, batch: int, steps: int, generator: torch.Generator) -> torch.Tensor:
-    """(steps, batch) image indices: shuffled passes over the task's images, walked in order (a batch may span two)."""
+def inner_batches(num_images: int, batch: int, steps: int, generator: torch.Generator,
+                  replacement: bool = False) -> torch.Tensor:
+    """(steps, batch) image indices: shuffled passes over the task's images, walked in order (a batch may span two);
+    with replacement, each batch is drawn on its own (no image twice within it, as the paper's code does)."""
+    if replacement:
+        return torch.stack([torch.randperm(num_images, generator=generator)[:batch] for _ in range(steps)])
     passes = math.ceil(batch * steps / num_images)
     order = torch.cat([torch.randperm(num_images, generator=generator) for _ in range(passes)])
     return order[:batch * steps].view(steps, batch)
 
 
-def adapt(model: OmniglotModel, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-          steps: int, batch: int, generator: torch.Generator) -> None:
-    """Train `model` on one task's images with `steps` Adam steps of mini-batches of `batch`."""
-    for indices in inner_batches(len(images), batch, steps, generator).to(images.device):
-        loss = torch.nn.functional.nll_loss(model(images[indices]), labels[indices], reduction=LOSS_REDUCTION)
+def mini_batches(images: torch.Tensor, labels: torch.Tensor,
+                 batches: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) of each row of image indices in `batches`."""
+    return [(images[indices], labels[indices]) for indices in batches.to(images.device)]
+
+
+def adapt(model: OmniglotModel, optimizer: torch.optim.Optimizer,
+          batches: list[tuple[torch.Tensor, torch.Tensor]], weight_decay: float = 1.0) -> None:
+    """Train `model` with one optimizer step on each mini-batch (images, labels) in turn."""
+    for images, labels in batches:
+        if weight_decay != 1.0:
+            with torch.no_grad():
+                for param in model.parameters():
+                    param.mul_(weight_decay)
+        loss = torch.nn.functional.nll_loss(model(images), labels, reduction=LOSS_REDUCTION)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -63,9 +82,12 @@ def prepare_model(model: OmniglotModel, device: str) -> OmniglotModel:
     return model.to(device, memory_format=torch.channels_last)
 
 
-def make_learner(model: OmniglotModel, lr: float) -> tuple[OmniglotModel, torch.optim.Adam]:
-    """A copy of `model` to adapt to tasks, and its inner Adam (beta1 = 0, as in the paper)."""
+def make_learner(model: OmniglotModel, lr: float,
+                 inner_optimizer: str = "adam") -> tuple[OmniglotModel, torch.optim.Optimizer]:
+    """A copy of `model` to adapt to tasks, and its inner optimizer: Adam (beta1 = 0, as in the paper) or SGD."""
     learner = model.clone()
+    if inner_optimizer == "sgd":
+        return learner, torch.optim.SGD(learner.parameters(), lr=lr)
     return learner, torch.optim.Adam(learner.parameters(), lr=lr, betas=(0.0, 0.999), fused=True)
 
 
@@ -78,21 +100,47 @@ def copy_weights(source: OmniglotModel, destination: OmniglotModel) -> None:
 
 # ----------------------------------------------------------------------------- the meta-iteration
 
+def task_mini_batches(sampler: omniglot.TaskSampler, hp: Hyperparameters,
+                      generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A new meta-training task, as the mini-batches (images, labels) of its inner steps in order.
+
+    With first-order MAML's tail, the last one is fomaml_tail images per class that no earlier step sees.
+    """
+    tail = hp.fomaml_tail if hp.algorithm == "fomaml" and hp.fomaml_tail else 0
+    task = sampler.sample(hp.classes, hp.train_shots - tail, tail, generator)
+    batches = inner_batches(len(task.support_images), hp.batch, hp.iterations - (1 if tail else 0), generator,
+                            hp.replacement)
+    return mini_batches(task.support_images, task.support_labels, batches) + (
+        [(task.query_images, task.query_labels)] if tail else [])
+
+
 def adapt_to_tasks(meta_model: OmniglotModel, learner: OmniglotModel, inner_optimizer: torch.optim.Optimizer,
                    mean_model: OmniglotModel, sampler: omniglot.TaskSampler, hp: Hyperparameters, tasks: int,
                    generator: torch.Generator) -> None:
-    """Adapt the meta-model to `tasks` new tasks in turn; set mean_model to the sum of the results / meta-batch."""
+    """Adapt the meta-model to `tasks` new tasks in turn; set mean_model to the sum of their targets / meta-batch.
+
+    A task's target is its adapted weights (Reptile), or the meta-weights moved by the change that the last inner
+    step made (first-order MAML).
+    """
     with torch.no_grad():
         for param in mean_model.parameters():
             param.zero_()
     for _ in range(tasks):
-        task = sampler.sample(hp.classes, hp.train_shots, 0, generator)
+        batches = task_mini_batches(sampler, hp, generator)
         copy_weights(meta_model, learner)
-        # The inner Adam's state is not reset: as in the paper's code it lives on from task to task.
-        adapt(learner, inner_optimizer, task.support_images, task.support_labels, hp.iterations, hp.batch, generator)
+        # The inner optimizer's state is not reset: as in the paper's code it lives on from task to task.
+        if hp.algorithm == "fomaml":
+            adapt(learner, inner_optimizer, batches[:-1], hp.weight_decay)
+            before_last = [param.detach().clone() for param in learner.parameters()]
+            adapt(learner, inner_optimizer, batches[-1:], hp.weight_decay)
+            targets = [meta + param.detach() - before for meta, param, before
+                       in zip(meta_model.parameters(), learner.parameters(), before_last)]
+        else:
+            adapt(learner, inner_optimizer, batches, hp.weight_decay)
+            targets = learner.parameters()
         with torch.no_grad():
-            for mean, param in zip(mean_model.parameters(), learner.parameters()):
-                mean.add_(param, alpha=1 / hp.meta_batch)
+            for mean, target in zip(mean_model.parameters(), targets):
+                mean.add_(target, alpha=1 / hp.meta_batch)
 
 
 def meta_step(meta_model: OmniglotModel, mean_model: OmniglotModel, meta_optimizer: torch.optim.Optimizer,
@@ -144,8 +192,8 @@ def adapt_to_test_task(model: OmniglotModel, learner: OmniglotModel, optimizer: 
     copy_weights(model, learner)
     # Every test task starts from the training Adam state; load_state_dict would share its tensors.
     optimizer.load_state_dict(copy.deepcopy(adam_state))
-    adapt(learner, optimizer, task.support_images, task.support_labels, hp.test_iterations, hp.test_batch,
-          generator)
+    batches = inner_batches(len(task.support_images), hp.test_batch, hp.test_iterations, generator, hp.replacement)
+    adapt(learner, optimizer, mini_batches(task.support_images, task.support_labels, batches), hp.weight_decay)
 
 
 def classify_queries(learner: OmniglotModel, task: omniglot.Task, transductive: bool) -> torch.Tensor:
@@ -164,7 +212,7 @@ def evaluate_tasks(meta_state: dict, adam_state: dict, sampler: omniglot.TaskSam
     """(correct queries, mean query loss) of one test task per seed, each adapted from the meta-weights."""
     model = prepare_model(OmniglotModel(hp.classes), sampler.images.device)
     model.load_state_dict(meta_state)
-    learner, optimizer = make_learner(model, hp.lr)
+    learner, optimizer = make_learner(model, hp.lr, hp.inner_optimizer)
     results = []
     for seed in seeds:
         generator = torch.Generator().manual_seed(seed)
@@ -185,7 +233,8 @@ def evaluate_tasks_together(meta_state: dict, adam_state: dict, sampler: omniglo
     for seed in seeds:  # the same draws, in the same order, as evaluate_tasks
         generator = torch.Generator().manual_seed(seed)
         tasks.append(sampler.sample(hp.classes, hp.shots, 1, generator))
-        batches.append(inner_batches(hp.classes * hp.shots, hp.test_batch, hp.test_iterations, generator))
+        batches.append(inner_batches(hp.classes * hp.shots, hp.test_batch, hp.test_iterations, generator,
+                                     hp.replacement))
     support, support_labels, queries, query_labels = (torch.stack(part) for part in zip(*tasks))
     batches = torch.stack(batches).to(device)  # (tasks, steps, batch)
     count = len(seeds)
@@ -198,7 +247,7 @@ def evaluate_tasks_together(meta_state: dict, adam_state: dict, sampler: omniglo
                else torch.zeros_like(params[name]) for i, name in enumerate(names)}
     steps_done = float(saved[0]["step"]) if saved else 0.0
     group = adam_state["param_groups"][0]
-    lr, (_, beta2), eps = group["lr"], group["betas"], group["eps"]
+    lr, (_, beta2), eps = group["lr"], group.get("betas", (0.0, 0.0)), group.get("eps", 0.0)  # SGD: neither
 
     def loss(task_params: dict, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.nll_loss(torch.func.functional_call(model, task_params, (images,)), labels,
@@ -207,11 +256,18 @@ def evaluate_tasks_together(meta_state: dict, adam_state: dict, sampler: omniglo
     task_gradients = torch.func.vmap(torch.func.grad(loss))
     rows = torch.arange(count, device=device)[:, None]
     for step in range(hp.test_iterations):
+        if hp.weight_decay != 1.0:
+            with torch.no_grad():
+                for param in params.values():
+                    param.mul_(hp.weight_decay)
         indices = batches[:, step]
         gradients = task_gradients(params, support[rows, indices], support_labels[rows, indices])
         correction = math.sqrt(1 - beta2 ** (steps_done + step + 1))
         with torch.no_grad():
             for name, gradient in gradients.items():
+                if hp.inner_optimizer == "sgd":
+                    params[name].add_(gradient, alpha=-lr)
+                    continue
                 squares[name].mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
                 params[name].addcdiv_(gradient, (squares[name].sqrt() / correction).add_(eps), value=-lr)
 

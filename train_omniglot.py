@@ -38,7 +38,8 @@ from utils import (HelpFormatter, OneLineParser, UserError, any_process, checkpo
 
 # Flags that fix what a run learns: a resumed run must keep them (--meta-iterations may grow).
 TRAINING_FLAGS = ("classes", "shots", "train_shots", "meta_batch", "iterations", "batch", "lr", "meta_lr",
-                  "meta_lr_final", "split", "seed")
+                  "meta_lr_final", "split", "seed", "algorithm", "fomaml_tail", "inner_optimizer", "replacement",
+                  "weight_decay")
 # Flags that fix the model and its characters: evaluation must keep them too.
 MODEL_FLAGS = ("classes", "split")
 NOT_SAVED = ("logdir", "eval_only", "eval_lake", "checkpoint", "paper_setting")
@@ -87,10 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
     meta.add_argument("--iterations", type=positive_int, default=default.iterations, help="inner Adam steps per task")
     meta.add_argument("--batch", type=positive_int, default=default.batch, help="inner mini-batch size")
     meta.add_argument("--lr", type=positive_float, default=default.lr,
-                      help="inner Adam learning rate (betas 0, 0.999)")
+                      help="inner learning rate (of Adam with betas 0, 0.999, or of SGD)")
     meta.add_argument("--meta-lr", type=positive_float, default=default.meta_lr, help="meta-step size at the start")
     meta.add_argument("--meta-lr-final", type=non_negative_float, default=default.meta_lr_final,
                       help="meta-step size at the end (annealed linearly)")
+    meta.add_argument("--algorithm", choices=("reptile", "fomaml"), default=default.algorithm,
+                      help="reptile: step towards the adapted weights; fomaml: first-order MAML, step along the "
+                      "change made by the last inner step alone")
+    meta.add_argument("--fomaml-tail", type=positive_int, default=default.fomaml_tail,
+                      help="with --algorithm fomaml: the last inner step is on this many images per class of the "
+                      "task, kept apart from the earlier steps (default: drawn like the others)")
+    meta.add_argument("--inner-optimizer", choices=("adam", "sgd"), default=default.inner_optimizer,
+                      help="the inner loop's optimizer, at meta-training and meta-test")
+    meta.add_argument("--replacement", action="store_true",
+                      help="draw each inner mini-batch on its own (default: shuffled passes over the task's images)")
+    meta.add_argument("--weight-decay", type=positive_float, default=default.weight_decay,
+                      help="multiply the weights by this before each inner step, at meta-training and meta-test "
+                      "(1: none)")
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--test-iterations", type=positive_int, default=default.test_iterations,
                             help="Adam steps on a test task")
@@ -166,6 +180,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         f"so --shots can be at most {omniglot.DRAWERS - 1}")
     if args.train_shots > omniglot.DRAWERS:
         raise UserError(f"--train-shots {args.train_shots} exceeds the {omniglot.DRAWERS} drawings of a character")
+    if args.fomaml_tail is not None and args.algorithm != "fomaml":
+        raise UserError("--fomaml-tail needs --algorithm fomaml")
+    if args.fomaml_tail is not None and args.fomaml_tail >= args.train_shots:
+        raise UserError(f"--fomaml-tail {args.fomaml_tail} leaves no image per class for the earlier inner steps; "
+                        f"it must be below --train-shots {args.train_shots}")
+    for images, batch, name in ((args.classes * (args.train_shots - (args.fomaml_tail or 0)), args.batch, "--batch"),
+                                (args.classes * args.shots, args.test_batch, "--test-batch")):
+        if args.replacement and batch > images:
+            raise UserError(f"{name} {batch} exceeds the {images} images a mini-batch is drawn from; with "
+                            f"--replacement no image appears twice in one, so use at most {images}")
     train_classes, test_classes = split_classes(args)
     for classes, name in ((train_classes, "meta-train"), (test_classes, "meta-test")):
         if args.classes > classes:
@@ -393,7 +417,7 @@ def new_model(args: argparse.Namespace) -> tuple[OmniglotModel, OmniglotModel, t
     """The meta-model at its seeded initialisation, the learner adapted to each task in turn, and its inner Adam."""
     torch.manual_seed(args.seed)
     meta_model = reptile.prepare_model(OmniglotModel(args.classes), args.device)
-    return meta_model, *reptile.make_learner(meta_model, args.lr)
+    return meta_model, *reptile.make_learner(meta_model, args.lr, args.inner_optimizer)
 
 
 def all_finite(tensors) -> bool:
@@ -495,11 +519,13 @@ def train(args: argparse.Namespace, argv: list[str], first: bool) -> int:
                                hp, step_size, generators["train"], share, all_reduce)
             done = iteration + 1
             progress.update()
-            if not all_finite([*meta_model.parameters(), *(s["exp_avg_sq"] for s in inner_optimizer.state.values())]):
-                raise UserError(f"meta-iteration {done}: the meta-weights or the inner Adam state became NaN or "
-                                f"infinite; the inner learning rate (--lr {hp.lr}) or the meta-step (--meta-lr "
-                                f"{hp.meta_lr}) is likely too large. Nothing non-finite was written ({kept(logdir)}); "
-                                f"train with smaller values in a new logdir")
+            inner_state = [value for state in inner_optimizer.state.values() for value in state.values()
+                           if isinstance(value, torch.Tensor)]
+            if not all_finite([*meta_model.parameters(), *inner_state]):
+                raise UserError(f"meta-iteration {done}: the meta-weights or the inner optimizer's state became "
+                                f"NaN or infinite; the inner learning rate (--lr {hp.lr}) or the meta-step "
+                                f"(--meta-lr {hp.meta_lr}) is likely too large. Nothing non-finite was written "
+                                f"({kept(logdir)}); train with smaller values in a new logdir")
             stop = any_process(bool(interrupted))
             if done % args.validate_every == 0 and first:
                 for name in samplers:

@@ -27,17 +27,45 @@ def test_inner_batches_walk_shuffled_passes():
     assert len({tuple(row.tolist()) for row in many}) > 1  # reshuffled between passes
 
 
-def test_adapt_follows_the_gradient_of_the_loss_summed_over_the_batch():
+def test_with_replacement_each_mini_batch_is_drawn_on_its_own():
+    batches = reptile.inner_batches(10, 5, 200, torch.Generator().manual_seed(0), replacement=True)
+    assert batches.shape == (200, 5)
+    assert all(len(set(row.tolist())) == 5 for row in batches)  # as the paper's code: no image twice in one batch
+    # Without replacement, every two batches are one pass over the ten images; here an image may recur at once.
+    assert any(set(first.tolist()) & set(second.tolist()) for first, second in zip(batches[::2], batches[1::2]))
+
+
+def test_an_sgd_step_follows_the_gradient_of_the_loss_summed_over_the_batch():
     torch.manual_seed(0)
     model, expected = OmniglotModel(5), OmniglotModel(5)
     expected.load_state_dict(model.state_dict())
     images, labels = torch.rand(10, 1, 28, 28), torch.arange(5).repeat(2)
-    # One step over all ten images: their order within the batch changes neither BatchNorm nor the sum.
-    reptile.adapt(model, torch.optim.SGD(model.parameters(), lr=1.0), images, labels, 1, 10, torch.Generator())
+    learner, optimizer = reptile.make_learner(model, 0.1, "sgd")
+    reptile.adapt(learner, optimizer, [(images, labels)])
     torch.nn.functional.nll_loss(expected(images), labels, reduction="sum").backward()
-    for param, before in zip(model.parameters(), expected.parameters()):
-        # Summation order differs between the two; a mean would make every step ten times smaller.
-        torch.testing.assert_close(before.detach() - param.detach(), before.grad, rtol=1e-2, atol=1e-4)
+    for param, before in zip(learner.parameters(), expected.parameters()):
+        # p - lr * g: a mean would make every step ten times smaller, Adam would divide by its running scale.
+        torch.testing.assert_close(param.detach(), before.detach() - 0.1 * before.grad, rtol=1e-3, atol=1e-5)
+
+
+def test_weight_decay_multiplies_the_weights_before_each_step():
+    torch.manual_seed(0)
+    model, expected = OmniglotModel(5), OmniglotModel(5)
+    expected.load_state_dict(model.state_dict())
+    images, labels = torch.rand(10, 1, 28, 28), torch.arange(5).repeat(2)
+    learner, optimizer = reptile.make_learner(model, 0.1, "sgd")
+    reptile.adapt(learner, optimizer, [(images, labels)] * 2, weight_decay=0.5)
+    for _ in range(2):
+        with torch.no_grad():
+            for param in expected.parameters():
+                param.mul_(0.5)
+        expected.zero_grad()
+        torch.nn.functional.nll_loss(expected(images), labels, reduction="sum").backward()
+        with torch.no_grad():
+            for param in expected.parameters():
+                param.sub_(0.1 * param.grad)
+    for param, plain in zip(learner.parameters(), expected.parameters()):
+        torch.testing.assert_close(param.detach(), plain.detach(), rtol=1e-3, atol=1e-5)
 
 
 def test_meta_step_is_annealed_linearly():
@@ -92,6 +120,68 @@ def test_train_step_equals_the_straightforward_loop():
     assert state[0]["step"].item() == adam_state["state"][0]["step"].item() == 2 * hp.meta_batch * hp.iterations
     for index, plain in adam_state["state"].items():
         torch.testing.assert_close(state[index]["exp_avg_sq"], plain["exp_avg_sq"], rtol=1e-3, atol=1e-9)
+
+
+def test_first_order_maml_steps_along_the_change_of_the_last_inner_step():
+    hp = Hyperparameters(classes=3, train_shots=4, meta_batch=2, iterations=3, batch=5, algorithm="fomaml")
+    sampler = random_sampler()
+    meta_model, learner, inner_optimizer, mean_model, meta_optimizer = project_side(3, hp.lr)
+    start = [param.detach().clone() for param in meta_model.parameters()]
+    # Straightforward: each task adapted in turn from the meta-weights (the inner Adam state carried on), the
+    # change made by its last step kept, the mean change scaled by the meta-step.
+    plain_learner, plain_optimizer = reptile.make_learner(meta_model, hp.lr)
+    generator = torch.Generator().manual_seed(5)
+    changes = []
+    for _ in range(hp.meta_batch):
+        batches = reptile.task_mini_batches(sampler, hp, generator)
+        reptile.copy_weights(meta_model, plain_learner)
+        reptile.adapt(plain_learner, plain_optimizer, batches[:-1])
+        before = [param.detach().clone() for param in plain_learner.parameters()]
+        reptile.adapt(plain_learner, plain_optimizer, batches[-1:])
+        changes.append([param.detach() - old for param, old in zip(plain_learner.parameters(), before)])
+    expected = [first + 0.7 * (a + b) / 2 for first, a, b in zip(start, *changes)]
+    reptile.train_step(meta_model, learner, inner_optimizer, mean_model, meta_optimizer, sampler, hp, 0.7,
+                       torch.Generator().manual_seed(5))
+    for name, param, want in zip(dict(meta_model.named_parameters()), meta_model.parameters(), expected):
+        torch.testing.assert_close(param.detach(), want, rtol=1e-5, atol=1e-6, msg=name)
+    adapted = [param.detach() for param in plain_learner.parameters()]  # Reptile would step towards these
+    assert not all(torch.allclose(param, first + 0.7 * (last - first), atol=1e-6)
+                   for param, first, last in zip(meta_model.parameters(), start, adapted))
+
+
+def numbered_sampler(characters: int = 12) -> omniglot.TaskSampler:
+    """A sampler whose every image holds one number in all its pixels: character * 20 + drawer."""
+    ids = torch.arange(characters * omniglot.DRAWERS, dtype=torch.float32).view(characters, omniglot.DRAWERS, 1, 1)
+    return omniglot.TaskSampler(ids.expand(-1, -1, 28, 28).clone())
+
+
+def test_the_fomaml_tail_is_kept_apart_from_the_earlier_steps():
+    hp = Hyperparameters(classes=3, train_shots=6, iterations=8, batch=5, algorithm="fomaml", fomaml_tail=2)
+    for seed in range(20):
+        *earlier, (tail_images, tail_labels) = reptile.task_mini_batches(numbered_sampler(), hp,
+                                                                         torch.Generator().manual_seed(seed))
+        assert len(earlier) == hp.iterations - 1 and len(tail_images) == hp.classes * hp.fomaml_tail
+        assert sorted(tail_labels.tolist()) == [0, 0, 1, 1, 2, 2]
+        seen = {int(image[0, 0, 0]) for images, _ in earlier for image in images}
+        assert len(seen) == hp.classes * (hp.train_shots - hp.fomaml_tail)  # 8 steps of 5 cover the 12 images
+        assert not seen & {int(image[0, 0, 0]) for image in tail_images}
+
+
+def test_the_side_by_side_evaluator_agrees_with_sgd_weight_decay_and_replacement():
+    hp = Hyperparameters(classes=5, shots=2, test_iterations=6, test_batch=4, meta_batch=1, lr=0.05,
+                         inner_optimizer="sgd", weight_decay=0.99, replacement=True)
+    sampler = random_sampler()
+    meta_model, learner, inner_optimizer, mean_model, meta_optimizer = project_side(5, hp.lr)
+    _, sgd = reptile.make_learner(meta_model, hp.lr, "sgd")
+    seeds = reptile.task_seeds(50, torch.Generator().manual_seed(3))
+    one_by_one = np.array(reptile.evaluate_tasks(meta_model.state_dict(), sgd.state_dict(), sampler, hp, seeds))
+    together = np.array(reptile.evaluate_tasks_together(meta_model.state_dict(), sgd.state_dict(), sampler, hp,
+                                                        seeds))
+    assert (together[:, 0] == one_by_one[:, 0]).mean() >= 0.98
+    assert np.median(np.abs(together[:, 1] - one_by_one[:, 1]) / one_by_one[:, 1]) < 1e-4
+    adam = np.array(reptile.evaluate_tasks(meta_model.state_dict(), inner_optimizer.state_dict(), sampler,
+                                           dataclasses.replace(hp, inner_optimizer="adam"), seeds))
+    assert not np.allclose(adam[:, 1], one_by_one[:, 1])  # the inner optimizer applies at meta-test too
 
 
 def trained_side(hp, sampler):

@@ -87,7 +87,7 @@ def test_a_tiny_run_writes_everything_then_resumes(run_script, tmp_path):
     split = json.loads((logdir / "split.json").read_text())
     assert len(split["train"]) == 1200 and len(split["test"]) == 423
 
-    again = run_script(str(logdir), *TINY)
+    again = run_script(str(logdir), *TINY, "--workers", "1")
     assert again.returncode == 0, again.stderr
     assert "resumed" in again.stdout and "meta-iteration 6 of 6" in again.stdout
     assert "training is complete" in again.stdout
@@ -202,6 +202,15 @@ BAD_INPUTS = {
     "resume with other shots": (["--shots", "5"], "--shots 5 differs from 1"),
     "resume with another seed": (["--seed", "3"], "--seed 3 differs from 0"),
     "resume with another paper setting": (["--paper-setting", "20way1shot"], "--classes 20 differs from 5"),
+    "resume with another algorithm": (["--algorithm", "fomaml"], "--algorithm fomaml differs from reptile"),
+    "resume with another inner optimizer": (["--inner-optimizer", "sgd"], "--inner-optimizer sgd differs from adam"),
+    "a tail without first-order MAML": (["--eval-only", "--fomaml-tail", "2"],
+                                        "--fomaml-tail needs --algorithm fomaml"),
+    "a tail of every training image": (["--eval-only", "--algorithm", "fomaml", "--fomaml-tail", "10"],
+                                       "--fomaml-tail 10 leaves no image per class"),
+    "a batch beyond the task with replacement": (["--eval-only", "--replacement", "--test-batch", "6"],
+                                                 "--test-batch 6 exceeds the 5 images"),
+    "zero weight decay": (["--weight-decay", "0"], "--weight-decay"),
     "unknown paper setting": (["--paper-setting", "10way1shot"], "--paper-setting"),
     "evaluate with other classes": (["--eval-only", "--classes", "20"], "--classes 20 differs from 5"),
     "fewer meta-iterations than done": (["--meta-iterations", "3"], "below the 6"),
@@ -275,26 +284,27 @@ def test_paths_of_the_wrong_kind_are_named_in_one_line(data_dir, tmp_path, monke
 
 def test_a_second_trainer_is_refused_until_the_first_is_killed(script, run_script, existing_run, tmp_path):
     logdir = tmp_path / "run"
-    argv, environment = script(str(logdir), *TINY, "--meta-iterations", "100000", "--check-every", "100000")
+    argv, environment = script(str(logdir), *TINY, "--meta-iterations", "100000", "--check-every", "100000",
+                               "--workers", "1")
     first = subprocess.Popen(argv, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while not list(logdir.glob("events.out.tfevents.*")):  # training has begun
             assert first.poll() is None, "the first run ended before it trained"
             time.sleep(0.2)
-        second = run_script(str(logdir), *TINY)
+        second = run_script(str(logdir), *TINY, "--workers", "1")
         assert second.returncode == 2 and "Traceback" not in second.stderr
         assert visible_lines(second.stderr) == [f"train_omniglot.py: error: {logdir} is being trained by another "
                                                 f"process (pid {first.pid}); wait for it to end or stop it, or "
                                                 f"choose another logdir"]
         assert len(list(logdir.glob("events.out.tfevents.*"))) == 1  # the second one wrote nothing
         # Evaluation of a folder in training still works (here of another run's checkpoint, as this one has none yet).
-        evaluation = run_script(str(logdir), "--eval-only", "--eval-tasks", "2", "--meta-test-only",
+        evaluation = run_script(str(logdir), "--eval-only", "--eval-tasks", "2", "--meta-test-only", "--workers", "1",
                                 "--checkpoint", str(existing_run / "checkpoint" / "check-6.pth"))
         assert evaluation.returncode == 0, evaluation.stderr
     finally:
         first.kill()  # SIGKILL: the operating system releases the lock
         first.wait()
-    again = run_script(str(logdir), *TINY)
+    again = run_script(str(logdir), *TINY, "--workers", "1")
     assert again.returncode == 0, again.stderr
 
 
@@ -303,9 +313,10 @@ def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(run_script
     diverging = run_script(str(tmp_path / "diverging"), *TINY, "--lr", "1e30")
     assert diverging.returncode == 2 and "Traceback" not in diverging.stderr
     assert visible_lines(diverging.stderr) == [
-        "train_omniglot.py: error: meta-iteration 1: the meta-weights or the inner Adam state became NaN or infinite; "
-        "the inner learning rate (--lr 1e+30) or the meta-step (--meta-lr 1.0) is likely too large. Nothing "
-        "non-finite was written (no checkpoint had been written yet); train with smaller values in a new logdir"]
+        "train_omniglot.py: error: meta-iteration 1: the meta-weights or the inner optimizer's state became NaN or "
+        "infinite; the inner learning rate (--lr 1e+30) or the meta-step (--meta-lr 1.0) is likely too large. "
+        "Nothing non-finite was written (no checkpoint had been written yet); train with smaller values in a new "
+        "logdir"]
     assert not (tmp_path / "diverging" / "checkpoint").exists()
 
     # A run whose weights turn NaN in its 5th meta-iteration, after good checkpoints at 2 and 4.
@@ -338,8 +349,8 @@ def limit_file_size(size: int):
 
 def test_a_failed_write_ends_in_one_line_leaves_no_temporary_file_and_resumes(script, run_script, tmp_path):
     logdir = tmp_path / "run"
-    assert run_script(str(logdir), *TINY, "--meta-iterations", "3").returncode == 0  # check-3.pth
-    argv, environment = script(str(logdir), *TINY)
+    assert run_script(str(logdir), *TINY, "--meta-iterations", "3", "--workers", "1").returncode == 0  # check-3.pth
+    argv, environment = script(str(logdir), *TINY, "--workers", "1")
     # A checkpoint is about 1.4 MB; the JSON files and events are far smaller.
     failed = subprocess.run(argv, env=environment, capture_output=True, timeout=600,
                             preexec_fn=limit_file_size(1_000_000))
@@ -350,7 +361,7 @@ def test_a_failed_write_ends_in_one_line_leaves_no_temporary_file_and_resumes(sc
         f"newest good checkpoint, {logdir / 'checkpoint' / 'check-3.pth'}, is kept; once the cause is fixed, resume "
         f"with: python train_omniglot.py {shlex.join(argv[2:])}"]
     assert not [path for path in logdir.rglob("*") if path.suffix == ".tmp"]
-    resumed = run_script(str(logdir), *TINY)
+    resumed = run_script(str(logdir), *TINY, "--workers", "1")
     assert resumed.returncode == 0, resumed.stderr
     assert "meta-iteration 3 of 6" in resumed.stdout and (logdir / "checkpoint" / "check-6.pth").is_file()
 
@@ -358,8 +369,9 @@ def test_a_failed_write_ends_in_one_line_leaves_no_temporary_file_and_resumes(sc
 def test_a_failed_write_of_tensorboard_events_ends_in_one_line(script, loaded, tmp_path):
     logdir = tmp_path / "run"  # `loaded`: the data folder's decoded-image cache (8 MB) is written beforehand
     argv, environment = script(str(logdir), *TINY, "--meta-iterations", "100000", "--check-every", "100000",
-                               "--validate-every", "1")
-    # split.json (51 kB) fits; the event file outgrows the limit after about 80 meta-iterations.
+                               "--validate-every", "1", "--meta-batch", "1", "--iterations", "1", "--test-iterations",
+                               "1")
+    # split.json (51 kB) fits; the event file outgrows the limit after about 80 (quick) meta-iterations.
     failed = subprocess.run(argv, env=environment, capture_output=True, timeout=600,
                             preexec_fn=limit_file_size(60_000))
     stderr = failed.stderr.decode()
@@ -403,6 +415,23 @@ def test_a_paper_setting_fills_in_the_flags_not_given(tmp_path):
     five_shot = T.parse_args([str(tmp_path / "run"), "--paper-setting", "5way5shot"])
     assert vars(five_shot) == {**vars(T.parse_args([str(tmp_path / "run")])), "paper_setting": "5way5shot"}
     assert "paper_setting" not in T.saved_args(args)
+
+
+def test_first_order_maml_with_sgd_trains_and_keeps_its_settings(data_dir, tmp_path, capsys):
+    flags = [str(tmp_path / "run"), "--data", str(data_dir), *TINY, "--workers", "1", "--algorithm", "fomaml",
+             "--fomaml-tail", "1", "--inner-optimizer", "sgd", "--replacement", "--weight-decay", "0.999",
+             "--lr", "0.003", "--train-shots", "3", "--iterations", "3", "--batch", "5", "--test-batch", "5"]
+    assert run_in_process(flags, capsys)[0] == 0
+    saved = json.loads((tmp_path / "run" / "args.json").read_text())
+    assert {name: saved[name] for name in ("algorithm", "fomaml_tail", "inner_optimizer", "replacement",
+                                           "weight_decay")} == {"algorithm": "fomaml", "fomaml_tail": 1,
+                                                                "inner_optimizer": "sgd", "replacement": True,
+                                                                "weight_decay": 0.999}
+    state = run_folder.load_checkpoint(str(tmp_path / "run" / "checkpoint" / "check-6.pth"))
+    assert state["inner_optimizer"]["state"] == {}  # plain SGD keeps no state
+    status, lines = run_in_process([str(tmp_path / "run"), "--data", str(data_dir), *TINY, "--weight-decay", "1"],
+                                   capsys)
+    assert status == 2 and "--weight-decay 1.0 differs from 0.999" in lines[0]
 
 
 def test_help_shows_every_default_but_none_and_false():
