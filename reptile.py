@@ -133,8 +133,9 @@ def adapt_to_tasks(meta_model: OmniglotModel, learner: OmniglotModel, inner_opti
             adapt(learner, inner_optimizer, batches[:-1], hp.weight_decay)
             before_last = [param.detach().clone() for param in learner.parameters()]
             adapt(learner, inner_optimizer, batches[-1:], hp.weight_decay)
-            targets = [meta + param.detach() - before for meta, param, before
-                       in zip(meta_model.parameters(), learner.parameters(), before_last)]
+            with torch.no_grad():
+                targets = [meta + param - before for meta, param, before
+                           in zip(meta_model.parameters(), learner.parameters(), before_last)]
         else:
             adapt(learner, inner_optimizer, batches, hp.weight_decay)
             targets = learner.parameters()

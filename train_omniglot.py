@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     meta.add_argument("--meta-batch", type=positive_int, default=default.meta_batch, help="tasks per meta-iteration")
     meta.add_argument("--meta-iterations", type=positive_int, default=default.meta_iterations,
                       help="meta-iterations in all")
-    meta.add_argument("--iterations", type=positive_int, default=default.iterations, help="inner Adam steps per task")
+    meta.add_argument("--iterations", type=positive_int, default=default.iterations, help="inner steps per task")
     meta.add_argument("--batch", type=positive_int, default=default.batch, help="inner mini-batch size")
     meta.add_argument("--lr", type=positive_float, default=default.lr,
                       help="inner learning rate (of Adam with betas 0, 0.999, or of SGD)")
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "(1: none)")
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--test-iterations", type=positive_int, default=default.test_iterations,
-                            help="Adam steps on a test task")
+                            help="inner steps on a test task")
     evaluation.add_argument("--test-batch", type=positive_int, default=default.test_batch,
                             help="mini-batch size on a test task")
     evaluation.add_argument("--eval-tasks", type=positive_int, default=10000, help="tasks in the final evaluation")
