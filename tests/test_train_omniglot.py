@@ -30,8 +30,9 @@ import train_omniglot as T
 from models import OmniglotModel
 from reptile import Hyperparameters
 
+# One evaluation worker (no pool to start) unless a test is about them.
 TINY = ["--meta-iterations", "6", "--eval-tasks", "4", "--validate-every", "2", "--check-every", "3",
-        "--test-iterations", "5", "--shots", "1"]
+        "--test-iterations", "5", "--shots", "1", "--workers", "1"]
 
 
 def test_evaluation_in_worker_processes_equals_evaluation_in_this_process():
@@ -68,7 +69,7 @@ def scalars(logdir, tag):
 
 def test_a_tiny_run_writes_everything_then_resumes(run_script, tmp_path):
     logdir = tmp_path / "run"
-    first = run_script(str(logdir), *TINY)
+    first = run_script(str(logdir), *TINY, "--workers", "2")  # the final evaluation in worker processes
     assert first.returncode == 0, first.stderr
     assert "meta-test accuracy: " in first.stdout
     assert "% (95% CI, 4 tasks, 5-way 1-shot, non-transductive)" in first.stdout
@@ -87,7 +88,7 @@ def test_a_tiny_run_writes_everything_then_resumes(run_script, tmp_path):
     split = json.loads((logdir / "split.json").read_text())
     assert len(split["train"]) == 1200 and len(split["test"]) == 423
 
-    again = run_script(str(logdir), *TINY, "--workers", "1")
+    again = run_script(str(logdir), *TINY)
     assert again.returncode == 0, again.stderr
     assert "resumed" in again.stdout and "meta-iteration 6 of 6" in again.stdout
     assert "training is complete" in again.stdout
@@ -101,10 +102,11 @@ def test_a_tiny_run_writes_everything_then_resumes(run_script, tmp_path):
     assert scalars(logdir, "meta-test/accuracy") == [2, 4, 6, 8]
     assert json.loads((logdir / "results.json").read_text())["1-shot non-transductive"]["meta_iteration"] == 9
 
-    evaluation = run_script(str(logdir), "--eval-only", "--transductive", "--eval-tasks", "3")
+    evaluation = run_script(str(logdir), "--eval-only", "--transductive", "--eval-tasks", "3", "--workers", "1")
     assert evaluation.returncode == 0, evaluation.stderr
     assert "(95% CI, 3 tasks, 5-way 1-shot, transductive)" in evaluation.stdout
-    five_shot = run_script(str(logdir), "--eval-only", "--shots", "5", "--eval-tasks", "3", "--meta-test-only")
+    five_shot = run_script(str(logdir), "--eval-only", "--shots", "5", "--eval-tasks", "3", "--meta-test-only",
+                           "--workers", "1")
     assert five_shot.returncode == 0, five_shot.stderr
     assert "meta-test accuracy: " in five_shot.stdout and "meta-train accuracy" not in five_shot.stdout
     results = json.loads((logdir / "results.json").read_text())
@@ -284,14 +286,13 @@ def test_paths_of_the_wrong_kind_are_named_in_one_line(data_dir, tmp_path, monke
 
 def test_a_second_trainer_is_refused_until_the_first_is_killed(script, run_script, existing_run, tmp_path):
     logdir = tmp_path / "run"
-    argv, environment = script(str(logdir), *TINY, "--meta-iterations", "100000", "--check-every", "100000",
-                               "--workers", "1")
+    argv, environment = script(str(logdir), *TINY, "--meta-iterations", "100000", "--check-every", "100000")
     first = subprocess.Popen(argv, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while not list(logdir.glob("events.out.tfevents.*")):  # training has begun
             assert first.poll() is None, "the first run ended before it trained"
             time.sleep(0.2)
-        second = run_script(str(logdir), *TINY, "--workers", "1")
+        second = run_script(str(logdir), *TINY)
         assert second.returncode == 2 and "Traceback" not in second.stderr
         assert visible_lines(second.stderr) == [f"train_omniglot.py: error: {logdir} is being trained by another "
                                                 f"process (pid {first.pid}); wait for it to end or stop it, or "
@@ -304,7 +305,7 @@ def test_a_second_trainer_is_refused_until_the_first_is_killed(script, run_scrip
     finally:
         first.kill()  # SIGKILL: the operating system releases the lock
         first.wait()
-    again = run_script(str(logdir), *TINY, "--workers", "1")
+    again = run_script(str(logdir), *TINY)
     assert again.returncode == 0, again.stderr
 
 
@@ -331,7 +332,7 @@ def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(run_script
 
     monkeypatch.setattr(reptile, "train_step", train_step_that_fails_at_5)
     logdir = tmp_path / "run"
-    flags = [str(logdir), "--data", str(data_dir), *TINY, "--check-every", "2", "--workers", "1"]
+    flags = [str(logdir), "--data", str(data_dir), *TINY, "--check-every", "2"]
     status, lines = run_in_process(flags, capsys)
     assert status == 2 and len(lines) == 1 and lines[0].startswith("train_omniglot.py: error: meta-iteration 5: ")
     assert f"the newest good checkpoint, {logdir / 'checkpoint' / 'check-4.pth'}, is kept" in lines[0]
@@ -349,8 +350,8 @@ def limit_file_size(size: int):
 
 def test_a_failed_write_ends_in_one_line_leaves_no_temporary_file_and_resumes(script, run_script, tmp_path):
     logdir = tmp_path / "run"
-    assert run_script(str(logdir), *TINY, "--meta-iterations", "3", "--workers", "1").returncode == 0  # check-3.pth
-    argv, environment = script(str(logdir), *TINY, "--workers", "1")
+    assert run_script(str(logdir), *TINY, "--meta-iterations", "3").returncode == 0  # check-3.pth
+    argv, environment = script(str(logdir), *TINY)
     # A checkpoint is about 1.4 MB; the JSON files and events are far smaller.
     failed = subprocess.run(argv, env=environment, capture_output=True, timeout=600,
                             preexec_fn=limit_file_size(1_000_000))
@@ -361,7 +362,7 @@ def test_a_failed_write_ends_in_one_line_leaves_no_temporary_file_and_resumes(sc
         f"newest good checkpoint, {logdir / 'checkpoint' / 'check-3.pth'}, is kept; once the cause is fixed, resume "
         f"with: python train_omniglot.py {shlex.join(argv[2:])}"]
     assert not [path for path in logdir.rglob("*") if path.suffix == ".tmp"]
-    resumed = run_script(str(logdir), *TINY, "--workers", "1")
+    resumed = run_script(str(logdir), *TINY)
     assert resumed.returncode == 0, resumed.stderr
     assert "meta-iteration 3 of 6" in resumed.stdout and (logdir / "checkpoint" / "check-6.pth").is_file()
 
@@ -418,7 +419,7 @@ def test_a_paper_setting_fills_in_the_flags_not_given(tmp_path):
 
 
 def test_first_order_maml_with_sgd_trains_and_keeps_its_settings(data_dir, tmp_path, capsys):
-    flags = [str(tmp_path / "run"), "--data", str(data_dir), *TINY, "--workers", "1", "--algorithm", "fomaml",
+    flags = [str(tmp_path / "run"), "--data", str(data_dir), *TINY, "--algorithm", "fomaml",
              "--fomaml-tail", "1", "--inner-optimizer", "sgd", "--replacement", "--weight-decay", "0.999",
              "--lr", "0.003", "--train-shots", "3", "--iterations", "3", "--batch", "5", "--test-batch", "5"]
     assert run_in_process(flags, capsys)[0] == 0
@@ -487,7 +488,7 @@ def comparable_results(logdir) -> dict:
 
 def test_a_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(script, run_script, tmp_path):
     flags = ["--meta-iterations", "40", "--check-every", "10", "--validate-every", "5", "--eval-tasks", "6",
-             "--test-iterations", "5", "--shots", "1"]
+             "--test-iterations", "5", "--shots", "1", "--workers", "1"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert run_script(str(straight), *flags).returncode == 0
 
