@@ -14,11 +14,12 @@ from tqdm import tqdm
 import omniglot
 import reptile
 from models import OmniglotModel
-from utils import UserError
+from utils import UserError, read_json
 
 URL = omniglot.URL + "one-shot-classification/" + omniglot.LAKE_ARCHIVE
 MD5 = "e8996daecdf12afeeb4a53a179f06b19"
 MODES = ("non-transductive", "transductive")
+REPEATS = 10  # adaptations to each run, each with its own mini-batch order
 
 
 def load_runs(data_dir: Path, mirror: Optional[str] = None) -> dict[str, omniglot.Task]:
@@ -50,6 +51,23 @@ def load_runs(data_dir: Path, mirror: Optional[str] = None) -> dict[str, omniglo
     if not runs:
         raise UserError(problem)
     return runs
+
+
+def evaluate(meta_model: OmniglotModel, adam_state: dict, split: dict, data_dir: Path, mirror: Optional[str],
+             hp: reptile.Hyperparameters, seeds: list[int], device: str, logdir: str, iteration: int) -> dict:
+    """Check that the run may be scored, score it, print the table and return its figures for results.json."""
+    evaluation_alphabets = set(read_json(data_dir / omniglot.MARKER)["images_evaluation"])
+    seen = [c for c in split["train"] if c.split("/")[0] in evaluation_alphabets]
+    if seen:
+        raise UserError(f"--eval-lake: {logdir} was meta-trained on {len(seen)} characters of the evaluation "
+                        f"alphabets (such as {seen[0]}), where Lake's benchmark tests; evaluate a run trained with "
+                        f"--split background")
+    runs = load_runs(data_dir, mirror)
+    sizes = {len(task.support_labels) for task in runs.values()}
+    if sizes != {hp.classes}:
+        raise UserError(f"--eval-lake: the benchmark's runs are {'/'.join(map(str, sizes))}-way and {logdir} "
+                        f"is {hp.classes}-way; evaluate a run trained with --classes {min(sizes)}")
+    return report(error_rates(meta_model, adam_state, runs, hp, seeds, device), runs, iteration)
 
 
 def error_rates(meta_model: OmniglotModel, adam_state: dict, runs: dict[str, omniglot.Task],

@@ -1,5 +1,5 @@
-"""A run folder: its checkpoints (checkpoint/check-<meta-iteration>.pth) and results.json, written atomically, and
-the lock that lets one training process at a time write it."""
+"""A run folder: its characters (split.json), checkpoints (checkpoint/check-<meta-iteration>.pth) and results.json,
+written atomically, and the lock that lets one training process at a time write it."""
 import contextlib
 import fcntl
 import os
@@ -10,7 +10,9 @@ from typing import Optional
 
 import torch
 
-from utils import UserError, WriteError, gather, list_checkpoints, rank, read_json, reason, save_atomically, write_json
+import omniglot
+from utils import (UserError, WriteError, find_latest_file, gather, list_checkpoints, rank, read_json, reason,
+                   save_atomically, write_json)
 
 PROGRAM = "reptile-omniglot"  # marks checkpoints written by train_omniglot.py
 LOCK = ".lock"  # held by the process that trains the run; it holds that process's id while it does
@@ -138,3 +140,36 @@ def record_result(logdir: Path, key: str, result: dict) -> None:
         results = read_results(logdir)
         results[key] = result
         write_json(logdir / "results.json", results)
+
+
+def split_classes(logdir: Path, split: str) -> tuple[int, int]:
+    """(meta-train classes, meta-test classes) of the run's split (split.json, else a new `split`), before any data."""
+    split_path = logdir / "split.json"
+    if split_path.is_file():
+        saved = read_json(split_path)
+        return len(saved["train"]) * len(saved["train_rotations"]), len(saved["test"])
+    train, test = omniglot.split_sizes(split)
+    return train * len(omniglot.ROTATIONS), test
+
+
+def load_split(logdir: Path, data_dir: Path, split: str, seed: int,
+               device: str) -> tuple[omniglot.TaskSampler, omniglot.TaskSampler, dict]:
+    """Meta-train and meta-test task samplers on the run's characters (split.json, else a new split), and the split."""
+    characters, images = omniglot.load_images(data_dir)
+    split_path = logdir / "split.json"
+    chosen = read_json(split_path) if split_path.is_file() else omniglot.make_split(data_dir, characters, split, seed)
+    index = {character: i for i, character in enumerate(characters)}
+    missing = [c for c in chosen["train"] + chosen["test"] if c not in index]
+    if missing:
+        raise UserError(f"{split_path} names {len(missing)} characters missing from {data_dir} "
+                        f"(such as {missing[0]}); point --data at the Omniglot folder this run used")
+    images = images.to(device)
+    train = omniglot.TaskSampler(images[[index[c] for c in chosen["train"]]], chosen["train_rotations"])
+    test = omniglot.TaskSampler(images[[index[c] for c in chosen["test"]]])
+    return train, test, chosen
+
+
+def kept(logdir: Path) -> str:
+    """What a run that stops on a failure keeps: its newest checkpoint, named."""
+    newest = find_latest_file(logdir / "checkpoint")
+    return f"the newest good checkpoint, {newest}, is kept" if newest else "no checkpoint had been written yet"

@@ -51,7 +51,6 @@ TWENTY_WAY = {"batch": 20, "iterations": 10, "lr": 0.0005, "meta_iterations": 20
 FIVE_WAY = {name: getattr(Hyperparameters, name) for name in TWENTY_WAY}
 PAPER_SETTINGS = {f"{classes}way{shots}shot": {"classes": classes, "shots": shots, **flags}
                   for classes, flags in ((5, FIVE_WAY), (20, TWENTY_WAY)) for shots in (1, 5)}
-LAKE_REPEATS = 10  # adaptations to each run of Lake's benchmark, each with its own mini-batch order
 TASKS_TOGETHER = 500  # evaluation tasks adapted side by side on a GPU (20-way 5-shot: about 20 GB)
 RECENT_TASKS = 100  # the validation tasks that the logged mean accuracy and the progress bar average over
 # Independent random streams, so that validation or evaluation never changes what training samples.
@@ -190,7 +189,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if args.replacement and batch > images:
             raise UserError(f"{name} {batch} exceeds the {images} images a mini-batch is drawn from; with "
                             f"--replacement no image appears twice in one, so use at most {images}")
-    train_classes, test_classes = split_classes(args)
+    train_classes, test_classes = run_folder.split_classes(Path(args.logdir), args.split)
     for classes, name in ((train_classes, "meta-train"), (test_classes, "meta-test")):
         if args.classes > classes:
             raise UserError(f"--classes {args.classes} exceeds the {classes} {name} classes of the {args.split} split")
@@ -209,16 +208,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def hyperparameters(args: argparse.Namespace) -> Hyperparameters:
     """The run's hyperparameters, for reptile.py."""
     return Hyperparameters(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Hyperparameters)})
-
-
-def split_classes(args: argparse.Namespace) -> tuple[int, int]:
-    """(meta-train classes, meta-test classes) of the run's split, known before any data is read."""
-    split_path = Path(args.logdir) / "split.json"
-    if split_path.is_file():
-        split = read_json(split_path)
-        return len(split["train"]) * len(split["train_rotations"]), len(split["test"])
-    train, test = omniglot.split_sizes(args.split)
-    return train * len(omniglot.ROTATIONS), test
 
 
 def stream(seed: int, purpose: int, process: Optional[int] = None) -> torch.Generator:
@@ -310,23 +299,6 @@ def saved_args(args: argparse.Namespace) -> dict:
     return {name: value for name, value in vars(args).items() if name not in NOT_SAVED}
 
 
-def load_split(args: argparse.Namespace, data_dir: Path) -> tuple[omniglot.TaskSampler, omniglot.TaskSampler, dict]:
-    """Meta-train and meta-test task samplers on the run's characters (split.json if the run has one)."""
-    characters, images = omniglot.load_images(data_dir)
-    split_path = Path(args.logdir) / "split.json"
-    split = read_json(split_path) if split_path.is_file() else omniglot.make_split(data_dir, characters, args.split,
-                                                                                    args.seed)
-    index = {character: i for i, character in enumerate(characters)}
-    missing = [c for c in split["train"] + split["test"] if c not in index]
-    if missing:
-        raise UserError(f"{split_path} names {len(missing)} characters missing from {data_dir} "
-                        f"(such as {missing[0]}); point --data at the Omniglot folder this run used")
-    images = images.to(args.device)
-    train = omniglot.TaskSampler(images[[index[c] for c in split["train"]]], split["train_rotations"])
-    test = omniglot.TaskSampler(images[[index[c] for c in split["test"]]])
-    return train, test, split
-
-
 def results_key(args: argparse.Namespace) -> str:
     """The entry of results.json that an evaluation with these settings fills, e.g. "5-shot non-transductive"."""
     return f"{args.shots}-shot {'transductive' if args.transductive else 'non-transductive'}"
@@ -369,23 +341,12 @@ def lake_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Opti
                     iteration: int, checkpoint: str, split: dict, data_dir: Path) -> None:
     """Error rates on Lake et al.'s one-shot runs, both ways of classifying; printed and recorded in results.json."""
     started = time.time()
-    evaluation_alphabets = set(read_json(data_dir / omniglot.MARKER)["images_evaluation"])
-    seen = [c for c in split["train"] if c.split("/")[0] in evaluation_alphabets]
-    if seen:
-        raise UserError(f"--eval-lake: {args.logdir} was meta-trained on {len(seen)} characters of the evaluation "
-                        f"alphabets (such as {seen[0]}), where Lake's benchmark tests; evaluate a run trained with "
-                        f"--split background")
-    runs = lake.load_runs(data_dir, args.omniglot_mirror)
-    sizes = {len(task.support_labels) for task in runs.values()}
-    if sizes != {args.classes}:
-        raise UserError(f"--eval-lake: the benchmark's runs are {'/'.join(map(str, sizes))}-way and {args.logdir} "
-                        f"is {args.classes}-way; evaluate a run trained with --classes {min(sizes)}")
-    seeds = reptile.task_seeds(LAKE_REPEATS, stream(args.seed, EVALUATION_STREAM))
-    errors = lake.error_rates(meta_model, copy.deepcopy(inner_optimizer.state_dict()), runs, hyperparameters(args),
-                              seeds, args.device)
-    result = {"meta_iteration": iteration, "checkpoint": checkpoint, "split": split["split"], "repeats": LAKE_REPEATS,
-              **lake.report(errors, runs, iteration), "seconds": round(time.time() - started, 1)}
-    record_result(args, "lake one-shot", result)
+    seeds = reptile.task_seeds(lake.REPEATS, stream(args.seed, EVALUATION_STREAM))
+    errors = lake.evaluate(meta_model, copy.deepcopy(inner_optimizer.state_dict()), split, data_dir,
+                           args.omniglot_mirror, hyperparameters(args), seeds, args.device, args.logdir, iteration)
+    record_result(args, "lake one-shot", {"meta_iteration": iteration, "checkpoint": checkpoint,
+                                          "split": split["split"], "repeats": lake.REPEATS, **errors,
+                                          "seconds": round(time.time() - started, 1)})
 
 
 # ----------------------------------------------------------------------------- the program
@@ -407,7 +368,8 @@ def load_samplers(args: argparse.Namespace, first: bool) -> tuple[dict, dict, Pa
     if not first:
         torch.distributed.barrier()  # the first process prepares the data folder alone
     data_dir = omniglot.prepare_data(args.data, args.omniglot_mirror)
-    train_sampler, test_sampler, split = load_split(args, data_dir)
+    train_sampler, test_sampler, split = run_folder.load_split(Path(args.logdir), data_dir, args.split, args.seed,
+                                                               args.device)
     if first and processes() > 1:
         torch.distributed.barrier()
     return {"meta-test": test_sampler, "meta-train": train_sampler}, split, data_dir
@@ -525,7 +487,7 @@ def train(args: argparse.Namespace, argv: list[str], first: bool) -> int:
                 raise UserError(f"meta-iteration {done}: the meta-weights or the inner optimizer's state became "
                                 f"NaN or infinite; the inner learning rate (--lr {hp.lr}) or the meta-step "
                                 f"(--meta-lr {hp.meta_lr}) is likely too large. Nothing non-finite was written "
-                                f"({kept(logdir)}); train with smaller values in a new logdir")
+                                f"({run_folder.kept(logdir)}); train with smaller values in a new logdir")
             stop = any_process(bool(interrupted))
             if done % args.validate_every == 0 and first:
                 for name in samplers:
@@ -550,10 +512,10 @@ def train(args: argparse.Namespace, argv: list[str], first: bool) -> int:
                           f"resume with: {resume}", file=sys.stderr)
                 return 128 + (interrupted[0] if interrupted else signal.SIGTERM)
     except OSError as error:  # TensorBoard's writer could not write its events (a full disk, no permission)
-        raise UserError(f"cannot write the TensorBoard events in {logdir} ({reason(error)}); {kept(logdir)}; once "
-                        f"the cause is fixed, resume with: {resume}") from None
+        raise UserError(f"cannot write the TensorBoard events in {logdir} ({reason(error)}); "
+                        f"{run_folder.kept(logdir)}; once the cause is fixed, resume with: {resume}") from None
     except WriteError as error:
-        raise UserError(f"{error}; {kept(logdir)}; once the cause is fixed, resume with: {resume}") from None
+        raise UserError(f"{error}; {run_folder.kept(logdir)}; once the cause is fixed, resume with: {resume}") from None
     finally:
         progress.leave = sys.exc_info()[0] is None  # an error's one line takes the progress bar's place
         progress.close()
@@ -566,12 +528,6 @@ def train(args: argparse.Namespace, argv: list[str], first: bool) -> int:
 
     final_evaluation(meta_model, inner_optimizer, samplers, args, hp.meta_iterations, checkpoint_path, split)
     return 0
-
-
-def kept(logdir: Path) -> str:
-    """What a run that stops on a failure keeps: its newest checkpoint, named."""
-    newest = find_latest_file(logdir / "checkpoint")
-    return f"the newest good checkpoint, {newest}, is kept" if newest else "no checkpoint had been written yet"
 
 
 def run(argv: list[str]) -> int:

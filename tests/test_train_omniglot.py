@@ -23,6 +23,7 @@ from conftest import NO_NETWORK, ROOT
 from test_lake import make_lake_zip
 from test_reptile import is_conv_bias, random_sampler, trained_side
 
+import lake
 import omniglot
 import reptile
 import run_folder
@@ -386,18 +387,18 @@ def test_eval_lake_scores_a_background_run_and_refuses_others(run_script, existi
     mirror = tmp_path / "mirror"
     mirror.mkdir()
     make_lake_zip(mirror / "all_runs.zip", runs=2, classes=5)
-    lake = {"env": {omniglot.MIRROR_VARIABLE: str(mirror)}}
-    refused = run_script(str(existing_run), "--eval-lake", **lake)  # a paper-split run saw evaluation alphabets
+    offline = {"env": {omniglot.MIRROR_VARIABLE: str(mirror)}}
+    refused = run_script(str(existing_run), "--eval-lake", **offline)  # a paper-split run saw evaluation alphabets
     assert refused.returncode == 2 and "meta-trained on" in refused.stderr and "--split background" in refused.stderr
     logdir = tmp_path / "background"
     trained = run_script(str(logdir), *TINY, "--split", "background")
     assert trained.returncode == 0, trained.stderr
-    scored = run_script(str(logdir), "--eval-lake", **lake)
+    scored = run_script(str(logdir), "--eval-lake", **offline)
     assert scored.returncode == 0, scored.stderr
     lines = scored.stdout.splitlines()
     assert [line.split()[0] for line in lines[-3:]] == ["run01", "run02", "mean"]
     result = json.loads((logdir / "results.json").read_text())["lake one-shot"]
-    assert result["repeats"] == T.LAKE_REPEATS and result["split"] == "background"
+    assert result["repeats"] == lake.REPEATS and result["split"] == "background"
     for mode in ("non-transductive", "transductive"):
         assert set(result[mode]["runs"]) == {"run01", "run02"} and 0 <= result[mode]["error"] <= 100
         assert result[mode]["error"] == pytest.approx(np.mean(list(result[mode]["runs"].values())))
@@ -547,7 +548,7 @@ def test_torchrun_splits_the_meta_batch_and_changes_no_mathematics(script, data_
     # The same arithmetic in one process, on one thread as under torchrun: each process's tasks adapted in its
     # own inner Adam chain (the meta-batch of 5: 3 tasks and 2), the two shares summed, one meta-step.
     args = T.parse_args([str(logdir), "--data", str(data_dir), "--device", "cpu"])
-    sampler = T.load_split(args, data_dir)[0]
+    sampler = run_folder.load_split(Path(args.logdir), data_dir, args.split, args.seed, "cpu")[0]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
