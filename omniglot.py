@@ -17,13 +17,14 @@ from PIL import Image
 from torchvision.datasets.utils import check_md5, download_url, extract_archive
 from tqdm import tqdm
 
-from utils import UserError, list_dir, list_files, read_json, reason, save_atomically, write_json
+from utils import UserError, list_dir, list_files, locked, read_json, reason, save_atomically, write_json
 
 URL = "https://github.com/brendenlake/omniglot/raw/master/python/"
 LAKE_ARCHIVE = "all_runs.zip"  # Lake et al.'s one-shot benchmark, read by lake.py; it may lie in the data folder
 MIRROR_VARIABLE = "OMNIGLOT_MIRROR"
 MARKER = ".complete"  # written last: a data folder without it is redone, never used
 CACHE = "images28.pt"  # the decoded 28x28 images, saved beside the alphabets
+LOCK = ".lock"  # held by the process that prepares the folder
 
 
 class SetInfo(NamedTuple):
@@ -118,6 +119,14 @@ def prepare_data(data_dir: str, mirror: Optional[str] = None) -> Path:
     except OSError as error:
         raise UserError(f"cannot create the data folder {data_dir} ({reason(error)}); give --data a folder you can "
                         f"write to") from None
+    with locked(data_dir / LOCK):  # another process preparing this folder: wait for it, then use its work
+        if not (data_dir / MARKER).is_file():
+            fill_data_folder(data_dir, mirror)
+    return data_dir
+
+
+def fill_data_folder(data_dir: Path, mirror: Optional[str]) -> None:
+    """Download or take from the mirror both sets, extract and check them, merge them into `data_dir`."""
     staging = data_dir / ".extracting"
     shutil.rmtree(staging, ignore_errors=True)
     archives = {name: fetch_archive(f"{URL}{name}.zip", info.md5, data_dir, mirror) for name, info in SETS.items()}
@@ -141,7 +150,6 @@ def prepare_data(data_dir: str, mirror: Optional[str] = None) -> Path:
         if downloaded:
             path.unlink()
     write_json(data_dir / MARKER, characters_of_set)
-    return data_dir
 
 
 def read_image(path: str, source: Optional[BinaryIO] = None) -> np.ndarray:

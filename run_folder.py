@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 import omniglot
-from utils import (UserError, WriteError, find_latest_file, gather, list_checkpoints, rank, read_json, reason,
+from utils import (UserError, find_latest_file, gather, list_checkpoints, locked, rank, read_json, reason,
                    save_atomically, write_json)
 
 PROGRAM = "reptile-omniglot"  # marks checkpoints written by train_omniglot.py
@@ -48,18 +48,9 @@ def training_lock(logdir: Path):
         os.close(descriptor)  # releases the lock
 
 
-@contextlib.contextmanager
 def results_lock(logdir: Path):
     """Wait for, then hold, the run's results.json for one read-change-write (trainer and --eval-only alike)."""
-    try:
-        descriptor = os.open(logdir / RESULTS_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as error:
-        raise WriteError(f"cannot write {logdir / 'results.json'} ({reason(error)})") from None
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(descriptor)
+    return locked(logdir / RESULTS_LOCK)
 
 
 def save_checkpoint(logdir: Path, iteration: int, meta_model: torch.nn.Module, meta_optimizer: torch.optim.Optimizer,

@@ -1,6 +1,8 @@
 """Small helpers: listing folders and files, finding the latest checkpoint, writing files atomically, command-line
 parsing, and the process group under torchrun."""
 import argparse
+import contextlib
+import fcntl
 import io
 import json
 import math
@@ -14,7 +16,7 @@ from torchvision.datasets.utils import list_dir, list_files
 
 __all__ = [
     "list_dir", "list_files", "checkpoint_iteration", "list_checkpoints", "find_latest_file",
-    "UserError", "WriteError", "write_atomically", "save_atomically", "reason", "write_json", "read_json",
+    "UserError", "WriteError", "write_atomically", "save_atomically", "reason", "locked", "write_json", "read_json",
     "number", "positive_int", "non_negative_int", "positive_float", "non_negative_float", "OneLineParser",
     "HelpFormatter", "processes", "rank", "any_process", "gather",
 ]
@@ -65,6 +67,20 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
     except OSError as error:
         temporary.unlink(missing_ok=True)
         raise WriteError(f"cannot write {path} ({reason(error)})") from None
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """Wait for, then hold, an exclusive lock on the file `path` (made if missing); freed when the process ends."""
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise WriteError(f"cannot write {path} ({reason(error)})") from None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
 
 
 def save_atomically(path: str, data: Any) -> None:

@@ -1,12 +1,14 @@
 import random
 import shutil
+import subprocess
+import sys
 import zipfile
 
 import pytest
 import torch
 
 import omniglot
-from conftest import NO_NETWORK
+from conftest import NO_NETWORK, ROOT
 from utils import UserError, list_dir
 
 
@@ -174,6 +176,17 @@ def test_a_zip_missing_an_alphabet_is_rejected(mirror, tmp_path):
     with pytest.raises(UserError, match="19 alphabets, 639 characters"):
         omniglot.prepare_data(str(tmp_path / "data"), str(bad))
     assert not (tmp_path / "data" / omniglot.MARKER).exists()
+
+
+def test_two_processes_preparing_one_folder_extract_it_once(mirror, tmp_path):
+    prepare = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import omniglot; "
+               f"omniglot.prepare_data({str(tmp_path / 'data')!r}, {str(mirror)!r})")
+    processes = [subprocess.Popen([sys.executable, "-c", prepare], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(2)]
+    outputs = [process.communicate(timeout=300) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    assert sum("extracting Omniglot" in stdout for stdout, _ in outputs) == 1  # the other waited and used its work
+    assert omniglot.count_tree(tmp_path / "data") == (50, 1623, 32460)
 
 
 def test_an_interrupted_extraction_is_redone(mirror, tmp_path):
