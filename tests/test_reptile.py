@@ -35,12 +35,16 @@ def test_with_replacement_each_mini_batch_is_drawn_on_its_own():
     assert any(set(first.tolist()) & set(second.tolist()) for first, second in zip(batches[::2], batches[1::2]))
 
 
-def test_an_sgd_step_follows_the_gradient_of_the_loss_summed_over_the_batch():
+def sgd_learner_and_a_plain_copy():
+    """The project's learner with inner SGD (lr 0.1), a plain model with the same weights, and one batch of ten."""
     torch.manual_seed(0)
-    model, expected = OmniglotModel(5), OmniglotModel(5)
-    expected.load_state_dict(model.state_dict())
-    images, labels = torch.rand(10, 1, 28, 28), torch.arange(5).repeat(2)
-    learner, optimizer = reptile.make_learner(model, 0.1, "sgd")
+    model, plain = OmniglotModel(5), OmniglotModel(5)
+    plain.load_state_dict(model.state_dict())
+    return (*reptile.make_learner(model, 0.1, "sgd"), plain, torch.rand(10, 1, 28, 28), torch.arange(5).repeat(2))
+
+
+def test_an_sgd_step_follows_the_gradient_of_the_loss_summed_over_the_batch():
+    learner, optimizer, expected, images, labels = sgd_learner_and_a_plain_copy()
     reptile.adapt(learner, optimizer, [(images, labels)])
     torch.nn.functional.nll_loss(expected(images), labels, reduction="sum").backward()
     for param, before in zip(learner.parameters(), expected.parameters()):
@@ -49,11 +53,7 @@ def test_an_sgd_step_follows_the_gradient_of_the_loss_summed_over_the_batch():
 
 
 def test_weight_decay_multiplies_the_weights_before_each_step():
-    torch.manual_seed(0)
-    model, expected = OmniglotModel(5), OmniglotModel(5)
-    expected.load_state_dict(model.state_dict())
-    images, labels = torch.rand(10, 1, 28, 28), torch.arange(5).repeat(2)
-    learner, optimizer = reptile.make_learner(model, 0.1, "sgd")
+    learner, optimizer, expected, images, labels = sgd_learner_and_a_plain_copy()
     reptile.adapt(learner, optimizer, [(images, labels)] * 2, weight_decay=0.5)
     for _ in range(2):
         with torch.no_grad():
