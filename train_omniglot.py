@@ -299,9 +299,14 @@ def saved_args(args: argparse.Namespace) -> dict:
     return {name: value for name, value in vars(args).items() if name not in NOT_SAVED}
 
 
+def evaluation_mode(args: argparse.Namespace) -> str:
+    """How queries are classified: "transductive" or "non-transductive"."""
+    return "transductive" if args.transductive else "non-transductive"
+
+
 def results_key(args: argparse.Namespace) -> str:
     """The entry of results.json that an evaluation with these settings fills, e.g. "5-shot non-transductive"."""
-    return f"{args.shots}-shot {'transductive' if args.transductive else 'non-transductive'}"
+    return f"{args.shots}-shot {evaluation_mode(args)}"
 
 
 def record_result(args: argparse.Namespace, key: str, result: dict) -> None:
@@ -315,7 +320,7 @@ def final_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Opt
                      args: argparse.Namespace, iteration: int, checkpoint: str, split: dict) -> None:
     """Evaluate on --eval-tasks tasks of each character set (or meta-test only); print and record the accuracies."""
     hp = hyperparameters(args)
-    mode = "transductive" if hp.transductive else "non-transductive"
+    mode = evaluation_mode(args)
     started = time.time()
     result = {"shots": hp.shots, "mode": mode, "meta_iteration": iteration, "checkpoint": checkpoint,
               "split": split["split"], "tasks": args.eval_tasks}
@@ -376,7 +381,7 @@ def load_samplers(args: argparse.Namespace, first: bool) -> tuple[dict, dict, Pa
 
 
 def new_model(args: argparse.Namespace) -> tuple[OmniglotModel, OmniglotModel, torch.optim.Optimizer]:
-    """The meta-model at its seeded initialisation, the learner adapted to each task in turn, and its inner Adam."""
+    """The meta-model at its seeded initialisation, the learner adapted to each task in turn, its inner optimizer."""
     torch.manual_seed(args.seed)
     meta_model = reptile.prepare_model(OmniglotModel(args.classes), args.device)
     return meta_model, *reptile.make_learner(meta_model, args.lr, args.inner_optimizer)
