@@ -1,7 +1,6 @@
 """A run folder: its characters (split.json), checkpoints (checkpoint/check-<meta-iteration>.pth) and results.json,
 written atomically, and the lock that lets one training process at a time write it."""
 import contextlib
-import fcntl
 import os
 import sys
 import warnings
@@ -27,15 +26,14 @@ def training_lock(logdir: Path):
     """
     try:
         logdir.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(logdir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as error:
         raise UserError(f"cannot use {logdir} as the run folder ({reason(error)}); give a folder you can write "
                         f"to") from None
-    try:
+    with contextlib.ExitStack() as stack:
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            descriptor = stack.enter_context(locked(logdir / LOCK, wait=False))
         except BlockingIOError:
-            holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
+            holder = (logdir / LOCK).read_text(errors="replace").strip()
             raise UserError(f"{logdir} is being trained by another process{f' (pid {holder})' if holder else ''}; "
                             f"wait for it to end or stop it, or choose another logdir") from None
         os.ftruncate(descriptor, 0)
@@ -44,8 +42,6 @@ def training_lock(logdir: Path):
             yield
         finally:
             os.ftruncate(descriptor, 0)  # the process id goes; the file stays, so that no two locks exist at once
-    finally:
-        os.close(descriptor)  # releases the lock
 
 
 def results_lock(logdir: Path):

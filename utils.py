@@ -70,15 +70,18 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
 
 
 @contextlib.contextmanager
-def locked(path: Path):
-    """Wait for, then hold, an exclusive lock on the file `path` (made if missing); freed when the process ends."""
+def locked(path: Path, wait: bool = True):
+    """Hold an exclusive lock on the file `path` (made if missing), freed when the process ends; yields its descriptor.
+
+    With wait=False, a lock held elsewhere raises BlockingIOError at once instead of being waited for.
+    """
     try:
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as error:
         raise WriteError(f"cannot write {path} ({reason(error)})") from None
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
-        yield
+        fcntl.flock(descriptor, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield descriptor
     finally:
         os.close(descriptor)
 
