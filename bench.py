@@ -2,7 +2,7 @@
 
     python bench.py                  # 5-way 1-shot, the paper's settings, on this machine's CPU
     python bench.py --classes 20     # 20-way (inner batch 20, 10 steps; evaluation batch 10)
-    python bench.py --device cuda
+    python bench.py --device cuda    # add --no-cuda-graphs to time the project's eager path there
 
 Both sides run the same tasks, interleaved round by round. The images are random binary 28x28 images in the
 paper split's shape (1,200 meta-training characters in 4 rotations, 423 meta-test characters): the work does
@@ -119,6 +119,8 @@ def main() -> None:
     parser.add_argument("--classes", type=int, choices=(5, 20), default=5, help="N-way setting")
     parser.add_argument("--shots", type=positive_int, default=1, help="K-shot of the evaluation tasks")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both sides run")
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help="on CUDA, run the project's meta-iterations and validation without CUDA graphs")
     parser.add_argument("--rounds", type=positive_int, default=3, help="rounds, each timing both sides in turn")
     parser.add_argument("--iterations", type=positive_int, default=10, help="meta-iterations per side and round")
     parser.add_argument("--tasks", type=positive_int, default=40, help="evaluation tasks per side and round")
@@ -137,12 +139,13 @@ def main() -> None:
     project_model = reptile.prepare_model(OmniglotModel(hp.classes), device)
     project_model.load_state_dict(baseline_model.state_dict())
     learner, inner_optimizer = reptile.make_learner(project_model, hp.lr)
-    mean_model, meta_optimizer = project_model.clone(), torch.optim.SGD(project_model.parameters(), lr=1.0)
+    meta_optimizer = torch.optim.SGD(project_model.parameters(), lr=1.0)
+    meta_iteration = reptile.MetaIteration(project_model, learner, inner_optimizer, meta_optimizer,
+                                           samplers["meta-train"], hp, cuda_graphs=bench.cuda_graphs)
     adam_state = {"state": {}, "param_groups": inner_optimizer.state_dict()["param_groups"]}
 
     def project_step(generator):
-        reptile.train_step(project_model, learner, inner_optimizer, mean_model, meta_optimizer,
-                           samplers["meta-train"], hp, 0.5, generator)
+        meta_iteration(0.5, generator)
 
     def project_step_flops():
         project_step(torch.Generator().manual_seed(0))
@@ -171,6 +174,20 @@ def main() -> None:
     print(f"meta-training ({hp.meta_batch} tasks x {hp.iterations} steps of batch {hp.batch}): "
           f"baseline {train_ms['baseline']:.1f} ms/it, project {train_ms['project']:.1f} ms/it, "
           f"ratio {train_ratio:.2f}x; project {train_flops / train_ms['project'] / 1e6:.0f} GFLOP/s")
+
+    scorer = reptile.TestTaskScorer(project_model, learner, inner_optimizer, samplers["meta-test"], hp,
+                                    bench.cuda_graphs)
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(3):  # warm-up (and, on CUDA, capture)
+        scorer(generator)
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(bench.iterations):
+        scorer(generator)
+    validation_ms = 1000 * (time.perf_counter() - started) / bench.iterations
+    validate_every = T.build_parser().get_default("validate_every")
+    print(f"validation (one meta-train and one meta-test task every {validate_every} meta-iterations): "
+          f"{validation_ms:.1f} ms a task, {2 * validation_ms / validate_every:.1f} ms per meta-iteration")
 
     workers = bench.workers if device == "cpu" else 0
     eval_flops = flops_of(lambda: reptile.evaluate_tasks(project_model.state_dict(), inner_optimizer.state_dict(),

@@ -254,14 +254,20 @@ class TaskSampler:
         self.quarter_turns = [r // 90 for r in rotations]
         self.num_classes = len(images) * len(self.quarter_turns)
 
-    def sample(self, classes: int, shots: int, queries: int, generator: torch.Generator) -> Task:
-        """N random classes labelled 0..N-1 in random order, with `shots` support and `queries` query images each."""
+    def draw(self, classes: int, shots: int, queries: int,
+             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The random part of `sample`: N class indices, and `shots` + `queries` distinct drawers of each."""
         if classes > self.num_classes or shots + queries > DRAWERS:
             raise ValueError(f"cannot draw {classes} classes x {shots + queries} images from "
                              f"{self.num_classes} classes x {DRAWERS} images")
         chosen = torch.randperm(self.num_classes, generator=generator)[:classes]
-        characters, turns = chosen // len(self.quarter_turns), chosen % len(self.quarter_turns)
         drawers = torch.stack([torch.randperm(DRAWERS, generator=generator)[:shots + queries] for _ in chosen])
+        return chosen, drawers
+
+    def sample(self, classes: int, shots: int, queries: int, generator: torch.Generator) -> Task:
+        """N random classes labelled 0..N-1 in random order, with `shots` support and `queries` query images each."""
+        chosen, drawers = self.draw(classes, shots, queries, generator)
+        characters, turns = chosen // len(self.quarter_turns), chosen % len(self.quarter_turns)
         images = self.images[characters[:, None].to(self.images.device), drawers.to(self.images.device)]
         images = torch.stack([torch.rot90(class_images, self.quarter_turns[turn], dims=(-2, -1))
                               for class_images, turn in zip(images, turns.tolist())])
@@ -269,3 +275,13 @@ class TaskSampler:
         labels = torch.arange(classes, device=images.device)[:, None].expand(classes, shots + queries)
         return Task(images[:, :shots].reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE), labels[:, :shots].reshape(-1),
                     images[:, shots:].reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE), labels[:, shots:].reshape(-1))
+
+    def bank(self) -> torch.Tensor:
+        """Every image of every class, rotated, as (classes * 20, 1, 28, 28): image d of class c is row c * 20 + d."""
+        turned = torch.stack([torch.rot90(self.images, turns, dims=(-2, -1)) for turns in self.quarter_turns], dim=1)
+        return turned.reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def bank_rows(chosen: torch.Tensor, drawers: torch.Tensor) -> torch.Tensor:
+    """The rows of TaskSampler.bank() holding the drawn images: (classes, images per class)."""
+    return chosen[:, None] * DRAWERS + drawers

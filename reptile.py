@@ -6,6 +6,7 @@ and worker processes live in train_omniglot.py.
 """
 import copy
 import math
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -78,7 +79,13 @@ def adapt(model: OmniglotModel, optimizer: torch.optim.Optimizer,
 
 
 def prepare_model(model: OmniglotModel, device: str) -> OmniglotModel:
-    """The model on `device`, its convolution weights channels-last (faster small convolutions)."""
+    """The model on `device`, its convolution weights channels-last (faster small convolutions).
+
+    On CUDA, cuDNN is held to deterministic algorithms: some of its others add in a varying order (20-way batches),
+    and Adam turns such rounding noise into full-size steps, so a run would not repeat itself, resumed or not.
+    """
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.deterministic = True
     return model.to(device, memory_format=torch.channels_last)
 
 
@@ -100,24 +107,40 @@ def copy_weights(source: OmniglotModel, destination: OmniglotModel) -> None:
 
 # ----------------------------------------------------------------------------- the meta-iteration
 
-def task_mini_batches(sampler: omniglot.TaskSampler, hp: Hyperparameters,
-                      generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A new meta-training task, as the mini-batches (images, labels) of its inner steps in order.
+def inner_step_sizes(hp: Hyperparameters) -> list[int]:
+    """The number of images in each inner mini-batch of a meta-training task, in order."""
+    if hp.algorithm == "fomaml" and hp.fomaml_tail:
+        return [hp.batch] * (hp.iterations - 1) + [hp.classes * hp.fomaml_tail]
+    return [hp.batch] * hp.iterations
 
-    With first-order MAML's tail, the last one is fomaml_tail images per class that no earlier step sees.
+
+def draw_task(sampler: omniglot.TaskSampler, hp: Hyperparameters, generator: torch.Generator) -> torch.Tensor:
+    """A new meta-training task: the bank rows and the labels (2, images) of its inner mini-batches, in order.
+
+    With first-order MAML's tail, the last mini-batch is fomaml_tail images per class that no earlier one holds.
     """
     tail = hp.fomaml_tail if hp.algorithm == "fomaml" and hp.fomaml_tail else 0
-    task = sampler.sample(hp.classes, hp.train_shots - tail, tail, generator)
-    batches = inner_batches(len(task.support_images), hp.batch, hp.iterations - (1 if tail else 0), generator,
-                            hp.replacement)
-    return mini_batches(task.support_images, task.support_labels, batches) + (
-        [(task.query_images, task.query_labels)] if tail else [])
+    shots = hp.train_shots - tail
+    chosen, drawers = sampler.draw(hp.classes, shots, tail, generator)
+    rows = omniglot.bank_rows(chosen, drawers)
+    labels = torch.arange(hp.classes)[:, None].expand_as(rows)
+    steps = len(inner_step_sizes(hp)) - (1 if tail else 0)
+    batches = inner_batches(hp.classes * shots, hp.batch, steps, generator, hp.replacement).reshape(-1)
+    return torch.stack([torch.cat([rows[:, :shots].reshape(-1)[batches], rows[:, shots:].reshape(-1)]),
+                        torch.cat([labels[:, :shots].reshape(-1)[batches], labels[:, shots:].reshape(-1)])])
+
+
+def drawn_mini_batches(bank: torch.Tensor, drawn: torch.Tensor,
+                       sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The mini-batches (images, labels) of a task drawn by draw_task, its images taken from `bank`."""
+    return list(zip(bank[drawn[0]].split(sizes), drawn[1].split(sizes)))
 
 
 def adapt_to_tasks(meta_model: OmniglotModel, learner: OmniglotModel, inner_optimizer: torch.optim.Optimizer,
-                   mean_model: OmniglotModel, sampler: omniglot.TaskSampler, hp: Hyperparameters, tasks: int,
-                   generator: torch.Generator) -> None:
-    """Adapt the meta-model to `tasks` new tasks in turn; set mean_model to the sum of their targets / meta-batch.
+                   mean_model: OmniglotModel, tasks: list[list[tuple[torch.Tensor, torch.Tensor]]],
+                   hp: Hyperparameters) -> None:
+    """Adapt the meta-model to each task (its mini-batches) in turn; set mean_model to the sum of their targets /
+    meta-batch.
 
     A task's target is its adapted weights (Reptile), or the meta-weights moved by the change that the last inner
     step made (first-order MAML).
@@ -125,8 +148,7 @@ def adapt_to_tasks(meta_model: OmniglotModel, learner: OmniglotModel, inner_opti
     with torch.no_grad():
         for param in mean_model.parameters():
             param.zero_()
-    for _ in range(tasks):
-        batches = task_mini_batches(sampler, hp, generator)
+    for batches in tasks:
         copy_weights(meta_model, learner)
         # The inner optimizer's state is not reset: as in the paper's code it lives on from task to task.
         if hp.algorithm == "fomaml":
@@ -159,24 +181,92 @@ def meta_step_size(iteration: int, hp: Hyperparameters) -> float:
     return done * hp.meta_lr_final + (1 - done) * hp.meta_lr
 
 
-def train_step(meta_model: OmniglotModel, learner: OmniglotModel, inner_optimizer: torch.optim.Optimizer,
-               mean_model: OmniglotModel, meta_optimizer: torch.optim.Optimizer, sampler: omniglot.TaskSampler,
-               hp: Hyperparameters, step_size: float, generator: torch.Generator, tasks: Optional[int] = None,
-               all_reduce: Optional[Callable[[torch.Tensor], None]] = None) -> None:
-    """One meta-iteration: adapt the meta-model to each task of a meta-batch, then step towards the mean result.
+class Graphed:
+    """Calls `function` (no arguments; the tensors it reads and writes stay in place). With CUDA graphs enabled,
+    the first calls run eagerly (warm-up), the next one captures a CUDA graph, and later calls replay it."""
+    WARMUP_CALLS = 2
 
-    Shared between processes, each adapts `tasks` of the meta-batch and `all_reduce` sums their shares in place.
-    """
-    adapt_to_tasks(meta_model, learner, inner_optimizer, mean_model, sampler, hp,
-                   hp.meta_batch if tasks is None else tasks, generator)
-    if all_reduce is not None:
-        with torch.no_grad():
-            means = list(mean_model.parameters())
-            total = torch.cat([mean.reshape(-1) for mean in means])
-            all_reduce(total)
-            for mean, summed in zip(means, total.split([mean.numel() for mean in means])):
-                mean.copy_(summed.view(mean.shape))
-    meta_step(meta_model, mean_model, meta_optimizer, step_size)
+    def __init__(self, function: Callable, enabled: bool, optimizers: tuple[torch.optim.Optimizer, ...] = ()):
+        self.function, self.enabled, self.optimizers = function, enabled, optimizers
+        self.calls, self.graph, self.outputs = 0, None, None
+
+    def __call__(self):
+        if self.graph is not None:
+            self.graph.replay()
+            return self.outputs
+        if not self.enabled:
+            return self.function()
+        if self.calls < self.WARMUP_CALLS:  # on a side stream, as PyTorch asks before a capture
+            self.calls += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                outputs = self.function()
+            torch.cuda.current_stream().wait_stream(side)
+            return outputs
+        graph = torch.cuda.CUDAGraph()
+        try:
+            self.set_capturable(True)
+            with torch.cuda.graph(graph):
+                self.outputs = self.function()
+        except RuntimeError as error:
+            self.enabled = False
+            print(f"warning: CUDA graph capture failed ({str(error).splitlines()[0]}); going on without CUDA graphs "
+                  f"(slower)", file=sys.stderr)
+            return self.function()
+        finally:
+            self.set_capturable(False)  # only the capture needs it; outside one, PyTorch warns about it
+        self.graph = graph
+        graph.replay()
+        return self.outputs
+
+    def set_capturable(self, capturable: bool) -> None:
+        """Let the optimizers be captured (fused Adam computes the same either way), or not."""
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                if "capturable" in group:
+                    group["capturable"] = capturable
+
+
+class MetaIteration:
+    """Meta-iterations of a meta-model: the tasks are drawn on the CPU as rows of an image bank on the model's
+    device, and the adaptation to them runs there; on CUDA it is replayed as one captured graph."""
+
+    def __init__(self, meta_model: OmniglotModel, learner: OmniglotModel, inner_optimizer: torch.optim.Optimizer,
+                 meta_optimizer: torch.optim.Optimizer, sampler: omniglot.TaskSampler, hp: Hyperparameters,
+                 tasks: Optional[int] = None, cuda_graphs: bool = True):
+        self.meta_model, self.learner, self.inner_optimizer = meta_model, learner, inner_optimizer
+        self.meta_optimizer, self.sampler, self.hp = meta_optimizer, sampler, hp
+        self.tasks = hp.meta_batch if tasks is None else tasks  # under torchrun, this process's share
+        self.mean_model = meta_model.clone()  # holds the mean of the tasks' targets
+        device = next(meta_model.parameters()).device
+        self.bank = sampler.bank().to(device)
+        self.sizes = inner_step_sizes(hp)
+        self.drawn = torch.zeros(self.tasks, 2, sum(self.sizes), dtype=torch.long, device=device)
+        self.adapt = Graphed(self.adapt_to_drawn_tasks, cuda_graphs and device.type == "cuda", (inner_optimizer,))
+
+    def adapt_to_drawn_tasks(self) -> None:
+        """adapt_to_tasks on the tasks in self.drawn."""
+        tasks = [drawn_mini_batches(self.bank, drawn, self.sizes) for drawn in self.drawn]
+        adapt_to_tasks(self.meta_model, self.learner, self.inner_optimizer, self.mean_model, tasks, self.hp)
+
+    def __call__(self, step_size: float, generator: torch.Generator,
+                 all_reduce: Optional[Callable[[torch.Tensor], None]] = None) -> None:
+        """One meta-iteration: adapt the meta-model to each task of a meta-batch, then step towards the mean result.
+
+        Shared between processes, each adapts its share of the tasks and `all_reduce` sums the shares in place.
+        """
+        drawn = torch.stack([draw_task(self.sampler, self.hp, generator) for _ in range(self.tasks)])
+        self.drawn.copy_(drawn.pin_memory() if self.drawn.is_cuda else drawn, non_blocking=True)
+        self.adapt()
+        if all_reduce is not None:
+            with torch.no_grad():
+                means = list(self.mean_model.parameters())
+                total = torch.cat([mean.reshape(-1) for mean in means])
+                all_reduce(total)
+                for mean, summed in zip(means, total.split([mean.numel() for mean in means])):
+                    mean.copy_(summed.view(mean.shape))
+        meta_step(self.meta_model, self.mean_model, self.meta_optimizer, step_size)
 
 
 # ----------------------------------------------------------------------------- test tasks
@@ -223,6 +313,55 @@ def evaluate_tasks(meta_state: dict, adam_state: dict, sampler: omniglot.TaskSam
         correct = (learner.predict(log_probs) == task.query_labels).sum().item()
         results.append((correct, torch.nn.functional.nll_loss(log_probs, task.query_labels).item()))
     return results
+
+
+class TestTaskScorer:
+    """evaluate_tasks for one task at a time, from the meta-model and inner optimizer as they are while training;
+    on CUDA the adaptation and scoring are replayed as one captured graph (the training validation's way)."""
+
+    def __init__(self, meta_model: OmniglotModel, learner: OmniglotModel, inner_optimizer: torch.optim.Optimizer,
+                 sampler: omniglot.TaskSampler, hp: Hyperparameters, cuda_graphs: bool = True):
+        self.meta_model, self.training_learner, self.training_optimizer = meta_model, learner, inner_optimizer
+        self.sampler, self.hp = sampler, hp
+        self.learner, self.optimizer = make_learner(meta_model, hp.lr, hp.inner_optimizer)
+        self.optimizer.load_state_dict(copy.deepcopy(inner_optimizer.state_dict()))  # its state tensors, to copy into
+        device = next(meta_model.parameters()).device
+        self.bank = sampler.bank().to(device)
+        self.support_labels = torch.arange(hp.classes, device=device).repeat_interleave(hp.shots)
+        self.query_labels = torch.arange(hp.classes, device=device)
+        self.sizes = [hp.classes * hp.shots, hp.classes, hp.test_iterations * hp.test_batch]
+        self.drawn = torch.zeros(sum(self.sizes), dtype=torch.long, device=device)
+        self.score = Graphed(self.adapt_and_score, cuda_graphs and device.type == "cuda", (self.optimizer,))
+
+    def adapt_and_score(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(correct queries, mean query loss) of the task in self.drawn, adapted from the current meta-weights."""
+        copy_weights(self.meta_model, self.learner)
+        with torch.no_grad():  # every test task starts from the training state of the inner optimizer
+            for param, training_param in zip(self.learner.parameters(), self.training_learner.parameters()):
+                for key, value in self.optimizer.state[param].items():
+                    value.copy_(self.training_optimizer.state[training_param][key])
+        support_rows, query_rows, positions = self.drawn.split(self.sizes)
+        support = self.bank[support_rows]
+        batches = [(support[indices], self.support_labels[indices])
+                   for indices in positions.view(self.hp.test_iterations, self.hp.test_batch)]
+        adapt(self.learner, self.optimizer, batches, self.hp.weight_decay)
+        task = omniglot.Task(support, self.support_labels, self.bank[query_rows], self.query_labels)
+        log_probs = classify_queries(self.learner, task, self.hp.transductive)
+        return ((self.learner.predict(log_probs) == self.query_labels).sum(),
+                torch.nn.functional.nll_loss(log_probs, self.query_labels))
+
+    def __call__(self, generator: torch.Generator) -> tuple[float, float]:
+        """The accuracy and mean query loss of a new test task, drawn as evaluate_tasks draws it."""
+        hp = self.hp
+        task_generator = torch.Generator().manual_seed(task_seeds(1, generator)[0])
+        chosen, drawers = self.sampler.draw(hp.classes, hp.shots, 1, task_generator)
+        rows = omniglot.bank_rows(chosen, drawers)
+        batches = inner_batches(hp.classes * hp.shots, hp.test_batch, hp.test_iterations, task_generator,
+                                hp.replacement)
+        drawn = torch.cat([rows[:, :hp.shots].reshape(-1), rows[:, hp.shots], batches.reshape(-1)])
+        self.drawn.copy_(drawn.pin_memory() if self.drawn.is_cuda else drawn, non_blocking=True)
+        correct, loss = self.score()
+        return correct.item() / hp.classes, loss.item()
 
 
 def evaluate_tasks_together(meta_state: dict, adam_state: dict, sampler: omniglot.TaskSampler, hp: Hyperparameters,

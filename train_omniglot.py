@@ -44,7 +44,7 @@ TRAINING_FLAGS = ("classes", "shots", "train_shots", "meta_batch", "iterations",
 MODEL_FLAGS = ("classes", "split")
 NOT_SAVED = ("logdir", "eval_only", "eval_lake", "checkpoint", "paper_setting")
 # Flags that belong to the machine, not the run: recorded in args.json but never taken from it.
-MACHINE_FLAGS = ("device", "workers")
+MACHINE_FLAGS = ("device", "workers", "cuda_graphs")
 # The paper's four Omniglot settings (openai/supervised-reptile's README) in this script's flags; the flags not
 # named are the same in all four.
 TWENTY_WAY = {"batch": 20, "iterations": 10, "lr": 0.0005, "meta_iterations": 200000, "test_batch": 10}
@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="evaluation worker processes on CPU, one thread each (ignored on CUDA)")
     run.add_argument("--seed", type=int, default=0, help="seed of the split, the initial weights and every task")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
+    run.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                     help="on CUDA, launch every kernel of a meta-iteration and a validation one by one instead of "
+                     "replaying them as captured CUDA graphs (slower; for debugging and comparison)")
     run.add_argument("--data", default="omniglot", help="Omniglot folder (downloaded and extracted when missing)")
     run.add_argument("--omniglot-mirror", help=f"folder holding the two Omniglot zips, used instead of the network "
                      f"(default: ${omniglot.MIRROR_VARIABLE})")
@@ -417,7 +420,6 @@ def train(args: argparse.Namespace, argv: list[str], first: bool) -> int:
     logdir = Path(args.logdir)
     samplers, split, _ = load_samplers(args, first)
     meta_model, learner, inner_optimizer = new_model(args)
-    mean_model = meta_model.clone()  # holds the mean of the adapted weights of a meta-batch
     meta_optimizer = torch.optim.SGD(meta_model.parameters(), lr=hp.meta_lr)
     # Under torchrun each process draws its own tasks and keeps its own inner Adam state.
     generators = {"train": stream(args.seed, TRAIN_STREAM, rank() if processes() > 1 else None),
@@ -473,6 +475,9 @@ def train(args: argparse.Namespace, argv: list[str], first: bool) -> int:
     # Under torchrun each process adapts its share of the tasks (5 over 2 processes: 3 and 2), and one all-reduce
     # sums the shares into the mean.
     share = len(range(rank(), hp.meta_batch, processes()))
+    meta_iteration = reptile.MetaIteration(meta_model, learner, inner_optimizer, meta_optimizer,
+                                           samplers["meta-train"], hp, share, args.cuda_graphs)
+    scorers = {}  # one per character set, made at the first validation (when the inner optimizer has a state)
     all_reduce = torch.distributed.all_reduce if processes() > 1 else None
     progress = tqdm(initial=start, total=hp.meta_iterations, desc="meta-training", unit="it", dynamic_ncols=True,
                     disable=not first)
@@ -482,29 +487,32 @@ def train(args: argparse.Namespace, argv: list[str], first: bool) -> int:
         writer = SummaryWriter(str(logdir), purge_step=start + 1) if first else None
         for iteration in range(start, hp.meta_iterations):
             step_size = reptile.meta_step_size(iteration, hp)
-            reptile.train_step(meta_model, learner, inner_optimizer, mean_model, meta_optimizer, samplers["meta-train"],
-                               hp, step_size, generators["train"], share, all_reduce)
+            meta_iteration(step_size, generators["train"], all_reduce)
             done = iteration + 1
             progress.update()
-            inner_state = [value for state in inner_optimizer.state.values() for value in state.values()
-                           if isinstance(value, torch.Tensor)]
-            if not all_finite([*meta_model.parameters(), *inner_state]):
-                raise UserError(f"meta-iteration {done}: the meta-weights or the inner optimizer's state became "
+            stop = any_process(bool(interrupted))
+            saving = done % args.check_every == 0 or done == hp.meta_iterations or stop
+            # Checked when validating and before saving, not every meta-iteration: on a GPU a check waits for it.
+            if (done % args.validate_every == 0 or saving) and not all_finite(
+                    [*meta_model.parameters(), *(value for state in inner_optimizer.state.values()
+                                                 for value in state.values() if isinstance(value, torch.Tensor))]):
+                raise UserError(f"by meta-iteration {done}, the meta-weights or the inner optimizer's state became "
                                 f"NaN or infinite; the inner learning rate (--lr {hp.lr}) or the meta-step "
                                 f"(--meta-lr {hp.meta_lr}) is likely too large. Nothing non-finite was written "
                                 f"({run_folder.kept(logdir)}); train with smaller values in a new logdir")
-            stop = any_process(bool(interrupted))
             if done % args.validate_every == 0 and first:
                 for name in samplers:
-                    accuracies, losses = evaluate(meta_model, inner_optimizer, samplers, name, hp, 1,
-                                                  generators["validation"])
-                    recent[name] = (recent[name] + [float(accuracies[0])])[-RECENT_TASKS:]
-                    writer.add_scalar(f"{name}/accuracy", accuracies[0], done)
-                    writer.add_scalar(f"{name}/loss", losses[0], done)
+                    if name not in scorers:
+                        scorers[name] = reptile.TestTaskScorer(meta_model, learner, inner_optimizer, samplers[name],
+                                                               hp, args.cuda_graphs)
+                    accuracy, loss = scorers[name](generators["validation"])
+                    recent[name] = (recent[name] + [accuracy])[-RECENT_TASKS:]
+                    writer.add_scalar(f"{name}/accuracy", accuracy, done)
+                    writer.add_scalar(f"{name}/loss", loss, done)
                     writer.add_scalar(f"{name}/accuracy_mean{RECENT_TASKS}", np.mean(recent[name]), done)
                 writer.add_scalar("meta-step", step_size, done)
                 progress.set_postfix({f"{name} acc": f"{np.mean(accs):.3f}" for name, accs in recent.items()})
-            if done % args.check_every == 0 or done == hp.meta_iterations or stop:
+            if saving:
                 if writer:
                     writer.flush()  # waits until every logged point is on disk (tensorboardX's flush does not)
                 checkpoint_path = str(run_folder.save_checkpoint(logdir, done, meta_model, meta_optimizer,

@@ -63,6 +63,18 @@ def test_rotations_are_classes_of_their_own():
     assert seen == turned
 
 
+def test_the_bank_holds_each_drawn_image_turned_as_its_class_is():
+    images = torch.rand(3, omniglot.DRAWERS, 28, 28)
+    sampler = omniglot.TaskSampler(images, omniglot.ROTATIONS)
+    bank = sampler.bank()
+    assert bank.shape == (3 * 4 * omniglot.DRAWERS, 1, 28, 28)
+    for seed in range(5):
+        task = sampler.sample(4, 2, 1, torch.Generator().manual_seed(seed))
+        rows = omniglot.bank_rows(*sampler.draw(4, 2, 1, torch.Generator().manual_seed(seed)))
+        assert torch.equal(bank[rows[:, :2].reshape(-1)], task.support_images)
+        assert torch.equal(bank[rows[:, 2]], task.query_images)
+
+
 def test_sampling_refuses_impossible_tasks():
     sampler = omniglot.TaskSampler(numbered_images(3))
     with pytest.raises(ValueError):

@@ -75,12 +75,12 @@ def test_meta_step_is_annealed_linearly():
     assert reptile.meta_step_size(100, hp) == pytest.approx(0.2)
 
 
-def project_side(classes: int, lr: float):
-    """The project's meta-model, learner, inner Adam, mean holder and meta-optimizer, from seed 0."""
+def project_side(classes: int, lr: float, inner_optimizer: str = "adam"):
+    """The project's meta-model, learner, inner optimizer and meta-optimizer, from seed 0."""
     torch.manual_seed(0)
     meta_model = reptile.prepare_model(OmniglotModel(classes), "cpu")
-    learner, inner_optimizer = reptile.make_learner(meta_model, lr)
-    return meta_model, learner, inner_optimizer, meta_model.clone(), torch.optim.SGD(meta_model.parameters(), lr=1)
+    learner, optimizer = reptile.make_learner(meta_model, lr, inner_optimizer)
+    return meta_model, learner, optimizer, torch.optim.SGD(meta_model.parameters(), lr=1)
 
 
 def is_conv_bias(model: OmniglotModel, name: str) -> bool:
@@ -94,17 +94,17 @@ def is_conv_bias(model: OmniglotModel, name: str) -> bool:
     return kind == "bias" and isinstance(model.get_submodule(module_name), torch.nn.Conv2d)
 
 
-def test_train_step_equals_the_straightforward_loop():
+def test_a_meta_iteration_equals_the_straightforward_loop():
     hp = Hyperparameters(classes=3, train_shots=4, meta_batch=3, iterations=3, batch=5)
     sampler = random_sampler()
-    meta_model, learner, inner_optimizer, mean_model, meta_optimizer = project_side(3, hp.lr)
+    meta_model, learner, inner_optimizer, meta_optimizer = project_side(3, hp.lr)
+    meta_iteration = reptile.MetaIteration(meta_model, learner, inner_optimizer, meta_optimizer, sampler, hp)
     plain_model = OmniglotModel(3)
     plain_model.load_state_dict(meta_model.state_dict())
     adam_state = {"state": {}, "param_groups": inner_optimizer.state_dict()["param_groups"]}
     generator, plain_generator = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     for step_size in (0.4, 0.3):  # two meta-iterations: the inner Adam state carries over
-        reptile.train_step(meta_model, learner, inner_optimizer, mean_model, meta_optimizer, sampler, hp, step_size,
-                     generator)
+        meta_iteration(step_size, generator)
         adam_state = bench.baseline_meta_iteration(plain_model, adam_state, sampler, hp, step_size,
                                                    plain_generator)
     plain_params = dict(plain_model.named_parameters())
@@ -122,10 +122,57 @@ def test_train_step_equals_the_straightforward_loop():
         torch.testing.assert_close(state[index]["exp_avg_sq"], plain["exp_avg_sq"], rtol=1e-3, atol=1e-9)
 
 
+def per_step_task(sampler: omniglot.TaskSampler, hp: Hyperparameters,
+                  generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A meta-training task's mini-batches as the project drew them before the image bank: the task's images
+    sampled (and rotated) on their own, then indexed step by step; with first-order MAML's tail, the queries last."""
+    tail = hp.fomaml_tail or 0
+    task = sampler.sample(hp.classes, hp.train_shots - tail, tail, generator)
+    batches = reptile.inner_batches(len(task.support_images), hp.batch, hp.iterations - (1 if tail else 0),
+                                    generator, hp.replacement)
+    return reptile.mini_batches(task.support_images, task.support_labels, batches) + (
+        [(task.query_images, task.query_labels)] if tail else [])
+
+
+@pytest.mark.parametrize("settings", [{}, {"algorithm": "fomaml", "fomaml_tail": 2, "replacement": True,
+                                           "inner_optimizer": "sgd", "weight_decay": 0.9}])
+def test_the_image_bank_path_gives_the_per_step_path_bit_for_bit(settings):
+    # The CPU runs the CUDA path without capture: tasks as rows of a bank of every rotated image, gathered on the
+    # device. The same draws give the same images in the same order, so the same floats, not merely close ones.
+    hp = Hyperparameters(classes=4, train_shots=6, meta_batch=3, iterations=4, batch=5, lr=0.01, **settings)
+    sampler = omniglot.TaskSampler(random_sampler().images, omniglot.ROTATIONS)
+    sides = [project_side(4, hp.lr, hp.inner_optimizer) for _ in range(2)]
+    meta_iteration = reptile.MetaIteration(*sides[0], sampler, hp)
+    meta_model, learner, inner_optimizer, meta_optimizer = sides[1]
+    mean_model = meta_model.clone()
+    generators = [torch.Generator().manual_seed(5) for _ in range(2)]
+    for step_size in (0.5, 0.4, 0.3):
+        meta_iteration(step_size, generators[0])
+        tasks = [per_step_task(sampler, hp, generators[1]) for _ in range(hp.meta_batch)]
+        reptile.adapt_to_tasks(meta_model, learner, inner_optimizer, mean_model, tasks, hp)
+        reptile.meta_step(meta_model, mean_model, meta_optimizer, step_size)
+    assert all(torch.equal(a, b) for a, b in zip(sides[0][0].parameters(), meta_model.parameters()))
+    assert not torch.equal(next(meta_model.parameters()), next(project_side(4, hp.lr)[0].parameters()))
+    assert torch.equal(generators[0].get_state(), generators[1].get_state())
+
+
+def test_the_validation_scorer_gives_the_evaluator_bit_for_bit():
+    hp = Hyperparameters(classes=5, shots=2, test_iterations=7, meta_batch=1)
+    sampler = random_sampler()
+    meta_model, learner, inner_optimizer, meta_optimizer = trained_side(hp, sampler)
+    scorer = reptile.TestTaskScorer(meta_model, learner, inner_optimizer, sampler, hp)
+    generator, evaluation_generator = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    for _ in range(3):  # the scorer's learner and optimizer start afresh from the meta-model for each task
+        correct, loss = reptile.evaluate_tasks(meta_model.state_dict(), inner_optimizer.state_dict(), sampler, hp,
+                                               reptile.task_seeds(1, evaluation_generator))[0]
+        assert scorer(generator) == (correct / hp.classes, loss)
+    assert torch.equal(generator.get_state(), evaluation_generator.get_state())
+
+
 def test_first_order_maml_steps_along_the_change_of_the_last_inner_step():
     hp = Hyperparameters(classes=3, train_shots=4, meta_batch=2, iterations=3, batch=5, algorithm="fomaml")
     sampler = random_sampler()
-    meta_model, learner, inner_optimizer, mean_model, meta_optimizer = project_side(3, hp.lr)
+    meta_model, learner, inner_optimizer, meta_optimizer = project_side(3, hp.lr)
     start = [param.detach().clone() for param in meta_model.parameters()]
     # Straightforward: each task adapted in turn from the meta-weights (the inner Adam state carried on), the
     # change made by its last step kept, the mean change scaled by the meta-step.
@@ -133,15 +180,15 @@ def test_first_order_maml_steps_along_the_change_of_the_last_inner_step():
     generator = torch.Generator().manual_seed(5)
     changes = []
     for _ in range(hp.meta_batch):
-        batches = reptile.task_mini_batches(sampler, hp, generator)
+        batches = per_step_task(sampler, hp, generator)
         reptile.copy_weights(meta_model, plain_learner)
         reptile.adapt(plain_learner, plain_optimizer, batches[:-1])
         before = [param.detach().clone() for param in plain_learner.parameters()]
         reptile.adapt(plain_learner, plain_optimizer, batches[-1:])
         changes.append([param.detach() - old for param, old in zip(plain_learner.parameters(), before)])
     expected = [first + 0.7 * (a + b) / 2 for first, a, b in zip(start, *changes)]
-    reptile.train_step(meta_model, learner, inner_optimizer, mean_model, meta_optimizer, sampler, hp, 0.7,
-                       torch.Generator().manual_seed(5))
+    reptile.MetaIteration(meta_model, learner, inner_optimizer, meta_optimizer, sampler, hp)(
+        0.7, torch.Generator().manual_seed(5))
     for name, param, want in zip(dict(meta_model.named_parameters()), meta_model.parameters(), expected):
         torch.testing.assert_close(param.detach(), want, rtol=1e-5, atol=1e-6, msg=name)
     adapted = [param.detach() for param in plain_learner.parameters()]  # Reptile would step towards these
@@ -158,8 +205,10 @@ def numbered_sampler(characters: int = 12) -> omniglot.TaskSampler:
 def test_the_fomaml_tail_is_kept_apart_from_the_earlier_steps():
     hp = Hyperparameters(classes=3, train_shots=6, iterations=8, batch=5, algorithm="fomaml", fomaml_tail=2)
     for seed in range(20):
-        *earlier, (tail_images, tail_labels) = reptile.task_mini_batches(numbered_sampler(), hp,
-                                                                         torch.Generator().manual_seed(seed))
+        sampler = numbered_sampler()
+        drawn = reptile.draw_task(sampler, hp, torch.Generator().manual_seed(seed))
+        *earlier, (tail_images, tail_labels) = reptile.drawn_mini_batches(sampler.bank(), drawn,
+                                                                          reptile.inner_step_sizes(hp))
         assert len(earlier) == hp.iterations - 1 and len(tail_images) == hp.classes * hp.fomaml_tail
         assert sorted(tail_labels.tolist()) == [0, 0, 1, 1, 2, 2]
         seen = {int(image[0, 0, 0]) for images, _ in earlier for image in images}
@@ -171,7 +220,7 @@ def test_the_side_by_side_evaluator_agrees_with_sgd_weight_decay_and_replacement
     hp = Hyperparameters(classes=5, shots=2, test_iterations=6, test_batch=4, meta_batch=1, lr=0.05,
                          inner_optimizer="sgd", weight_decay=0.99, replacement=True)
     sampler = random_sampler()
-    meta_model, learner, inner_optimizer, mean_model, meta_optimizer = project_side(5, hp.lr)
+    meta_model, learner, inner_optimizer, meta_optimizer = project_side(5, hp.lr)
     _, sgd = reptile.make_learner(meta_model, hp.lr, "sgd")
     seeds = reptile.task_seeds(50, torch.Generator().manual_seed(3))
     one_by_one = np.array(reptile.evaluate_tasks(meta_model.state_dict(), sgd.state_dict(), sampler, hp, seeds))
@@ -187,7 +236,7 @@ def test_the_side_by_side_evaluator_agrees_with_sgd_weight_decay_and_replacement
 def trained_side(hp, sampler):
     """The project's side after one meta-iteration (so its inner Adam has a state)."""
     side = project_side(hp.classes, hp.lr)
-    reptile.train_step(*side, sampler, hp, 1.0, torch.Generator().manual_seed(0))
+    reptile.MetaIteration(*side, sampler, hp)(1.0, torch.Generator().manual_seed(0))
     return side
 
 

@@ -315,32 +315,33 @@ def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(run_script
     diverging = run_script(str(tmp_path / "diverging"), *TINY, "--lr", "1e30")
     assert diverging.returncode == 2 and "Traceback" not in diverging.stderr
     assert visible_lines(diverging.stderr) == [
-        "train_omniglot.py: error: meta-iteration 1: the meta-weights or the inner optimizer's state became NaN or "
+        "train_omniglot.py: error: by meta-iteration 2, the meta-weights or the inner optimizer's state became NaN or "
         "infinite; the inner learning rate (--lr 1e+30) or the meta-step (--meta-lr 1.0) is likely too large. "
         "Nothing non-finite was written (no checkpoint had been written yet); train with smaller values in a new "
         "logdir"]
     assert not (tmp_path / "diverging" / "checkpoint").exists()
 
-    # A run whose weights turn NaN in its 5th meta-iteration, after good checkpoints at 2 and 4.
-    real_train_step, calls = reptile.train_step, []
+    # A run whose weights turn NaN in its 5th meta-iteration, after good checkpoints at 2 and 4: found at the
+    # validation of the 6th, before its checkpoint.
+    real_call, calls = reptile.MetaIteration.__call__, []
 
-    def train_step_that_fails_at_5(meta_model, *args, **kwargs):
-        real_train_step(meta_model, *args, **kwargs)
+    def meta_iteration_that_fails_at_5(self, *args, **kwargs):
+        real_call(self, *args, **kwargs)
         calls.append(1)
         if len(calls) == 5:
             with torch.no_grad():
-                next(meta_model.parameters()).view(-1)[0] = float("nan")
+                next(self.meta_model.parameters()).view(-1)[0] = float("nan")
 
-    monkeypatch.setattr(reptile, "train_step", train_step_that_fails_at_5)
+    monkeypatch.setattr(reptile.MetaIteration, "__call__", meta_iteration_that_fails_at_5)
     logdir = tmp_path / "run"
     flags = [str(logdir), "--data", str(data_dir), *TINY, "--check-every", "2"]
     status, lines = run_in_process(flags, capsys)
-    assert status == 2 and len(lines) == 1 and lines[0].startswith("train_omniglot.py: error: meta-iteration 5: ")
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("train_omniglot.py: error: by meta-iteration 6, ")
     assert f"the newest good checkpoint, {logdir / 'checkpoint' / 'check-4.pth'}, is kept" in lines[0]
     assert sorted(p.name for p in (logdir / "checkpoint").iterdir()) == ["check-2.pth", "check-4.pth"]
     state = run_folder.load_checkpoint(str(logdir / "checkpoint" / "check-4.pth"))
     assert all(value.isfinite().all() for value in state["meta_net"].values())
-    monkeypatch.setattr(reptile, "train_step", real_train_step)
+    monkeypatch.setattr(reptile.MetaIteration, "__call__", real_call)
     assert run_in_process(flags, capsys)[0] == 0  # resumes from check-4 and finishes
 
 
@@ -558,9 +559,12 @@ def test_torchrun_splits_the_meta_batch_and_changes_no_mathematics(script, data_
         mean_model, meta_optimizer = meta_model.clone(), torch.optim.SGD(meta_model.parameters(), lr=1)
         processes = [(*reptile.make_learner(meta_model, hp.lr), meta_model.clone(),
                       T.stream(args.seed, T.TRAIN_STREAM, process)) for process in (0, 1)]
+        bank, sizes = sampler.bank(), reptile.inner_step_sizes(hp)
         for iteration, total in ((0, 2), (1, 2), (2, 3)):  # the schedule of each launch's --meta-iterations
             for (learner, optimizer, share, generator), tasks in zip(processes, (3, 2)):
-                reptile.adapt_to_tasks(meta_model, learner, optimizer, share, sampler, hp, tasks, generator)
+                drawn = [reptile.draw_task(sampler, hp, generator) for _ in range(tasks)]
+                reptile.adapt_to_tasks(meta_model, learner, optimizer, share,
+                                       [reptile.drawn_mini_batches(bank, task, sizes) for task in drawn], hp)
             with torch.no_grad():
                 for mean, first, second in zip(mean_model.parameters(), *(p[2].parameters() for p in processes)):
                     mean.copy_(first + second)
