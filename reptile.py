@@ -204,9 +204,9 @@ class Graphed:
                 outputs = self.function()
             torch.cuda.current_stream().wait_stream(side)
             return outputs
-        graph = torch.cuda.CUDAGraph()
         try:
             self.set_capturable(True)
+            graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self.outputs = self.function()
         except RuntimeError as error:

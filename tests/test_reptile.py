@@ -122,6 +122,17 @@ def test_a_meta_iteration_equals_the_straightforward_loop():
         torch.testing.assert_close(state[index]["exp_avg_sq"], plain["exp_avg_sq"], rtol=1e-3, atol=1e-9)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU would capture the graph")
+def test_a_failed_capture_warns_in_one_line_and_goes_on_eagerly(monkeypatch, capsys):
+    monkeypatch.setattr(reptile.Graphed, "WARMUP_CALLS", 0)
+    calls = []
+    graphed = reptile.Graphed(lambda: calls.append(1) or len(calls), enabled=True)  # no GPU here: capture fails
+    assert graphed() == 1 and graphed() == 2 and graphed.graph is None
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: CUDA graph capture failed (")
+    assert lines[0].endswith("; going on without CUDA graphs (slower)")
+
+
 def per_step_task(sampler: omniglot.TaskSampler, hp: Hyperparameters,
                   generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A meta-training task's mini-batches as the project drew them before the image bank: the task's images
