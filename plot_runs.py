@@ -2,8 +2,11 @@
 
     pip install matplotlib                       # the one thing this script needs beyond requirements.txt
     python plot_runs.py runs/5way runs/20way     # writes runs/accuracy.png
+    python plot_runs.py runs/combinations/* --summarize 100   # writes each run's curve.json
 
 Each point logged during training is the accuracy on one meta-test task, so the curves show a moving average.
+A run folder without event files is drawn from its curve.json: the mean of each block of meta-iterations, small
+enough to commit where the event files are not.
 """
 import argparse
 import sys
@@ -12,15 +15,21 @@ from pathlib import Path
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from utils import UserError, positive_int, read_json
+from utils import UserError, positive_int, read_json, write_json
 
 TAG = "meta-test/accuracy"
+CURVE = "curve.json"
 
 
 def read_curve(logdir: Path, tag: str = TAG) -> tuple[np.ndarray, np.ndarray]:
-    """(meta-iterations, values) of one scalar of a run, as TensorBoard reads them."""
+    """(meta-iterations, values) of one scalar of a run, as TensorBoard reads them (or its curve.json holds them)."""
     if not logdir.is_dir():
         raise UserError(f"{logdir} is not a run folder")
+    if not any(logdir.glob("events.out.tfevents.*")) and (logdir / CURVE).is_file():
+        curve = read_json(logdir / CURVE)
+        if curve["tag"] != tag:
+            raise UserError(f"{logdir / CURVE} holds '{curve['tag']}', not '{tag}'")
+        return np.array(curve["meta_iterations"]), np.array(curve["means"])
     events = EventAccumulator(str(logdir), size_guidance={"scalars": 0})  # 0: keep every point
     events.Reload()
     if tag not in events.Tags()["scalars"]:
@@ -34,6 +43,23 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     sums = np.cumsum(np.insert(values, 0, 0.0))
     counts = np.minimum(np.arange(1, len(values) + 1), window)
     return (sums[1:] - sums[np.arange(1, len(values) + 1) - counts]) / counts
+
+
+def block_means(steps: np.ndarray, values: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """The mean of the values in each block of `block` meta-iterations (1..block, ...), at the block's last one."""
+    blocks = (steps - 1) // block
+    numbers = np.unique(blocks)
+    ends = np.minimum((numbers + 1) * block, steps.max())  # a last, partial block ends where the run did
+    return ends, np.array([values[blocks == number].mean() for number in numbers])
+
+
+def summarize(logdir: Path, block: int) -> Path:
+    """Write a run's curve as block means to LOGDIR/curve.json."""
+    steps, values = read_curve(logdir)
+    ends, means = block_means(steps, values, block)
+    write_json(logdir / CURVE, {"tag": TAG, "block": block, "meta_iterations": ends.tolist(),
+                                "means": [round(float(mean), 6) for mean in means]})
+    return logdir / CURVE
 
 
 def label(logdir: Path) -> str:
@@ -51,7 +77,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("runs", nargs="+", help="run folders of train_omniglot.py")
     parser.add_argument("--window", type=positive_int, default=200, help="logged points in the moving average")
     parser.add_argument("--output", default="runs/accuracy.png", help="the PNG to write")
+    parser.add_argument("--summarize", type=positive_int, metavar="BLOCK",
+                        help="instead of plotting, write each run's curve.json: the mean of each BLOCK "
+                        "meta-iterations")
     args = parser.parse_args(argv)
+    if args.summarize:
+        try:
+            for run in args.runs:
+                print(f"wrote {summarize(Path(run), args.summarize)}")
+        except UserError as error:
+            print(f"plot_runs.py: error: {error}", file=sys.stderr)
+            return 2
+        return 0
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no display needed

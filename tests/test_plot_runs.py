@@ -29,6 +29,26 @@ def test_read_curve_returns_the_logged_points(tmp_path):
     np.testing.assert_allclose(values, [0.2, 0.5, 0.75], rtol=1e-6)
 
 
+def test_block_means_average_each_block_of_meta_iterations():
+    steps, values = np.arange(1, 251), np.arange(1, 251, dtype=float)
+    ends, means = plot_runs.block_means(steps, values, 100)
+    assert ends.tolist() == [100, 200, 250]  # the last block is partial
+    np.testing.assert_allclose(means, [50.5, 150.5, 225.5])
+
+
+def test_a_summarized_run_is_drawn_from_its_curve_json(tmp_path, capsys):
+    run, committed = tmp_path / "run", tmp_path / "committed"
+    log_scalars(run, plot_runs.TAG, [0.1, 0.3, 0.5, 0.7, 0.9], every=1)
+    assert plot_runs.main([str(run), "--summarize", "2"]) == 0
+    assert f"wrote {run / plot_runs.CURVE}" in capsys.readouterr().out
+    committed.mkdir()
+    (committed / plot_runs.CURVE).write_bytes((run / plot_runs.CURVE).read_bytes())  # without the event files
+    steps, values = plot_runs.read_curve(committed)
+    assert steps.tolist() == [2, 4, 5]
+    np.testing.assert_allclose(values, [0.2, 0.6, 0.9])
+    np.testing.assert_allclose(plot_runs.read_curve(run)[1], [0.1, 0.3, 0.5, 0.7, 0.9], rtol=1e-6)  # events first
+
+
 def test_a_folder_without_the_curve_is_named(tmp_path):
     with pytest.raises(UserError, match="is not a run folder"):
         plot_runs.read_curve(tmp_path / "missing")
