@@ -320,13 +320,14 @@ class TestTaskScorer:
     on CUDA the adaptation and scoring are replayed as one captured graph (the training validation's way)."""
 
     def __init__(self, meta_model: OmniglotModel, learner: OmniglotModel, inner_optimizer: torch.optim.Optimizer,
-                 sampler: omniglot.TaskSampler, hp: Hyperparameters, cuda_graphs: bool = True):
+                 sampler: omniglot.TaskSampler, hp: Hyperparameters, cuda_graphs: bool = True,
+                 bank: Optional[torch.Tensor] = None):
         self.meta_model, self.training_learner, self.training_optimizer = meta_model, learner, inner_optimizer
         self.sampler, self.hp = sampler, hp
         self.learner, self.optimizer = make_learner(meta_model, hp.lr, hp.inner_optimizer)
         self.optimizer.load_state_dict(copy.deepcopy(inner_optimizer.state_dict()))  # its state tensors, to copy into
         device = next(meta_model.parameters()).device
-        self.bank = sampler.bank().to(device)
+        self.bank = sampler.bank().to(device) if bank is None else bank  # the meta-training one is 301 MB: shared
         self.support_labels = torch.arange(hp.classes, device=device).repeat_interleave(hp.shots)
         self.query_labels = torch.arange(hp.classes, device=device)
         self.sizes = [hp.classes * hp.shots, hp.classes, hp.test_iterations * hp.test_batch]

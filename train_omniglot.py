@@ -503,8 +503,9 @@ def train(args: argparse.Namespace, argv: list[str], first: bool) -> int:
             if done % args.validate_every == 0 and first:
                 for name in samplers:
                     if name not in scorers:
-                        scorers[name] = reptile.TestTaskScorer(meta_model, learner, inner_optimizer, samplers[name],
-                                                               hp, args.cuda_graphs)
+                        scorers[name] = reptile.TestTaskScorer(
+                            meta_model, learner, inner_optimizer, samplers[name], hp, args.cuda_graphs,
+                            meta_iteration.bank if name == "meta-train" else None)
                     accuracy, loss = scorers[name](generators["validation"])
                     recent[name] = (recent[name] + [accuracy])[-RECENT_TASKS:]
                     writer.add_scalar(f"{name}/accuracy", accuracy, done)
