@@ -21,7 +21,7 @@ import reptile
 import train_omniglot as T
 from models import OmniglotModel
 from reptile import Hyperparameters
-from utils import non_negative_int, positive_int
+from utils import HelpFormatter, non_negative_int, positive_int
 
 
 # ----------------------------------------------------------------------------- the straightforward baseline
@@ -115,7 +115,7 @@ def flops_of(function) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--classes", type=int, choices=(5, 20), default=5, help="N-way setting")
     parser.add_argument("--shots", type=positive_int, default=1, help="K-shot of the evaluation tasks")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both sides run")

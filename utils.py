@@ -137,10 +137,11 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default, unless it has none or its help already tells it."""
+    """Shows each flag's default, unless it has none, is an on/off switch, or its help already tells it."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False or "default" in (action.help or ""):
+        if (action.default is None or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+                or "default" in (action.help or "")):
             return action.help
         return super()._get_help_string(action)
 

@@ -437,11 +437,12 @@ def test_first_order_maml_with_sgd_trains_and_keeps_its_settings(data_dir, tmp_p
     assert status == 2 and "--weight-decay 1.0 differs from 0.999" in lines[0]
 
 
-def test_help_shows_every_default_but_none_and_false():
+def test_help_shows_every_default_but_none_and_on_off_switches():
     help_text = " ".join(T.build_parser().format_help().split())  # one line, as the wrapping falls
     assert "--seed SEED seed of the split, the initial weights and every task (default: 0)" in help_text
     assert "meta-step size at the end (annealed linearly) (default: 0.0)" in help_text
     assert "(default: False)" not in help_text and "(default: None)" not in help_text
+    assert "(default: True)" not in help_text  # --no-cuda-graphs: True is the value it turns off
 
 
 def test_the_command_line_reports_a_bad_flag_in_one_line(run_script, tmp_path):
