@@ -107,11 +107,15 @@ def copy_weights(source: OmniglotModel, destination: OmniglotModel) -> None:
 
 # ----------------------------------------------------------------------------- the meta-iteration
 
+def tail_shots(hp: Hyperparameters) -> int:
+    """Images per class kept apart for first-order MAML's last inner step (0: none, it is drawn like the others)."""
+    return hp.fomaml_tail if hp.algorithm == "fomaml" and hp.fomaml_tail else 0
+
+
 def inner_step_sizes(hp: Hyperparameters) -> list[int]:
     """The number of images in each inner mini-batch of a meta-training task, in order."""
-    if hp.algorithm == "fomaml" and hp.fomaml_tail:
-        return [hp.batch] * (hp.iterations - 1) + [hp.classes * hp.fomaml_tail]
-    return [hp.batch] * hp.iterations
+    tail = tail_shots(hp)
+    return [hp.batch] * (hp.iterations - (1 if tail else 0)) + ([hp.classes * tail] if tail else [])
 
 
 def draw_task(sampler: omniglot.TaskSampler, hp: Hyperparameters, generator: torch.Generator) -> torch.Tensor:
@@ -119,13 +123,13 @@ def draw_task(sampler: omniglot.TaskSampler, hp: Hyperparameters, generator: tor
 
     With first-order MAML's tail, the last mini-batch is fomaml_tail images per class that no earlier one holds.
     """
-    tail = hp.fomaml_tail if hp.algorithm == "fomaml" and hp.fomaml_tail else 0
+    tail = tail_shots(hp)
     shots = hp.train_shots - tail
     chosen, drawers = sampler.draw(hp.classes, shots, tail, generator)
     rows = omniglot.bank_rows(chosen, drawers)
     labels = torch.arange(hp.classes)[:, None].expand_as(rows)
-    steps = len(inner_step_sizes(hp)) - (1 if tail else 0)
-    batches = inner_batches(hp.classes * shots, hp.batch, steps, generator, hp.replacement).reshape(-1)
+    batches = inner_batches(hp.classes * shots, hp.batch, hp.iterations - (1 if tail else 0), generator,
+                            hp.replacement).reshape(-1)
     return torch.stack([torch.cat([rows[:, :shots].reshape(-1)[batches], rows[:, shots:].reshape(-1)]),
                         torch.cat([labels[:, :shots].reshape(-1)[batches], labels[:, shots:].reshape(-1)])])
 
