@@ -364,11 +364,16 @@ def main(argv: list[str]) -> int:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     first = join_torchrun(args) == 0  # under torchrun, only the first process writes logs, checkpoints and results
-    if args.eval_only:
-        return evaluate_checkpoint(args, first)
-    # One training process per run folder: under torchrun the first process holds it for all of them.
-    with run_folder.training_lock(Path(args.logdir)) if first else contextlib.nullcontext():
-        return train(args, argv, first)
+    try:
+        if args.eval_only:
+            return evaluate_checkpoint(args, first)
+        # One training process per run folder: under torchrun the first process holds it for all of them.
+        with run_folder.training_lock(Path(args.logdir)) if first else contextlib.nullcontext():
+            return train(args, argv, first)
+    finally:
+        # Left to the interpreter's exit, gloo's worker threads sometimes abort the process (SIGABRT).
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def load_samplers(args: argparse.Namespace, first: bool) -> tuple[dict, dict, Path]:
