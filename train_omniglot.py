@@ -169,6 +169,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if saved_path.is_file():
         saved = read_json(saved_path)
         fixed = MODEL_FLAGS if args.eval_only else TRAINING_FLAGS
+        # A training flag missing from args.json came after the run was made, which trained with its default.
+        saved = {**{name: parser.get_default(name) for name in fixed}, **saved}
         for name, value in saved.items():
             if name in NOT_SAVED + MACHINE_FLAGS or not hasattr(args, name):
                 continue

@@ -265,6 +265,20 @@ def test_bad_inputs_end_with_one_line_and_change_nothing(name, existing_run, dat
     assert snapshot(existing_run) == before
 
 
+def test_a_run_older_than_a_training_flag_keeps_that_flag_at_its_default(existing_run, tmp_path):
+    logdir = tmp_path / "older"
+    logdir.mkdir()
+    saved = json.loads((existing_run / "args.json").read_text())
+    del saved["algorithm"], saved["inner_optimizer"]
+    (logdir / "args.json").write_text(json.dumps(saved))
+    assert T.parse_args([str(logdir)]).algorithm == "reptile"
+    with pytest.raises(T.UserError, match="--algorithm fomaml differs from reptile"):
+        T.parse_args([str(logdir), "--algorithm", "fomaml"])
+    with pytest.raises(T.UserError, match="--inner-optimizer sgd differs from adam"):
+        T.parse_args([str(logdir), "--inner-optimizer", "sgd"])
+    assert T.parse_args([str(logdir), "--eval-only", "--inner-optimizer", "sgd"]).inner_optimizer == "sgd"
+
+
 def run_in_process(argv: list[str], capsys) -> tuple[int, list[str]]:
     """T.run(argv) in this process: its status and the lines left on the terminal's stderr."""
     try:
