@@ -4,9 +4,9 @@
     python plot_runs.py runs/5way runs/20way     # writes runs/accuracy.png
     python plot_runs.py runs/combinations/* --summarize 100   # writes each run's curve.json
 
-Each point logged during training is the accuracy on one meta-test task, so the curves show a moving average.
-A run folder without event files is drawn from its curve.json: the mean of each block of meta-iterations, small
-enough to commit where the event files are not.
+Each point logged during training is the accuracy on one meta-test task, so the curves show a moving average
+over a window of meta-iterations. A run folder without event files is drawn from its curve.json: the mean of each
+block of meta-iterations, small enough to commit where the event files are not, and smoothed over the same window.
 """
 import argparse
 import sys
@@ -38,11 +38,12 @@ def read_curve(logdir: Path, tag: str = TAG) -> tuple[np.ndarray, np.ndarray]:
     return np.array([p.step for p in points]), np.array([p.value for p in points])
 
 
-def moving_average(values: np.ndarray, window: int) -> np.ndarray:
-    """The mean of each run of `window` consecutive values (shorter at the start)."""
+def moving_average(steps: np.ndarray, values: np.ndarray, window: int) -> np.ndarray:
+    """At each point, the mean of the values logged in the last `window` meta-iterations (fewer at the start)."""
     sums = np.cumsum(np.insert(values, 0, 0.0))
-    counts = np.minimum(np.arange(1, len(values) + 1), window)
-    return (sums[1:] - sums[np.arange(1, len(values) + 1) - counts]) / counts
+    starts = np.searchsorted(steps, steps - window, side="right")
+    ends = np.arange(1, len(values) + 1)
+    return (sums[ends] - sums[starts]) / (ends - starts)
 
 
 def block_means(steps: np.ndarray, values: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -75,7 +76,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders of train_omniglot.py")
-    parser.add_argument("--window", type=positive_int, default=200, help="logged points in the moving average")
+    parser.add_argument("--window", type=positive_int, default=2000,
+                        help="meta-iterations in the moving average (at least a summarized run's block)")
     parser.add_argument("--output", default="runs/accuracy.png", help="the PNG to write")
     parser.add_argument("--summarize", type=positive_int, metavar="BLOCK",
                         help="instead of plotting, write each run's curve.json: the mean of each BLOCK "
@@ -103,9 +105,9 @@ def main(argv: list[str]) -> int:
         return 2
     figure, axes = plt.subplots(figsize=(8, 5))
     for name, (steps, values) in curves.items():
-        axes.plot(steps, 100 * moving_average(values, args.window), label=name)
+        axes.plot(steps, 100 * moving_average(steps, values, args.window), label=name)
     axes.set_xlabel("meta-iteration")
-    axes.set_ylabel(f"meta-test accuracy, % (moving average of {args.window} tasks)")
+    axes.set_ylabel(f"meta-test accuracy, % (moving average over {args.window:,} meta-iterations)")
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right")
     figure.tight_layout()

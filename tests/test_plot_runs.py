@@ -15,11 +15,15 @@ def log_scalars(logdir, tag: str, values: list[float], every: int = 10) -> None:
             writer.add_scalar(tag, value, (index + 1) * every)
 
 
-def test_moving_average_is_the_mean_of_the_last_window_values():
+def test_moving_average_is_the_mean_over_the_last_window_meta_iterations():
     values = np.random.default_rng(0).random(50)
+    steps = 10 * np.arange(1, 51)  # a point every 10 meta-iterations
     expected = [values[max(0, i - 6):i + 1].mean() for i in range(len(values))]
-    np.testing.assert_allclose(plot_runs.moving_average(values, 7), expected)
-    np.testing.assert_allclose(plot_runs.moving_average(values, 1), values)
+    np.testing.assert_allclose(plot_runs.moving_average(steps, values, 70), expected)
+    np.testing.assert_allclose(plot_runs.moving_average(steps, values, 10), values)
+    blocks, means = plot_runs.block_means(steps, values, 100)  # a summarized run smooths to the same curve
+    np.testing.assert_allclose(plot_runs.moving_average(blocks, means, 500),
+                               plot_runs.moving_average(steps, values, 500)[9::10])
 
 
 def test_read_curve_returns_the_logged_points(tmp_path):
