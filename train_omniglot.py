@@ -282,7 +282,8 @@ def evaluate(meta_model: OmniglotModel, inner_optimizer: torch.optim.Optimizer, 
 # ----------------------------------------------------------------------------- torchrun
 
 def join_torchrun(args: argparse.Namespace) -> int:
-    """This process's rank in torchrun's process group (gloo on CPU, nccl on CUDA); 0 when not under torchrun."""
+    """This process's rank in torchrun's process group (gloo; on CUDA, nccl for CUDA tensors); 0 when not under
+    torchrun."""
     count = int(os.environ.get("WORLD_SIZE", "1"))
     if count == 1:
         return 0
@@ -293,7 +294,7 @@ def join_torchrun(args: argparse.Namespace) -> int:
         raise UserError("--eval-lake runs in one process: run it with python, not torchrun")
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    torch.distributed.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    torch.distributed.init_process_group("cpu:gloo,cuda:nccl" if args.device == "cuda" else "gloo")
     return torch.distributed.get_rank()
 
 

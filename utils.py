@@ -160,7 +160,7 @@ def any_process(flag: bool) -> bool:
     """Whether `flag` is true in any process, so that all processes stop at the same meta-iteration."""
     if processes() == 1:
         return flag
-    flags = torch.tensor([float(flag)], device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+    flags = torch.tensor([float(flag)])  # on the CPU (gloo), so that on CUDA it does not wait for the GPU
     torch.distributed.all_reduce(flags)
     return flags.item() > 0
 
