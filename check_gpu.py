@@ -3,9 +3,9 @@
     OMNIGLOT_MIRROR=FOLDER python check_gpu.py SCRATCH    # FOLDER holds the two Omniglot zips; runs go to SCRATCH
 
 It checks graph replay against eager execution on CUDA, a killed and resumed run against an uninterrupted one,
-a CPU checkpoint resumed on CUDA, and the vmapped evaluator against the per-task one; then it runs bench.py for
-5-way (with and without graphs) and 20-way, and times a 2,000-meta-iteration 5-way run and a 1,000 one of
-20-way. Each check prints PASS or FAIL with its figures; the summary ends the output. `--device cpu --quick`
+a CPU checkpoint resumed on CUDA, torchrun's process group there, and the vmapped evaluator against the per-task
+one; then it runs bench.py for 5-way (with and without graphs) and 20-way, and times a 2,000-meta-iteration 5-way
+run and a 1,000 one of 20-way. Each check prints PASS or FAIL with its figures; the summary ends the output. `--device cpu --quick`
 runs the same code on the CPU (without graphs), to try the script where there is no GPU.
 """
 import argparse
@@ -177,6 +177,22 @@ def cpu_checkpoint_resumed_on(out: Path, device: str) -> None:
            f"statuses {first} and {second}, checkpoint 40 written: {resumed}")
 
 
+def process_group(out: Path, device: str) -> None:
+    """torchrun's process group for `device` (in one process): all-reduces of a device and a CPU tensor."""
+    torch.distributed.init_process_group(T.BACKENDS[device], init_method=f"file://{out.resolve() / 'store'}",
+                                         rank=0, world_size=1)
+    try:
+        on_device, on_cpu = torch.ones(3, device=device), torch.ones(1)
+        torch.distributed.all_reduce(on_device)
+        torch.distributed.all_reduce(on_cpu)
+        bench.synchronize(device)
+        report(f"process group {T.BACKENDS[device]}", on_device.sum().item() == 3 and on_cpu.item() == 1,
+               f"all-reduces on {device} and on the CPU gave {on_device.tolist()} and {on_cpu.tolist()}")
+    finally:
+        torch.distributed.destroy_process_group()
+        (out / "store").unlink(missing_ok=True)
+
+
 def timed_run(out: Path, device: str, flags: list[str], label: str) -> None:
     """Wall-clock of a whole training run (data loading, validation, checkpoints, final evaluation included)."""
     log = out / f"{label}.log"
@@ -228,6 +244,7 @@ def main() -> None:
             attempt(f"kill and resume {setting}", killed_and_resumed, out, device, 40 if args.quick else 400,
                     setting)
         attempt("CPU checkpoint", cpu_checkpoint_resumed_on, out, device)
+        attempt("process group", process_group, out, device)
     if "bench" not in args.skip:
         sizes = ["--rounds", "1", "--iterations", "2", "--tasks", "2"] if args.quick else ["--tasks", "20"]
         attempt("bench 5-way", run_bench, out, device, sizes, "5way")

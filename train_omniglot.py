@@ -55,6 +55,9 @@ TASKS_TOGETHER = 500  # evaluation tasks adapted side by side on a GPU (20-way 5
 RECENT_TASKS = 100  # the validation tasks that the logged mean accuracy and the progress bar average over
 # Independent random streams, so that validation or evaluation never changes what training samples.
 TRAIN_STREAM, VALIDATION_STREAM, EVALUATION_STREAM = 0, 1, 2
+# torchrun's process group on each device: on CUDA the stop flag (a CPU tensor) goes through gloo, so that checking
+# it each meta-iteration does not wait for the GPU.
+BACKENDS = {"cpu": "gloo", "cuda": "cpu:gloo,cuda:nccl"}
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -294,7 +297,7 @@ def join_torchrun(args: argparse.Namespace) -> int:
         raise UserError("--eval-lake runs in one process: run it with python, not torchrun")
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    torch.distributed.init_process_group("cpu:gloo,cuda:nccl" if args.device == "cuda" else "gloo")
+    torch.distributed.init_process_group(BACKENDS[args.device])
     return torch.distributed.get_rank()
 
 
