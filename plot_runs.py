@@ -34,7 +34,7 @@ def read_curve(logdir: Path, tag: str = TAG) -> tuple[np.ndarray, np.ndarray]:
     events.Reload()
     if tag not in events.Tags()["scalars"]:
         raise UserError(f"{logdir} holds no '{tag}' scalars; is it a run of train_omniglot.py?")
-    points = events.Scalars(tag)
+    points = sorted(events.Scalars(tag), key=lambda point: point.step)  # moving_average needs them in order
     return np.array([p.step for p in points]), np.array([p.value for p in points])
 
 
