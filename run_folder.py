@@ -1,6 +1,8 @@
 """A run folder: its characters (split.json), checkpoints (checkpoint/check-<meta-iteration>.pth) and results.json,
 written atomically, and the lock that lets one training process at a time write it."""
 import contextlib
+import hashlib
+import json
 import os
 import sys
 import warnings
@@ -127,6 +129,33 @@ def record_result(logdir: Path, key: str, result: dict) -> None:
         results = read_results(logdir)
         results[key] = result
         write_json(logdir / "results.json", results)
+
+
+def unfinished_evaluation(logdir: Path, key: str, name: str, iteration: int, seed: int, tasks: int) -> Path:
+    """Where an evaluation keeps the tasks it has finished until it ends, so that a stopped one resumes there."""
+    return logdir / f"unfinished-evaluation-{key.replace(' ', '-')}-{name}-at-{iteration}-seed{seed}-{tasks}.json"
+
+
+def evaluation_identity(meta_state: dict, adam_state: dict, settings: dict, seeds: list[int]) -> str:
+    """A digest of what an evaluation measures: the weights, the inner optimizer's state, the settings, the tasks."""
+    digest = hashlib.sha256(json.dumps([settings, seeds], sort_keys=True).encode())
+    for value in [*meta_state.values(), *(value for state in adam_state["state"].values()
+                                          for value in state.values())]:
+        digest.update(torch.as_tensor(value).detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def finished_tasks(path: Path, identity: str) -> dict[int, list]:
+    """The tasks (position: [correct queries, loss]) that a stopped evaluation of this identity kept in `path`."""
+    if not path.is_file():
+        return {}
+    kept = read_json(path)
+    return {int(position): result for position, result in kept["tasks"].items()} if kept["identity"] == identity else {}
+
+
+def keep_finished_tasks(path: Path, identity: str, tasks: dict[int, list]) -> None:
+    """Write the tasks an evaluation has finished so far, atomically."""
+    write_json(path, {"identity": identity, "tasks": {str(position): result for position, result in tasks.items()}})
 
 
 def split_classes(logdir: Path, split: str) -> tuple[int, int]:

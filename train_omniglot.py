@@ -252,33 +252,47 @@ def start_pool(samplers: dict, workers: int) -> Union[ProcessPoolExecutor, conte
 
 def evaluate(meta_model: OmniglotModel, inner_optimizer: torch.optim.Optimizer, samplers: dict, name: str,
              hp: Hyperparameters, tasks: int, generator: torch.Generator, pool: Optional[ProcessPoolExecutor] = None,
-             workers: int = 1, progress: bool = False, share: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Per-task accuracies and losses on `tasks` tasks of samplers[name] (in the pool's workers, or shared)."""
+             workers: int = 1, progress: bool = False, share: bool = False,
+             keep: Optional[Path] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-task accuracies and losses on `tasks` tasks of samplers[name] (in the pool's workers, or shared).
+
+    With `keep`, finished tasks are written there as they come, and an evaluation of the same weights, settings
+    and tasks that finds the file goes on from them.
+    """
     seeds = reptile.task_seeds(tasks, generator)
     # Copies: sending tensors to worker processes moves them into shared memory, and these must not be the model's.
     meta_state = {key: value.detach().cpu().clone() for key, value in meta_model.state_dict().items()}
     adam_state = copy.deepcopy(inner_optimizer.state_dict())
+    identity = run_folder.evaluation_identity(meta_state, adam_state, dataclasses.asdict(hp), seeds) if keep else ""
+    finished = run_folder.finished_tasks(keep, identity) if keep else {}
+    if finished and progress:
+        print(f"evaluating {name}: going on after the {len(finished)} of {tasks} tasks kept in {keep}")
+    positions = [position for position in range(tasks) if position not in finished]
     on_gpu = samplers[name].images.is_cuda
     size = TASKS_TOGETHER if on_gpu else max(1, min(25, tasks // (4 * max(1, workers))))
-    chunks = [seeds[i:i + size] for i in range(0, tasks, size)]
+    chunks = [positions[i:i + size] for i in range(0, len(positions), size)]
     if share:
         chunks = chunks[rank()::processes()]
+    picked = [[seeds[position] for position in chunk] for chunk in chunks]
     if on_gpu:  # a GPU is fast only with large pieces of work: it adapts many tasks side by side
         parts = (reptile.evaluate_tasks_together(meta_state, adam_state, samplers[name], hp, chunk)
-                 for chunk in chunks)
+                 for chunk in picked)
     elif pool is None:
-        parts = (reptile.evaluate_tasks(meta_state, adam_state, samplers[name], hp, chunk) for chunk in chunks)
+        parts = (reptile.evaluate_tasks(meta_state, adam_state, samplers[name], hp, chunk) for chunk in picked)
     else:
-        futures = [pool.submit(evaluate_in_worker, name, meta_state, adam_state, hp, chunk) for chunk in chunks]
+        futures = [pool.submit(evaluate_in_worker, name, meta_state, adam_state, hp, chunk) for chunk in picked]
         parts = (future.result() for future in futures)
-    results = []
-    with tqdm(total=tasks, desc=f"evaluating {name}", unit="task", disable=not progress, leave=False) as bar:
-        for part in parts:
-            results += part
+    with tqdm(total=tasks, initial=len(finished), desc=f"evaluating {name}", unit="task", disable=not progress,
+              leave=False) as bar:
+        for chunk, part in zip(chunks, parts):
+            finished.update(zip(chunk, part))
+            if keep:
+                run_folder.keep_finished_tasks(keep, identity, finished)
             bar.update(len(part) * (processes() if share else 1))
     if share:
-        results = [result for process_results in gather(results) for result in process_results]
-    correct, losses = np.array(results).T
+        finished = {position: result for process_results in gather(finished) for position, result in
+                    process_results.items()}
+    correct, losses = np.array([finished[position] for position in range(tasks)]).T
     return correct / hp.classes, losses
 
 
@@ -335,11 +349,20 @@ def final_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Opt
               "split": split["split"], "tasks": args.eval_tasks}
     names = ["meta-test"] if args.meta_test_only else list(samplers)
     workers = args.workers if processes() == 1 else 0
+    # A stopped evaluation goes on from the tasks it finished (under torchrun it starts again).
+    kept = {name: run_folder.unfinished_evaluation(Path(args.logdir), results_key(args), name, iteration, args.seed,
+                                                   args.eval_tasks) if processes() == 1 else None for name in names}
     with start_pool(samplers, workers) as pool:
         for name in names:
-            accuracies, _ = evaluate(meta_model, inner_optimizer, samplers, name, hp, args.eval_tasks,
-                                     stream(args.seed, EVALUATION_STREAM), pool, workers, progress=rank() == 0,
-                                     share=processes() > 1)
+            try:
+                accuracies, _ = evaluate(meta_model, inner_optimizer, samplers, name, hp, args.eval_tasks,
+                                         stream(args.seed, EVALUATION_STREAM), pool, workers, progress=rank() == 0,
+                                         share=processes() > 1, keep=kept[name])
+            except KeyboardInterrupt:
+                if kept[name] is not None and kept[name].exists():
+                    print(f"the tasks evaluated so far are kept in {kept[name]}; the same command goes on from them",
+                          file=sys.stderr)
+                raise
             accuracy, interval = 100 * accuracies.mean(), 100 * reptile.confidence_interval(accuracies)
             result[name] = {"accuracy": accuracy, "ci95": interval}
             if rank() == 0:
@@ -349,6 +372,10 @@ def final_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Opt
         return
     result["seconds"] = round(time.time() - started, 1)
     record_result(args, results_key(args), result)
+    for path in kept.values():
+        if path is not None:
+            path.unlink(missing_ok=True)
+            path.with_name(path.name + ".tmp").unlink(missing_ok=True)  # left by a kill while it was written
 
 
 def lake_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Optimizer, args: argparse.Namespace,

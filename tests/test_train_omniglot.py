@@ -6,6 +6,7 @@ import random
 import re
 import resource
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -60,6 +61,40 @@ def test_evaluation_leaves_the_training_state_alone():
         for key, value in state.items():
             assert torch.equal(after["state"][index][key], value)
     assert all(torch.equal(weights[k], v) for k, v in meta_model.state_dict().items())
+
+
+def test_a_stopped_evaluation_goes_on_from_its_finished_tasks_and_ends_the_same(tmp_path, monkeypatch):
+    hp = Hyperparameters(classes=5, shots=1, test_iterations=3, meta_batch=1)
+    samplers = {"meta-test": random_sampler()}
+    meta_model, _, inner_optimizer, *_ = trained_side(hp, samplers["meta-test"])
+    whole = T.evaluate(meta_model, inner_optimizer, samplers, "meta-test", hp, 12, torch.Generator().manual_seed(3))
+    kept = tmp_path / "unfinished.json"
+    evaluated, evaluate_tasks = [], reptile.evaluate_tasks
+
+    def stopping_after(chunks: int):
+        def counted(meta_state, adam_state, sampler, hp, seeds):
+            if len(evaluated) == chunks:
+                raise KeyboardInterrupt
+            evaluated.append(len(seeds))
+            return evaluate_tasks(meta_state, adam_state, sampler, hp, seeds)
+        return counted
+
+    monkeypatch.setattr(reptile, "evaluate_tasks", stopping_after(2))  # chunks of 3 tasks: 6 of 12 finished
+    with pytest.raises(KeyboardInterrupt):
+        T.evaluate(meta_model, inner_optimizer, samplers, "meta-test", hp, 12, torch.Generator().manual_seed(3),
+                   keep=kept)
+    assert len(json.loads(kept.read_text())["tasks"]) == 6
+    evaluated.clear()
+    monkeypatch.setattr(reptile, "evaluate_tasks", stopping_after(100))
+    resumed = T.evaluate(meta_model, inner_optimizer, samplers, "meta-test", hp, 12, torch.Generator().manual_seed(3),
+                         keep=kept)
+    assert sum(evaluated) == 6  # only the tasks not kept
+    assert all(np.array_equal(a, b) for a, b in zip(resumed, whole))
+    evaluated.clear()  # other tasks, or other settings, start again
+    T.evaluate(meta_model, inner_optimizer, samplers, "meta-test", hp, 12, torch.Generator().manual_seed(4), keep=kept)
+    T.evaluate(meta_model, inner_optimizer, samplers, "meta-test", dataclasses.replace(hp, transductive=True), 12,
+               torch.Generator().manual_seed(4), keep=kept)
+    assert sum(evaluated) == 24
 
 
 def scalars(logdir, tag):
@@ -546,6 +581,29 @@ def test_a_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(script,
                    for a, b in zip(flat_straight, flat_killed, strict=True)), part
     assert comparable_results(killed) == comparable_results(straight)
     assert all_scalars(killed) == all_scalars(straight)
+
+
+def test_a_killed_evaluation_resumes_and_records_what_an_uninterrupted_one_does(script, run_script, existing_run,
+                                                                                 tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    for folder in (straight, killed):
+        shutil.copytree(existing_run, folder)
+    flags = ["--eval-only", "--eval-tasks", "150", "--meta-test-only", "--workers", "1", "--seed", "5"]
+    assert run_script(str(straight), *flags).returncode == 0
+
+    argv, environment = script(str(killed), *flags)
+    process = subprocess.Popen(argv, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not list(killed.glob("unfinished-evaluation-*meta-test*.json")):  # not the temporary .json.tmp
+        assert process.poll() is None, "the evaluation ended before keeping a task"
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    kept = len(json.loads(next(killed.glob("unfinished-evaluation-*.json")).read_text())["tasks"])
+    resumed = run_script(str(killed), *flags)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"going on after the {kept} of 150 tasks kept in" in resumed.stdout
+    assert comparable_results(killed) == comparable_results(straight)
+    assert not list(killed.glob("unfinished-evaluation-*")) and not list(straight.glob("unfinished-evaluation-*"))
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(run_script, tmp_path):
