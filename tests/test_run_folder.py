@@ -3,6 +3,8 @@ import subprocess
 import sys
 import time
 
+import torch
+
 import run_folder
 from conftest import ROOT
 
@@ -21,3 +23,24 @@ def test_results_json_takes_one_writer_at_a_time(tmp_path):
         (tmp_path / "results.json").write_text(json.dumps(results))
     assert other.wait(timeout=60) == 0
     assert set(run_folder.read_results(tmp_path)) == {"from this process", "from the other process"}
+
+
+def test_kept_tasks_are_given_back_only_to_the_same_evaluation(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    state, optimizer = model.state_dict(), torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    identity = run_folder.evaluation_identity(state, optimizer.state_dict(), {"shots": 1}, [5, 6, 7])
+    path = tmp_path / "unfinished.json"
+    assert run_folder.finished_tasks(path, identity) == {}
+    run_folder.keep_finished_tasks(path, identity, {0: [3, 0.25], 2: [4, 0.125]})
+    assert run_folder.finished_tasks(path, identity) == {0: [3, 0.25], 2: [4, 0.125]}
+    # Other weights, settings, tasks or inner optimizer state: nothing.
+    assert run_folder.finished_tasks(path, run_folder.evaluation_identity(
+        {**state, "weight": state["weight"] + 1}, optimizer.state_dict(), {"shots": 1}, [5, 6, 7])) == {}
+    assert run_folder.finished_tasks(path, run_folder.evaluation_identity(
+        state, optimizer.state_dict(), {"shots": 5}, [5, 6, 7])) == {}
+    assert run_folder.finished_tasks(path, run_folder.evaluation_identity(
+        state, optimizer.state_dict(), {"shots": 1}, [5, 6, 8])) == {}
+    assert run_folder.finished_tasks(path, run_folder.evaluation_identity(
+        state, torch.optim.Adam(model.parameters()).state_dict(), {"shots": 1}, [5, 6, 7])) == {}
