@@ -107,7 +107,8 @@ def main(argv: list[str]) -> int:
     for name, (steps, values) in curves.items():
         axes.plot(steps, 100 * moving_average(steps, values, args.window), label=name)
     axes.set_xlabel("meta-iteration")
-    axes.set_ylabel(f"meta-test accuracy, % (moving average over {args.window:,} meta-iterations)")
+    axes.set_ylabel("meta-test accuracy, %")
+    axes.set_title(f"moving average over {args.window:,} meta-iterations", fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right")
     figure.tight_layout()
