@@ -7,10 +7,12 @@
 Each point logged during training is the accuracy on one meta-test task, so the curves show a moving average
 over a window of meta-iterations. A run folder without event files is drawn from its curve.json: the mean of each
 block of meta-iterations, small enough to commit where the event files are not, and smoothed over the same window.
+A run resumed from a clone that kept only its curve.json logs new event files; --summarize merges both.
 """
 import argparse
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -21,21 +23,39 @@ TAG = "meta-test/accuracy"
 CURVE = "curve.json"
 
 
-def read_curve(logdir: Path, tag: str = TAG) -> tuple[np.ndarray, np.ndarray]:
-    """(meta-iterations, values) of one scalar of a run, as TensorBoard reads them (or its curve.json holds them)."""
-    if not logdir.is_dir():
-        raise UserError(f"{logdir} is not a run folder")
-    if not any(logdir.glob("events.out.tfevents.*")) and (logdir / CURVE).is_file():
-        curve = read_json(logdir / CURVE)
-        if curve["tag"] != tag:
-            raise UserError(f"{logdir / CURVE} holds '{curve['tag']}', not '{tag}'")
-        return np.array(curve["meta_iterations"]), np.array(curve["means"])
+def logged_points(logdir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
+    """(meta-iterations, values) of one scalar in a run's event files, in order; empty if it has none."""
+    if not any(logdir.glob("events.out.tfevents.*")):
+        return np.array([], dtype=int), np.array([])
     events = EventAccumulator(str(logdir), size_guidance={"scalars": 0})  # 0: keep every point
     events.Reload()
     if tag not in events.Tags()["scalars"]:
         raise UserError(f"{logdir} holds no '{tag}' scalars; is it a run of train_omniglot.py?")
-    points = sorted(events.Scalars(tag), key=lambda point: point.step)  # moving_average needs them in order
+    points = sorted(events.Scalars(tag), key=lambda point: point.step)
     return np.array([p.step for p in points]), np.array([p.value for p in points])
+
+
+def read_points(logdir: Path, tag: str = TAG) -> tuple[np.ndarray, np.ndarray, np.ndarray, Optional[int]]:
+    """A run's values of `tag` as (meta-iterations, sums, counts, block): each logged value on its own, after the
+    blocks of the run's curve.json that end before the first of them (all of them, where no event file is left).
+    `block` is the curve's block size, None if no block is used."""
+    if not logdir.is_dir():
+        raise UserError(f"{logdir} is not a run folder")
+    steps, values = logged_points(logdir, tag)
+    ends, sums, counts, block = np.array([], dtype=int), np.array([]), np.array([]), None
+    if (logdir / CURVE).is_file():
+        curve = read_json(logdir / CURVE)
+        if curve["tag"] != tag:
+            raise UserError(f"{logdir / CURVE} holds '{curve['tag']}', not '{tag}'")
+        ends, counts = np.array(curve["meta_iterations"]), np.array(curve["counts"])
+        sums = np.array(curve["means"]) * counts
+        earlier = ends < (steps[0] if len(steps) else np.inf)
+        ends, sums, counts = ends[earlier], sums[earlier], counts[earlier]
+        block = curve["block"] if earlier.any() else None
+    if not len(steps) and not len(ends):
+        raise UserError(f"{logdir} holds no '{tag}' scalars; is it a run of train_omniglot.py?")
+    return (np.concatenate([ends, steps]), np.concatenate([sums, values]),
+            np.concatenate([counts, np.ones(len(steps))]), block)
 
 
 def moving_average(steps: np.ndarray, values: np.ndarray, window: int) -> np.ndarray:
@@ -46,20 +66,35 @@ def moving_average(steps: np.ndarray, values: np.ndarray, window: int) -> np.nda
     return (sums[ends] - sums[starts]) / (ends - starts)
 
 
-def block_means(steps: np.ndarray, values: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """The mean of the values in each block of `block` meta-iterations (1..block, ...), at the block's last one."""
-    blocks = (steps - 1) // block
-    numbers = np.unique(blocks)
-    ends = np.minimum((numbers + 1) * block, steps.max())  # a last, partial block ends where the run did
-    return ends, np.array([values[blocks == number].mean() for number in numbers])
+def block_means(steps: np.ndarray, sums: np.ndarray, counts: np.ndarray,
+                block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ends, means, counts) of the values in each block of `block` meta-iterations (1..block, ...), each at the
+    block's last meta-iteration (a last, partial block ends where the run did)."""
+    numbers, index = np.unique((steps - 1) // block, return_inverse=True)
+    totals, sizes = np.bincount(index, weights=sums), np.bincount(index, weights=counts)
+    return np.minimum((numbers + 1) * block, steps.max()), totals / sizes, sizes
+
+
+def read_curve(logdir: Path, tag: str = TAG) -> tuple[np.ndarray, np.ndarray]:
+    """(meta-iterations, values) of one scalar of a run: the logged values, or block means where the run's
+    curve.json stands in for event files that are gone."""
+    steps, sums, counts, block = read_points(logdir, tag)
+    if block is None:
+        return steps, sums
+    ends, means, _ = block_means(steps, sums, counts, block)
+    return ends, means
 
 
 def summarize(logdir: Path, block: int) -> Path:
-    """Write a run's curve as block means to LOGDIR/curve.json."""
-    steps, values = read_curve(logdir)
-    ends, means = block_means(steps, values, block)
+    """Write a run's curve as block means to LOGDIR/curve.json (merged with the blocks it already holds)."""
+    steps, sums, counts, earlier_block = read_points(logdir)
+    if earlier_block not in (None, block):
+        raise UserError(f"{logdir / CURVE} holds blocks of {earlier_block} meta-iterations that its event files no "
+                        f"longer cover; summarize it with --summarize {earlier_block}")
+    ends, means, sizes = block_means(steps, sums, counts, block)
     write_json(logdir / CURVE, {"tag": TAG, "block": block, "meta_iterations": ends.tolist(),
-                                "means": [round(float(mean), 6) for mean in means]})
+                                "means": [round(float(mean), 6) for mean in means],
+                                "counts": [int(size) for size in sizes]})
     return logdir / CURVE
 
 

@@ -1,3 +1,4 @@
+import json
 import sys
 
 import numpy as np
@@ -21,7 +22,7 @@ def test_moving_average_is_the_mean_over_the_last_window_meta_iterations():
     expected = [values[max(0, i - 6):i + 1].mean() for i in range(len(values))]
     np.testing.assert_allclose(plot_runs.moving_average(steps, values, 70), expected)
     np.testing.assert_allclose(plot_runs.moving_average(steps, values, 10), values)
-    blocks, means = plot_runs.block_means(steps, values, 100)  # a summarized run smooths to the same curve
+    blocks, means, _ = plot_runs.block_means(steps, values, np.ones(50), 100)  # a summarized run smooths the same
     np.testing.assert_allclose(plot_runs.moving_average(blocks, means, 500),
                                plot_runs.moving_average(steps, values, 500)[9::10])
 
@@ -35,8 +36,8 @@ def test_read_curve_returns_the_logged_points(tmp_path):
 
 def test_block_means_average_each_block_of_meta_iterations():
     steps, values = np.arange(1, 251), np.arange(1, 251, dtype=float)
-    ends, means = plot_runs.block_means(steps, values, 100)
-    assert ends.tolist() == [100, 200, 250]  # the last block is partial
+    ends, means, counts = plot_runs.block_means(steps, values, np.ones(250), 100)
+    assert ends.tolist() == [100, 200, 250] and counts.tolist() == [100, 100, 50]  # the last block is partial
     np.testing.assert_allclose(means, [50.5, 150.5, 225.5])
 
 
@@ -51,6 +52,29 @@ def test_a_summarized_run_is_drawn_from_its_curve_json(tmp_path, capsys):
     assert steps.tolist() == [2, 4, 5]
     np.testing.assert_allclose(values, [0.2, 0.6, 0.9])
     np.testing.assert_allclose(plot_runs.read_curve(run)[1], [0.1, 0.3, 0.5, 0.7, 0.9], rtol=1e-6)  # events first
+
+
+def test_a_run_resumed_from_its_curve_json_alone_summarizes_like_an_uninterrupted_one(tmp_path):
+    values = list(np.random.default_rng(1).random(250).round(3))
+    whole, clone = tmp_path / "whole", tmp_path / "clone"
+    log_scalars(whole, plot_runs.TAG, values, every=1)
+    plot_runs.summarize(whole, 100)
+    log_scalars(clone, plot_runs.TAG, values[:130], every=1)  # stopped at 130, a partial block
+    plot_runs.summarize(clone, 100)
+    for events in clone.glob("events.out.tfevents.*"):  # a fresh clone holds only the committed curve.json
+        events.unlink()
+    with SummaryWriter(str(clone)) as writer:  # the resumed run logs 131 on
+        for step, value in enumerate(values[130:], start=131):
+            writer.add_scalar(plot_runs.TAG, value, step)
+    straight = json.loads((whole / plot_runs.CURVE).read_text())
+    np.testing.assert_allclose(plot_runs.read_curve(clone)[1], straight["means"], rtol=1e-5)  # drawn as blocks
+    plot_runs.summarize(clone, 100)
+    merged = json.loads((clone / plot_runs.CURVE).read_text())
+    assert merged["meta_iterations"] == straight["meta_iterations"] == [100, 200, 250]
+    assert merged["counts"] == straight["counts"] == [100, 100, 50]
+    np.testing.assert_allclose(merged["means"], straight["means"], rtol=1e-5)
+    with pytest.raises(UserError, match="summarize it with --summarize 100"):
+        plot_runs.summarize(clone, 50)  # its first blocks cannot be cut smaller
 
 
 def test_a_folder_without_the_curve_is_named(tmp_path):
