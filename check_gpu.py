@@ -5,8 +5,8 @@
 It checks graph replay against eager execution on CUDA, a killed and resumed run against an uninterrupted one,
 a CPU checkpoint resumed on CUDA, torchrun's process group there, and the vmapped evaluator against the per-task
 one; then it runs bench.py for 5-way (with and without graphs) and 20-way, and times a 2,000-meta-iteration 5-way
-run and a 1,000 one of 20-way. Each check prints PASS or FAIL with its figures; the summary ends the output. `--device cpu --quick`
-runs the same code on the CPU (without graphs), to try the script where there is no GPU.
+run and a 1,000 one of 20-way. Each check prints PASS or FAIL with its figures; the summary ends the output.
+`--device cpu --quick` runs the same code on the CPU (without graphs), to try the script where there is no GPU.
 """
 import argparse
 import dataclasses
