@@ -145,17 +145,26 @@ def evaluation_identity(meta_state: dict, adam_state: dict, settings: dict, seed
     return digest.hexdigest()
 
 
-def finished_tasks(path: Path, identity: str) -> dict[int, list]:
-    """The tasks (position: [correct queries, loss]) that a stopped evaluation of this identity kept in `path`."""
+def finished_tasks(path: Path, identity: str) -> tuple[dict[int, list], float]:
+    """The tasks (position: [correct queries, loss]) that a stopped evaluation of this identity kept in `path`, and
+    the seconds spent on them."""
     if not path.is_file():
-        return {}
+        return {}, 0.0
     kept = read_json(path)
-    return {int(position): result for position, result in kept["tasks"].items()} if kept["identity"] == identity else {}
+    if kept["identity"] != identity:
+        return {}, 0.0
+    return {int(position): result for position, result in kept["tasks"].items()}, kept.get("seconds", 0.0)
 
 
-def keep_finished_tasks(path: Path, identity: str, tasks: dict[int, list]) -> None:
-    """Write the tasks an evaluation has finished so far, atomically."""
-    write_json(path, {"identity": identity, "tasks": {str(position): result for position, result in tasks.items()}})
+def keep_finished_tasks(path: Path, identity: str, tasks: dict[int, list], seconds: float) -> None:
+    """Write the tasks an evaluation has finished so far and the seconds spent on them, atomically."""
+    write_json(path, {"identity": identity, "seconds": round(seconds, 1),
+                      "tasks": {str(position): result for position, result in tasks.items()}})
+
+
+def kept_seconds(path: Path) -> float:
+    """The seconds spent on the tasks kept in `path`, over every part of a stopped and resumed evaluation."""
+    return read_json(path).get("seconds", 0.0)
 
 
 def split_classes(logdir: Path, split: str) -> tuple[int, int]:

@@ -259,15 +259,16 @@ def evaluate(meta_model: OmniglotModel, inner_optimizer: torch.optim.Optimizer, 
              keep: Optional[Path] = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-task accuracies and losses on `tasks` tasks of samplers[name] (in the pool's workers, or shared).
 
-    With `keep`, finished tasks are written there as they come, and an evaluation of the same weights, settings
-    and tasks that finds the file goes on from them.
+    With `keep`, finished tasks are written there as they come (with the seconds spent on them), and an evaluation
+    of the same weights, settings and tasks that finds the file goes on from them.
     """
     seeds = reptile.task_seeds(tasks, generator)
     # Copies: sending tensors to worker processes moves them into shared memory, and these must not be the model's.
     meta_state = {key: value.detach().cpu().clone() for key, value in meta_model.state_dict().items()}
     adam_state = copy.deepcopy(inner_optimizer.state_dict())
     identity = run_folder.evaluation_identity(meta_state, adam_state, dataclasses.asdict(hp), seeds) if keep else ""
-    finished = run_folder.finished_tasks(keep, identity) if keep else {}
+    finished, earlier_seconds = run_folder.finished_tasks(keep, identity) if keep else ({}, 0.0)
+    started = time.time()
     if finished and progress:
         print(f"evaluating {name}: going on after the {len(finished)} of {tasks} tasks kept in {keep}")
     positions = [position for position in range(tasks) if position not in finished]
@@ -290,7 +291,7 @@ def evaluate(meta_model: OmniglotModel, inner_optimizer: torch.optim.Optimizer, 
         for chunk, part in zip(chunks, parts):
             finished.update(zip(chunk, part))
             if keep:
-                run_folder.keep_finished_tasks(keep, identity, finished)
+                run_folder.keep_finished_tasks(keep, identity, finished, earlier_seconds + time.time() - started)
             bar.update(len(part) * (processes() if share else 1))
     if share:
         finished = {position: result for process_results in gather(finished) for position, result in
@@ -347,7 +348,7 @@ def final_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Opt
     """Evaluate on --eval-tasks tasks of each character set (or meta-test only); print and record the accuracies."""
     hp = hyperparameters(args)
     mode = evaluation_mode(args)
-    started = time.time()
+    seconds = 0.0
     result = {"shots": hp.shots, "mode": mode, "meta_iteration": iteration, "checkpoint": checkpoint,
               "split": split["split"], "tasks": args.eval_tasks}
     names = ["meta-test"] if args.meta_test_only else list(samplers)
@@ -357,6 +358,7 @@ def final_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Opt
                                                    args.eval_tasks) if processes() == 1 else None for name in names}
     with start_pool(samplers, workers) as pool:
         for name in names:
+            started = time.time()
             try:
                 accuracies, _ = evaluate(meta_model, inner_optimizer, samplers, name, hp, args.eval_tasks,
                                          stream(args.seed, EVALUATION_STREAM), pool, workers, progress=rank() == 0,
@@ -366,6 +368,8 @@ def final_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Opt
                     print(f"the tasks evaluated so far are kept in {kept[name]}; the same command goes on from them",
                           file=sys.stderr)
                 raise
+            # A resumed evaluation counts the seconds of its earlier parts too.
+            seconds += run_folder.kept_seconds(kept[name]) if kept[name] is not None else time.time() - started
             accuracy, interval = 100 * accuracies.mean(), 100 * reptile.confidence_interval(accuracies)
             result[name] = {"accuracy": accuracy, "ci95": interval}
             if rank() == 0:
@@ -373,7 +377,7 @@ def final_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Opt
                       f"(95% CI, {args.eval_tasks} tasks, {hp.classes}-way {hp.shots}-shot, {mode})")
     if rank() != 0:
         return
-    result["seconds"] = round(time.time() - started, 1)
+    result["seconds"] = round(seconds, 1)
     record_result(args, results_key(args), result)
     for path in kept.values():
         if path is not None:

@@ -32,15 +32,16 @@ def test_kept_tasks_are_given_back_only_to_the_same_evaluation(tmp_path):
     optimizer.step()
     identity = run_folder.evaluation_identity(state, optimizer.state_dict(), {"shots": 1}, [5, 6, 7])
     path = tmp_path / "unfinished.json"
-    assert run_folder.finished_tasks(path, identity) == {}
-    run_folder.keep_finished_tasks(path, identity, {0: [3, 0.25], 2: [4, 0.125]})
-    assert run_folder.finished_tasks(path, identity) == {0: [3, 0.25], 2: [4, 0.125]}
+    assert run_folder.finished_tasks(path, identity) == ({}, 0.0)
+    run_folder.keep_finished_tasks(path, identity, {0: [3, 0.25], 2: [4, 0.125]}, 61.25)
+    assert run_folder.finished_tasks(path, identity) == ({0: [3, 0.25], 2: [4, 0.125]}, 61.2)
+    assert run_folder.kept_seconds(path) == 61.2
     # Other weights, settings, tasks or inner optimizer state: nothing.
     assert run_folder.finished_tasks(path, run_folder.evaluation_identity(
-        {**state, "weight": state["weight"] + 1}, optimizer.state_dict(), {"shots": 1}, [5, 6, 7])) == {}
+        {**state, "weight": state["weight"] + 1}, optimizer.state_dict(), {"shots": 1}, [5, 6, 7])) == ({}, 0.0)
     assert run_folder.finished_tasks(path, run_folder.evaluation_identity(
-        state, optimizer.state_dict(), {"shots": 5}, [5, 6, 7])) == {}
+        state, optimizer.state_dict(), {"shots": 5}, [5, 6, 7])) == ({}, 0.0)
     assert run_folder.finished_tasks(path, run_folder.evaluation_identity(
-        state, optimizer.state_dict(), {"shots": 1}, [5, 6, 8])) == {}
+        state, optimizer.state_dict(), {"shots": 1}, [5, 6, 8])) == ({}, 0.0)
     assert run_folder.finished_tasks(path, run_folder.evaluation_identity(
-        state, torch.optim.Adam(model.parameters()).state_dict(), {"shots": 1}, [5, 6, 7])) == {}
+        state, torch.optim.Adam(model.parameters()).state_dict(), {"shots": 1}, [5, 6, 7])) == ({}, 0.0)

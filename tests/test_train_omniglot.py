@@ -598,11 +598,14 @@ def test_a_killed_evaluation_resumes_and_records_what_an_uninterrupted_one_does(
         time.sleep(0.05)
     process.kill()
     process.wait()
-    kept = len(json.loads(next(killed.glob("unfinished-evaluation-*.json")).read_text())["tasks"])
+    kept_file = next(killed.glob("unfinished-evaluation-*.json"))
+    kept = json.loads(kept_file.read_text())
+    kept_file.write_text(json.dumps({**kept, "seconds": 5000.0}))  # as if the first part had run for hours
     resumed = run_script(str(killed), *flags)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"going on after the {kept} of 150 tasks kept in" in resumed.stdout
+    assert f"going on after the {len(kept['tasks'])} of 150 tasks kept in" in resumed.stdout
     assert comparable_results(killed) == comparable_results(straight)
+    assert 5000 < json.loads((killed / "results.json").read_text())["1-shot non-transductive"]["seconds"] < 5100
     assert not list(killed.glob("unfinished-evaluation-*")) and not list(straight.glob("unfinished-evaluation-*"))
 
 
