@@ -238,11 +238,17 @@ def start_worker(samplers: dict) -> None:
     _worker_samplers.update(samplers)
 
 
+def evaluate_on_cpu(sampler: omniglot.TaskSampler, meta_state: dict, adam_state: dict, hp: Hyperparameters,
+                    seeds: list[int]) -> list[tuple[int, float]]:
+    """reptile.evaluate_tasks with the convolution kernels that are faster on one thread at --test-batch."""
+    with torch.backends.mkldnn.flags(enabled=hp.test_batch >= ONEDNN_FROM_BATCH, allow_tf32=None):
+        return reptile.evaluate_tasks(meta_state, adam_state, sampler, hp, seeds)
+
+
 def evaluate_in_worker(name: str, meta_state: dict, adam_state: dict, hp: Hyperparameters,
                        seeds: list[int]) -> list[tuple[int, float]]:
-    """reptile.evaluate_tasks on the worker's sampler called `name`."""
-    torch.backends.mkldnn.enabled = hp.test_batch >= ONEDNN_FROM_BATCH
-    return reptile.evaluate_tasks(meta_state, adam_state, _worker_samplers[name], hp, seeds)
+    """evaluate_on_cpu on the worker's sampler called `name`."""
+    return evaluate_on_cpu(_worker_samplers[name], meta_state, adam_state, hp, seeds)
 
 
 def start_pool(samplers: dict, workers: int) -> Union[ProcessPoolExecutor, contextlib.nullcontext]:
@@ -282,7 +288,7 @@ def evaluate(meta_model: OmniglotModel, inner_optimizer: torch.optim.Optimizer, 
         parts = (reptile.evaluate_tasks_together(meta_state, adam_state, samplers[name], hp, chunk)
                  for chunk in picked)
     elif pool is None:
-        parts = (reptile.evaluate_tasks(meta_state, adam_state, samplers[name], hp, chunk) for chunk in picked)
+        parts = (evaluate_on_cpu(samplers[name], meta_state, adam_state, hp, chunk) for chunk in picked)
     else:
         futures = [pool.submit(evaluate_in_worker, name, meta_state, adam_state, hp, chunk) for chunk in picked]
         parts = (future.result() for future in futures)

@@ -45,7 +45,9 @@ def test_evaluation_in_worker_processes_equals_evaluation_in_this_process():
     with T.start_pool(samplers, 2) as pool:
         in_workers = T.evaluate(meta_model, inner_optimizer, samplers, "meta-test", hp, 40,
                                 torch.Generator().manual_seed(9), pool, 2)
-    np.testing.assert_allclose(in_workers[1], here[1], rtol=1e-4)
+    # Bit for bit: in either place the adaptation runs on the same convolution kernels.
+    np.testing.assert_array_equal(in_workers[0], here[0])
+    np.testing.assert_array_equal(in_workers[1], here[1])
 
 
 def test_evaluation_leaves_the_training_state_alone():
