@@ -138,14 +138,14 @@ def main(argv: list[str]) -> int:
     except UserError as error:
         print(f"plot_runs.py: error: {error}", file=sys.stderr)
         return 2
-    figure, axes = plt.subplots(figsize=(8, 5))
+    figure, axes = plt.subplots(figsize=(11, 5))
     for name, (steps, values) in curves.items():
         axes.plot(steps, 100 * moving_average(steps, values, args.window), label=name)
     axes.set_xlabel("meta-iteration")
     axes.set_ylabel("meta-test accuracy, %")
     axes.set_title(f"moving average over {args.window:,} meta-iterations", fontsize=10)
     axes.grid(alpha=0.3)
-    axes.legend(loc="lower right")
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=9)  # beside the curves, never over them
     figure.tight_layout()
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.output, dpi=120)
