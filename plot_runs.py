@@ -2,7 +2,7 @@
 
     pip install matplotlib                       # the one thing this script needs beyond requirements.txt
     python plot_runs.py runs/5way runs/20way     # writes runs/accuracy.png
-    python plot_runs.py runs/combinations/* --summarize 100   # writes each run's curve.json
+    python plot_runs.py runs/combinations/*/ --summarize 100  # writes each run's curve.json
 
 Each point logged during training is the accuracy on one meta-test task, so the curves show a moving average
 over a window of meta-iterations. A run folder without event files is drawn from its curve.json: the mean of each
