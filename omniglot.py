@@ -14,10 +14,9 @@ from typing import BinaryIO, NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.datasets.utils import check_md5, download_url, extract_archive
 from tqdm import tqdm
 
-from utils import UserError, list_dir, list_files, locked, read_json, reason, save_atomically, write_json
+from utils import UserError, locked, read_json, reason, save_atomically, write_json
 
 URL = "https://github.com/brendenlake/omniglot/raw/master/python/"
 LAKE_ARCHIVE = "all_runs.zip"  # Lake et al.'s one-shot benchmark, read by lake.py; it may lie in the data folder
@@ -48,14 +47,17 @@ def count_tree(root: Path) -> tuple[int, int, int]:
     """(alphabets, characters, images) in a folder laid out ALPHABET/characterNN/*.png."""
     if not root.is_dir():
         return 0, 0, 0
-    alphabets = list_dir(str(root), prefix=True)
-    characters = [c for a in alphabets for c in list_dir(a, prefix=True)]
-    images = sum(len(list_files(c, ".png")) for c in characters)
+    alphabets = [a for a in visible(root) if a.is_dir()]
+    characters = [c for a in alphabets for c in visible(a) if c.is_dir()]
+    images = sum(f.suffix == ".png" for c in characters for f in visible(c))
     return len(alphabets), len(characters), images
 
 
 def fetch_archive(url: str, md5: str, data_dir: Path, mirror: Optional[str]) -> tuple[Path, bool]:
     """The zip at `url`, from the mirror folder (same file name) or downloaded; and whether it was downloaded."""
+    # Imported here, not above: importing torchvision takes seconds (it loads torch._dynamo), which every run and
+    # evaluation worker would pay, and only preparing the data folder needs it.
+    from torchvision.datasets.utils import check_md5, download_url
     file_name = url.rsplit("/", 1)[1]
     if mirror:
         if not Path(mirror).is_dir():
@@ -86,6 +88,7 @@ def fetch_archive(url: str, md5: str, data_dir: Path, mirror: Optional[str]) -> 
 
 def extract_checked(archive: Path, name: str, staging: Path, downloaded: bool) -> Path:
     """Extract one set into `staging` and check it has Omniglot's alphabets, characters and images."""
+    from torchvision.datasets.utils import extract_archive  # here, not above: see fetch_archive
     repair = ("it was deleted: run again to download it again" if downloaded
               else "replace it with a good copy of the official file")
     try:
@@ -134,7 +137,7 @@ def fill_data_folder(data_dir: Path, mirror: Optional[str]) -> None:
     roots = {name: extract_checked(path, name, staging, downloaded) for name, (path, downloaded) in archives.items()}
     characters_of_set = {}  # {set: {alphabet: number of characters}}, kept in the marker to check the folder
     for name, root in roots.items():
-        characters_of_set[name] = {a: len(list_dir(str(root / a))) for a in sorted(list_dir(str(root)))}
+        characters_of_set[name] = {a.name: len(visible(a)) for a in visible(root)}
         for alphabet in characters_of_set[name]:
             destination = data_dir / alphabet
             shutil.rmtree(destination, ignore_errors=True)  # left by an interrupted merge

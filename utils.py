@@ -1,5 +1,5 @@
-"""Small helpers: listing folders and files, finding the latest checkpoint, writing files atomically, command-line
-parsing, and the process group under torchrun."""
+"""Small helpers: finding the latest checkpoint, writing files atomically, command-line parsing, and the process
+group under torchrun."""
 import argparse
 import contextlib
 import fcntl
@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Optional
 
 import torch
-from torchvision.datasets.utils import list_dir, list_files
 
 __all__ = [
-    "list_dir", "list_files", "checkpoint_iteration", "list_checkpoints", "find_latest_file",
+    "checkpoint_iteration", "list_checkpoints", "find_latest_file",
     "UserError", "WriteError", "write_atomically", "save_atomically", "reason", "locked", "write_json", "read_json",
     "number", "positive_int", "non_negative_int", "positive_float", "non_negative_float", "OneLineParser",
     "HelpFormatter", "processes", "rank", "any_process", "gather",

@@ -6,10 +6,11 @@ import zipfile
 
 import pytest
 import torch
+from torchvision.datasets.utils import list_dir
 
 import omniglot
 from conftest import NO_NETWORK, ROOT
-from utils import UserError, list_dir
+from utils import UserError
 
 
 def numbered_images(characters: int) -> torch.Tensor:

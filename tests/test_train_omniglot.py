@@ -496,6 +496,14 @@ def test_help_shows_every_default_but_none_and_on_off_switches():
     assert "(default: True)" not in help_text  # --no-cuda-graphs: True is the value it turns off
 
 
+def test_the_scripts_start_without_importing_torchvision():
+    # Importing torchvision loads torch._dynamo: seconds that --help, a refused command or a plot need not wait for.
+    # Only preparing the data folder needs it.
+    probe = "import sys, bench, plot_runs, train_omniglot; print(sorted(m for m in sys.modules if 'torchvision' in m))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0 and result.stdout == "[]\n", result.stderr
+
+
 def test_the_command_line_reports_a_bad_flag_in_one_line(run_script, tmp_path):
     result = run_script(str(tmp_path / "run"), "--shots", "25")
     assert result.returncode == 2 and "Traceback" not in result.stderr

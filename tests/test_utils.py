@@ -2,7 +2,7 @@ import argparse
 
 import pytest
 
-from utils import (UserError, find_latest_file, list_checkpoints, list_dir, list_files, non_negative_float,
+from utils import (UserError, find_latest_file, list_checkpoints, non_negative_float,
                    non_negative_int, positive_float, positive_int, read_json, write_json)
 
 
@@ -19,15 +19,6 @@ def test_find_latest_file_compares_iterations_not_names(tmp_path):
 def test_find_latest_file_without_checkpoints(tmp_path):
     assert find_latest_file(str(tmp_path)) is None
     assert find_latest_file(str(tmp_path / "missing")) is None
-
-
-def test_listing_helpers(tmp_path):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    (tmp_path / "x.png").write_bytes(b"")
-    (tmp_path / "y.txt").write_bytes(b"")
-    assert sorted(list_dir(str(tmp_path))) == ["a", "b"]
-    assert list_files(str(tmp_path), ".png", prefix=True) == [str(tmp_path / "x.png")]
 
 
 def test_write_json_round_trip_leaves_no_temporary(tmp_path):
