@@ -23,7 +23,7 @@ LAKE_ARCHIVE = "all_runs.zip"  # Lake et al.'s one-shot benchmark, read by lake.
 MIRROR_VARIABLE = "OMNIGLOT_MIRROR"
 MARKER = ".complete"  # written last: a data folder without it is redone, never used
 CACHE = "images28.pt"  # the decoded 28x28 images, saved beside the alphabets
-LOCK = ".lock"  # held by the process that prepares the folder
+LOCK = ".lock"  # held by the process that prepares the folder or decodes its images
 
 
 class SetInfo(NamedTuple):
@@ -203,19 +203,25 @@ def load_images(data_dir: Path) -> tuple[list[str], torch.Tensor]:
     """
     files = list_character_images(data_dir)
     characters = list(files)
-    cache = data_dir / CACHE
-    if cache.is_file():
-        try:
-            cached = torch.load(cache, weights_only=True)
-            if cached["characters"] == characters:
-                return characters, cached["images"].float()
-        except Exception:  # a damaged or outdated cache is simply rebuilt
-            pass
-    images = torch.empty(len(characters), DRAWERS, IMAGE_SIZE, IMAGE_SIZE)
-    for index, character_files in enumerate(tqdm(files.values(), desc="decoding images", unit="char", leave=False)):
-        images[index] = torch.from_numpy(np.stack([read_image(f) for f in character_files]))
-    save_atomically(cache, {"characters": characters, "images": images.to(torch.uint8)})
+    images = read_cache(data_dir / CACHE, characters)
+    if images is None:
+        with locked(data_dir / LOCK):  # another process decoding: wait for it, then read its cache
+            images = read_cache(data_dir / CACHE, characters)
+            if images is None:
+                images = torch.empty(len(characters), DRAWERS, IMAGE_SIZE, IMAGE_SIZE)
+                for index, paths in enumerate(tqdm(files.values(), desc="decoding images", unit="char", leave=False)):
+                    images[index] = torch.from_numpy(np.stack([read_image(path) for path in paths]))
+                save_atomically(data_dir / CACHE, {"characters": characters, "images": images.to(torch.uint8)})
     return characters, images
+
+
+def read_cache(cache: Path, characters: list[str]) -> Optional[torch.Tensor]:
+    """The images saved in `cache` if it holds exactly `characters`, else None (missing, damaged or outdated)."""
+    try:
+        cached = torch.load(cache, weights_only=True)
+        return cached["images"].float() if cached["characters"] == characters else None
+    except Exception:
+        return None
 
 
 def split_sizes(split: str) -> tuple[int, int]:

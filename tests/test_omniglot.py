@@ -1,7 +1,9 @@
+import concurrent.futures
 import random
 import shutil
 import subprocess
 import sys
+import threading
 import zipfile
 
 import pytest
@@ -10,7 +12,7 @@ from torchvision.datasets.utils import list_dir
 
 import omniglot
 from conftest import NO_NETWORK, ROOT
-from utils import UserError
+from utils import UserError, locked
 
 
 def numbered_images(characters: int) -> torch.Tensor:
@@ -240,6 +242,29 @@ def test_decoded_images_are_cached_and_a_bad_cache_is_rebuilt(data_dir, loaded, 
     torch.save({"characters": characters[:-1] + ["Latin/character99"], "images": images.to(torch.uint8) * 0},
                data / omniglot.CACHE)  # a cache of other characters is not used
     assert torch.equal(omniglot.load_images(data)[1], images)
+
+
+def test_a_process_finding_the_images_being_decoded_waits_and_reads_the_cache(data_dir, loaded, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data, ignore=shutil.ignore_patterns(omniglot.CACHE))
+    waiting = threading.Event()
+
+    def signal_then_lock(path):
+        waiting.set()
+        return locked(path)
+
+    def decode(path, source=None):
+        raise AssertionError("decoded the images while another process was writing them")
+
+    monkeypatch.setattr(omniglot, "locked", signal_then_lock)
+    monkeypatch.setattr(omniglot, "read_image", decode)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with locked(data / omniglot.LOCK):  # held as by another process decoding the images
+            other = pool.submit(omniglot.load_images, data)
+            assert waiting.wait(timeout=60), other.exception()
+            shutil.copy(data_dir / omniglot.CACHE, data / omniglot.CACHE)
+        characters, images = other.result(timeout=60)
+    assert characters == loaded[0] and torch.equal(images, loaded[1])
 
 
 @pytest.mark.parametrize("edit, named", [
