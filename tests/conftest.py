@@ -1,5 +1,6 @@
 """Shared fixtures: the offline Omniglot copy, a prepared data folder, and running the training script."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,20 @@ def mirror() -> Path:
 def data_dir(mirror, tmp_path_factory) -> Path:
     """A data folder prepared from the mirror, shared by the whole session."""
     return omniglot.prepare_data(str(tmp_path_factory.mktemp("data") / "omniglot"), str(mirror))
+
+
+def copy_data(data_dir: Path, destination: Path, **copytree_options) -> Path:
+    """A copy of a data folder whose images are hard links to the originals, ten times faster than copying them.
+
+    An image of the copy is the original's file: replace it (unlink, then write), never write into it.
+    """
+    def link_images(source: str, target: str) -> None:
+        if source.endswith(".png"):
+            os.link(source, target)
+        else:
+            shutil.copy2(source, target)
+    shutil.copytree(data_dir, destination, copy_function=link_images, **copytree_options)
+    return destination
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import torch
 from torchvision.datasets.utils import list_dir
 
 import omniglot
-from conftest import NO_NETWORK, ROOT
+from conftest import NO_NETWORK, ROOT, copy_data
 from utils import UserError, locked
 
 
@@ -216,17 +216,20 @@ def test_an_interrupted_extraction_is_redone(mirror, tmp_path):
 
 
 def test_a_damaged_character_folder_is_named(data_dir, tmp_path):
-    data = tmp_path / "data"
-    shutil.copytree(data_dir, data)
+    data = copy_data(data_dir, tmp_path / "data")
     victim = data / "Latin" / "character03"
     for image in sorted(victim.iterdir())[:2]:
         image.unlink()
     with pytest.raises(UserError, match="Latin/character03 holds 18 images"):
         omniglot.load_images(data)
-    (sorted(victim.iterdir())[0]).write_bytes(b"not a png")
-    (data / "Latin" / "character04" / "0001_01.png").write_bytes(b"not a png")
+    for image in sorted(victim.iterdir())[0], data / "Latin" / "character04" / "0001_01.png":
+        image.unlink(missing_ok=True)  # a linked image is replaced, never written into
+        image.write_bytes(b"not a png")
     with pytest.raises(UserError, match="character0[34]"):
         omniglot.load_images(data)
+    assert len(omniglot.list_character_images(data_dir)["Latin/character03"]) == 20  # the originals are untouched
+    original = data_dir / "Latin" / "character03"
+    assert all(omniglot.read_image(str(image)).shape == (28, 28) for image in original.iterdir())
 
 
 def test_decoded_images_are_cached_and_a_bad_cache_is_rebuilt(data_dir, loaded, tmp_path):
@@ -234,8 +237,7 @@ def test_decoded_images_are_cached_and_a_bad_cache_is_rebuilt(data_dir, loaded, 
     assert (data_dir / omniglot.CACHE).is_file()
     again_characters, again_images = omniglot.load_images(data_dir)
     assert again_characters == characters and torch.equal(again_images, images)
-    data = tmp_path / "data"
-    shutil.copytree(data_dir, data)
+    data = copy_data(data_dir, tmp_path / "data")
     (data / omniglot.CACHE).write_bytes(b"damaged")
     rebuilt_characters, rebuilt_images = omniglot.load_images(data)
     assert rebuilt_characters == characters and torch.equal(rebuilt_images, images)
@@ -245,8 +247,7 @@ def test_decoded_images_are_cached_and_a_bad_cache_is_rebuilt(data_dir, loaded, 
 
 
 def test_a_process_finding_the_images_being_decoded_waits_and_reads_the_cache(data_dir, loaded, tmp_path, monkeypatch):
-    data = tmp_path / "data"
-    shutil.copytree(data_dir, data, ignore=shutil.ignore_patterns(omniglot.CACHE))
+    data = copy_data(data_dir, tmp_path / "data", ignore=shutil.ignore_patterns(omniglot.CACHE))
     waiting = threading.Event()
 
     def signal_then_lock(path):
@@ -275,8 +276,7 @@ def test_a_process_finding_the_images_being_decoded_waits_and_reads_the_cache(da
     (lambda data: shutil.rmtree(data / "Angelic"), "Angelic holds 0 entries"),
 ])
 def test_a_folder_edited_by_hand_is_named(edit, named, data_dir, tmp_path):
-    data = tmp_path / "data"
-    shutil.copytree(data_dir, data)
+    data = copy_data(data_dir, tmp_path / "data")
     (data / "Latin" / ".DS_Store").write_text("x")  # hidden files are tolerated
     omniglot.list_character_images(data)
     edit(data)

@@ -32,9 +32,9 @@ import train_omniglot as T
 from models import OmniglotModel
 from reptile import Hyperparameters
 
-# One evaluation worker (no pool to start) unless a test is about them.
-TINY = ["--meta-iterations", "6", "--eval-tasks", "4", "--validate-every", "2", "--check-every", "3",
-        "--test-iterations", "5", "--shots", "1", "--workers", "1"]
+# Few tasks and steps, and one evaluation worker (no pool to start) unless a test is about them.
+TINY = ["--meta-iterations", "6", "--meta-batch", "2", "--iterations", "2", "--eval-tasks", "4",
+        "--validate-every", "2", "--check-every", "3", "--test-iterations", "2", "--shots", "1", "--workers", "1"]
 
 
 def test_evaluation_in_worker_processes_equals_evaluation_in_this_process():
@@ -105,7 +105,7 @@ def scalars(logdir, tag):
     return [event.step for event in events.Scalars(tag)]
 
 
-def test_a_tiny_run_writes_everything_then_resumes(run_script, tmp_path):
+def test_a_tiny_run_writes_everything_then_resumes(run_script, run_here, tmp_path):
     logdir = tmp_path / "run"
     first = run_script(str(logdir), *TINY, "--workers", "2")  # the final evaluation in worker processes
     assert first.returncode == 0, first.stderr
@@ -126,13 +126,13 @@ def test_a_tiny_run_writes_everything_then_resumes(run_script, tmp_path):
     split = json.loads((logdir / "split.json").read_text())
     assert len(split["train"]) == 1200 and len(split["test"]) == 423
 
-    again = run_script(str(logdir), *TINY)
+    again = run_here(str(logdir), *TINY)
     assert again.returncode == 0, again.stderr
     assert "resumed" in again.stdout and "meta-iteration 6 of 6" in again.stdout
     assert "training is complete" in again.stdout
     assert sorted(p.name for p in (logdir / "checkpoint").iterdir()) == ["check-3.pth", "check-6.pth"]
 
-    longer = run_script(str(logdir), *TINY, "--meta-iterations", "9", "--keep", "1")
+    longer = run_here(str(logdir), *TINY, "--meta-iterations", "9", "--keep", "1")
     assert longer.returncode == 0, longer.stderr
     assert "meta-iteration 6 of 9" in longer.stdout
     # check-6 stays beside the newest: results.json reported on it when check-9 was written.
@@ -140,19 +140,19 @@ def test_a_tiny_run_writes_everything_then_resumes(run_script, tmp_path):
     assert scalars(logdir, "meta-test/accuracy") == [2, 4, 6, 8]
     assert json.loads((logdir / "results.json").read_text())["1-shot non-transductive"]["meta_iteration"] == 9
 
-    evaluation = run_script(str(logdir), "--eval-only", "--transductive", "--eval-tasks", "3", "--workers", "1")
+    evaluation = run_here(str(logdir), "--eval-only", "--transductive", "--eval-tasks", "3", "--workers", "1")
     assert evaluation.returncode == 0, evaluation.stderr
     assert "(95% CI, 3 tasks, 5-way 1-shot, transductive)" in evaluation.stdout
-    five_shot = run_script(str(logdir), "--eval-only", "--shots", "5", "--eval-tasks", "3", "--meta-test-only",
-                           "--workers", "1")
+    five_shot = run_here(str(logdir), "--eval-only", "--shots", "5", "--eval-tasks", "3", "--meta-test-only",
+                         "--workers", "1")
     assert five_shot.returncode == 0, five_shot.stderr
     assert "meta-test accuracy: " in five_shot.stdout and "meta-train accuracy" not in five_shot.stdout
     results = json.loads((logdir / "results.json").read_text())
     assert set(results) == {"1-shot non-transductive", "1-shot transductive", "5-shot non-transductive"}
     assert "meta-train" in results["1-shot transductive"] and "meta-train" not in results["5-shot non-transductive"]
-    assert results["1-shot transductive"]["settings"]["test_iterations"] == 5  # taken from the run's args.json
+    assert results["1-shot transductive"]["settings"]["test_iterations"] == 2  # taken from the run's args.json
 
-    changed = run_script(str(logdir), *TINY, "--classes", "10")
+    changed = run_here(str(logdir), *TINY, "--classes", "10")
     assert changed.returncode != 0 and "--classes 10 differs from 5" in changed.stderr
 
 
@@ -266,6 +266,24 @@ BAD_INPUTS = {
 }
 
 
+@pytest.fixture
+def run_here(data_dir, mirror, monkeypatch, capsys):
+    """As run_script, but through train_omniglot.run() in this process: seconds sooner, where the process is not
+    under test."""
+    def run(*args: str, env: dict = None) -> subprocess.CompletedProcess:
+        for variable, value in {**NO_NETWORK, omniglot.MIRROR_VARIABLE: str(mirror), **(env or {})}.items():
+            monkeypatch.setenv(variable, value)
+        capsys.readouterr()  # what came before
+        argv = ["--data", str(data_dir), *args]
+        try:
+            status = T.run(argv)
+        except SystemExit as exit:  # argparse's own errors
+            status = exit.code
+        output = capsys.readouterr()
+        return subprocess.CompletedProcess(argv, status, output.out, output.err)
+    return run
+
+
 @pytest.fixture(scope="module")
 def existing_run(tmp_path_factory, data_dir, mirror):
     """A finished tiny run (5-way 1-shot, 6 meta-iterations)."""
@@ -282,21 +300,15 @@ def snapshot(folder: Path) -> dict:
 
 
 @pytest.mark.parametrize("name", BAD_INPUTS)
-def test_bad_inputs_end_with_one_line_and_change_nothing(name, existing_run, data_dir, tmp_path, monkeypatch,
-                                                         capsys):
+def test_bad_inputs_end_with_one_line_and_change_nothing(name, existing_run, run_here, tmp_path):
     argv, expected = BAD_INPUTS[name]
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pth")
     (tmp_path / "damaged.pth").write_bytes(b"\x80\x04 this is not a checkpoint")
     argv, expected = [arg.replace("{tmp}", str(tmp_path)) for arg in argv], expected.replace("{tmp}", str(tmp_path))
-    for variable, value in {**NO_NETWORK, omniglot.MIRROR_VARIABLE: ""}.items():
-        monkeypatch.setenv(variable, value)
     before = snapshot(existing_run)
-    try:  # in this process, for speed: the same entry point as the command line's
-        status = T.run([str(existing_run), "--data", str(data_dir), *argv])
-    except SystemExit as exit:  # argparse's own errors
-        status = exit.code
-    assert status != 0
-    lines = visible_lines(capsys.readouterr().err)
+    result = run_here(str(existing_run), *argv, env={omniglot.MIRROR_VARIABLE: ""})
+    assert result.returncode != 0
+    lines = visible_lines(result.stderr)
     assert len(lines) == 1 and expected in lines[0], lines
     assert lines[0].startswith("train_omniglot.py: error: ")
     assert snapshot(existing_run) == before
@@ -316,27 +328,19 @@ def test_a_run_older_than_a_training_flag_keeps_that_flag_at_its_default(existin
     assert T.parse_args([str(logdir), "--eval-only", "--inner-optimizer", "sgd"]).inner_optimizer == "sgd"
 
 
-def run_in_process(argv: list[str], capsys) -> tuple[int, list[str]]:
-    """T.run(argv) in this process: its status and the lines left on the terminal's stderr."""
-    try:
-        status = T.run(argv)
-    except SystemExit as exit:  # argparse's own errors
-        status = exit.code
-    return status, visible_lines(capsys.readouterr().err)
-
-
-def test_paths_of_the_wrong_kind_are_named_in_one_line(data_dir, tmp_path, monkeypatch, capsys):
+def test_paths_of_the_wrong_kind_are_named_in_one_line(run_here, tmp_path):
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
-    status, lines = run_in_process([str(a_file), "--data", str(data_dir), *TINY], capsys)
-    assert status == 2 and lines == [f"train_omniglot.py: error: the run folder {a_file} is a file; give a folder "
-                                     f"(a new one, or an earlier run's)"]
-    monkeypatch.setenv(omniglot.MIRROR_VARIABLE, str(a_file))
-    status, lines = run_in_process([str(tmp_path / "run"), "--data", str(tmp_path / "new-data"), *TINY], capsys)
-    assert status == 2 and len(lines) == 1 and f"the mirror {a_file} (OMNIGLOT_MIRROR" in lines[0]
+    result = run_here(str(a_file), *TINY)
+    assert result.returncode == 2 and visible_lines(result.stderr) == [
+        f"train_omniglot.py: error: the run folder {a_file} is a file; give a folder (a new one, or an earlier run's)"]
+    result = run_here(str(tmp_path / "run"), "--data", str(tmp_path / "new-data"), *TINY,
+                      env={omniglot.MIRROR_VARIABLE: str(a_file)})
+    lines = visible_lines(result.stderr)
+    assert result.returncode == 2 and len(lines) == 1 and f"the mirror {a_file} (OMNIGLOT_MIRROR" in lines[0]
 
 
-def test_a_second_trainer_is_refused_until_the_first_is_killed(script, run_script, existing_run, tmp_path):
+def test_a_second_trainer_is_refused_until_the_first_is_killed(script, run_here, existing_run, tmp_path):
     logdir = tmp_path / "run"
     argv, environment = script(str(logdir), *TINY, "--meta-iterations", "100000", "--check-every", "100000")
     first = subprocess.Popen(argv, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -344,26 +348,25 @@ def test_a_second_trainer_is_refused_until_the_first_is_killed(script, run_scrip
         while not list(logdir.glob("events.out.tfevents.*")):  # training has begun
             assert first.poll() is None, "the first run ended before it trained"
             time.sleep(0.2)
-        second = run_script(str(logdir), *TINY)
+        second = run_here(str(logdir), *TINY)
         assert second.returncode == 2 and "Traceback" not in second.stderr
         assert visible_lines(second.stderr) == [f"train_omniglot.py: error: {logdir} is being trained by another "
                                                 f"process (pid {first.pid}); wait for it to end or stop it, or "
                                                 f"choose another logdir"]
         assert len(list(logdir.glob("events.out.tfevents.*"))) == 1  # the second one wrote nothing
         # Evaluation of a folder in training still works (here of another run's checkpoint, as this one has none yet).
-        evaluation = run_script(str(logdir), "--eval-only", "--eval-tasks", "2", "--meta-test-only", "--workers", "1",
-                                "--checkpoint", str(existing_run / "checkpoint" / "check-6.pth"))
+        evaluation = run_here(str(logdir), "--eval-only", "--eval-tasks", "2", "--meta-test-only", "--workers", "1",
+                              "--checkpoint", str(existing_run / "checkpoint" / "check-6.pth"))
         assert evaluation.returncode == 0, evaluation.stderr
     finally:
         first.kill()  # SIGKILL: the operating system releases the lock
         first.wait()
-    again = run_script(str(logdir), *TINY)
+    again = run_here(str(logdir), *TINY)
     assert again.returncode == 0, again.stderr
 
 
-def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(run_script, data_dir, tmp_path, monkeypatch,
-                                                                      capsys):
-    diverging = run_script(str(tmp_path / "diverging"), *TINY, "--lr", "1e30")
+def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(run_here, tmp_path, monkeypatch):
+    diverging = run_here(str(tmp_path / "diverging"), *TINY, "--lr", "1e30")
     assert diverging.returncode == 2 and "Traceback" not in diverging.stderr
     assert visible_lines(diverging.stderr) == [
         "train_omniglot.py: error: by meta-iteration 2, the meta-weights or the inner optimizer's state became NaN or "
@@ -385,15 +388,17 @@ def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(run_script
 
     monkeypatch.setattr(reptile.MetaIteration, "__call__", meta_iteration_that_fails_at_5)
     logdir = tmp_path / "run"
-    flags = [str(logdir), "--data", str(data_dir), *TINY, "--check-every", "2"]
-    status, lines = run_in_process(flags, capsys)
-    assert status == 2 and len(lines) == 1 and lines[0].startswith("train_omniglot.py: error: by meta-iteration 6, ")
+    flags = [str(logdir), *TINY, "--check-every", "2"]
+    stopped = run_here(*flags)
+    lines = visible_lines(stopped.stderr)
+    assert stopped.returncode == 2 and len(lines) == 1
+    assert lines[0].startswith("train_omniglot.py: error: by meta-iteration 6, ")
     assert f"the newest good checkpoint, {logdir / 'checkpoint' / 'check-4.pth'}, is kept" in lines[0]
     assert sorted(p.name for p in (logdir / "checkpoint").iterdir()) == ["check-2.pth", "check-4.pth"]
     state = run_folder.load_checkpoint(str(logdir / "checkpoint" / "check-4.pth"))
     assert all(value.isfinite().all() for value in state["meta_net"].values())
     monkeypatch.setattr(reptile.MetaIteration, "__call__", real_call)
-    assert run_in_process(flags, capsys)[0] == 0  # resumes from check-4 and finishes
+    assert run_here(*flags).returncode == 0  # resumes from check-4 and finishes
 
 
 def limit_file_size(size: int):
@@ -401,9 +406,9 @@ def limit_file_size(size: int):
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
 
 
-def test_a_failed_write_ends_in_one_line_leaves_no_temporary_file_and_resumes(script, run_script, tmp_path):
+def test_a_failed_write_ends_in_one_line_leaves_no_temporary_file_and_resumes(script, run_here, tmp_path):
     logdir = tmp_path / "run"
-    assert run_script(str(logdir), *TINY, "--meta-iterations", "3").returncode == 0  # check-3.pth
+    assert run_here(str(logdir), *TINY, "--meta-iterations", "3").returncode == 0  # check-3.pth
     argv, environment = script(str(logdir), *TINY)
     # A checkpoint is about 1.4 MB; the JSON files and events are far smaller.
     failed = subprocess.run(argv, env=environment, capture_output=True, timeout=600,
@@ -415,7 +420,7 @@ def test_a_failed_write_ends_in_one_line_leaves_no_temporary_file_and_resumes(sc
         f"newest good checkpoint, {logdir / 'checkpoint' / 'check-3.pth'}, is kept; once the cause is fixed, resume "
         f"with: python train_omniglot.py {shlex.join(argv[2:])}"]
     assert not [path for path in logdir.rglob("*") if path.suffix == ".tmp"]
-    resumed = run_script(str(logdir), *TINY)
+    resumed = run_here(str(logdir), *TINY)
     assert resumed.returncode == 0, resumed.stderr
     assert "meta-iteration 3 of 6" in resumed.stdout and (logdir / "checkpoint" / "check-6.pth").is_file()
 
@@ -435,17 +440,17 @@ def test_a_failed_write_of_tensorboard_events_ends_in_one_line(script, loaded, t
         f"had been written yet; once the cause is fixed, resume with: python train_omniglot.py {shlex.join(argv[2:])}"]
 
 
-def test_eval_lake_scores_a_background_run_and_refuses_others(run_script, existing_run, tmp_path):
+def test_eval_lake_scores_a_background_run_and_refuses_others(run_here, existing_run, tmp_path):
     mirror = tmp_path / "mirror"
     mirror.mkdir()
     make_lake_zip(mirror / "all_runs.zip", runs=2, classes=5)
     offline = {"env": {omniglot.MIRROR_VARIABLE: str(mirror)}}
-    refused = run_script(str(existing_run), "--eval-lake", **offline)  # a paper-split run saw evaluation alphabets
+    refused = run_here(str(existing_run), "--eval-lake", **offline)  # a paper-split run saw evaluation alphabets
     assert refused.returncode == 2 and "meta-trained on" in refused.stderr and "--split background" in refused.stderr
     logdir = tmp_path / "background"
-    trained = run_script(str(logdir), *TINY, "--split", "background")
+    trained = run_here(str(logdir), *TINY, "--split", "background")
     assert trained.returncode == 0, trained.stderr
-    scored = run_script(str(logdir), "--eval-lake", **offline)
+    scored = run_here(str(logdir), "--eval-lake", **offline)
     assert scored.returncode == 0, scored.stderr
     lines = scored.stdout.splitlines()
     assert [line.split()[0] for line in lines[-3:]] == ["run01", "run02", "mean"]
@@ -457,7 +462,7 @@ def test_eval_lake_scores_a_background_run_and_refuses_others(run_script, existi
     wrong_size = tmp_path / "twenty"
     wrong_size.mkdir()
     make_lake_zip(wrong_size / "all_runs.zip", runs=1, classes=20)
-    refused = run_script(str(logdir), "--eval-lake", env={omniglot.MIRROR_VARIABLE: str(wrong_size)})
+    refused = run_here(str(logdir), "--eval-lake", env={omniglot.MIRROR_VARIABLE: str(wrong_size)})
     assert refused.returncode == 2 and "runs are 20-way" in refused.stderr
 
 
@@ -471,11 +476,11 @@ def test_a_paper_setting_fills_in_the_flags_not_given(tmp_path):
     assert "paper_setting" not in T.saved_args(args)
 
 
-def test_first_order_maml_with_sgd_trains_and_keeps_its_settings(data_dir, tmp_path, capsys):
-    flags = [str(tmp_path / "run"), "--data", str(data_dir), *TINY, "--algorithm", "fomaml",
+def test_first_order_maml_with_sgd_trains_and_keeps_its_settings(run_here, tmp_path):
+    flags = [str(tmp_path / "run"), *TINY, "--algorithm", "fomaml",
              "--fomaml-tail", "1", "--inner-optimizer", "sgd", "--replacement", "--weight-decay", "0.999",
              "--lr", "0.003", "--train-shots", "3", "--iterations", "3", "--batch", "5", "--test-batch", "5"]
-    assert run_in_process(flags, capsys)[0] == 0
+    assert run_here(*flags).returncode == 0
     saved = json.loads((tmp_path / "run" / "args.json").read_text())
     assert {name: saved[name] for name in ("algorithm", "fomaml_tail", "inner_optimizer", "replacement",
                                            "weight_decay")} == {"algorithm": "fomaml", "fomaml_tail": 1,
@@ -483,9 +488,8 @@ def test_first_order_maml_with_sgd_trains_and_keeps_its_settings(data_dir, tmp_p
                                                                 "weight_decay": 0.999}
     state = run_folder.load_checkpoint(str(tmp_path / "run" / "checkpoint" / "check-6.pth"))
     assert state["inner_optimizer"]["state"] == {}  # plain SGD keeps no state
-    status, lines = run_in_process([str(tmp_path / "run"), "--data", str(data_dir), *TINY, "--weight-decay", "1"],
-                                   capsys)
-    assert status == 2 and "--weight-decay 1.0 differs from 0.999" in lines[0]
+    changed = run_here(*flags, "--weight-decay", "1")
+    assert changed.returncode == 2 and "--weight-decay 1.0 differs from 0.999" in changed.stderr
 
 
 def test_help_shows_every_default_but_none_and_on_off_switches():
@@ -511,14 +515,14 @@ def test_the_command_line_reports_a_bad_flag_in_one_line(run_script, tmp_path):
                                             "has 20 drawings, so --shots can be at most 19"]
 
 
-def test_eval_only_on_an_empty_logdir_is_one_line(run_script, tmp_path):
-    result = run_script(str(tmp_path / "empty"), "--eval-only")
+def test_eval_only_on_an_empty_logdir_is_one_line(run_here, tmp_path):
+    result = run_here(str(tmp_path / "empty"), "--eval-only")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert visible_lines(result.stderr) == [f"train_omniglot.py: error: --eval-only: {tmp_path / 'empty'} holds no "
                                             f"checkpoint; train first, or give --checkpoint FILE"]
 
 
-def test_each_process_destroys_its_process_group_even_after_an_error(tmp_path, monkeypatch, capsys):
+def test_each_process_destroys_its_process_group_even_after_an_error(run_here, tmp_path, monkeypatch):
     # Left to the interpreter's exit, gloo's threads abort one torchrun process in about six (4 of 25 measured).
     def join_a_group_of_one(args) -> int:
         torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
@@ -526,18 +530,18 @@ def test_each_process_destroys_its_process_group_even_after_an_error(tmp_path, m
 
     monkeypatch.setattr(T, "join_torchrun", join_a_group_of_one)
     try:
-        status, lines = run_in_process([str(tmp_path / "empty"), "--eval-only"], capsys)
-        assert status == 2 and "holds no checkpoint" in lines[0]
+        result = run_here(str(tmp_path / "empty"), "--eval-only")
+        assert result.returncode == 2 and "holds no checkpoint" in result.stderr
         assert not torch.distributed.is_initialized()
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def test_cuda_without_cuda_is_refused(run_script, tmp_path):
+def test_cuda_without_cuda_is_refused(run_here, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    result = run_script(str(tmp_path / "run"), "--device", "cuda")
+    result = run_here(str(tmp_path / "run"), "--device", "cuda")
     assert result.returncode != 0 and visible_lines(result.stderr) == [
         "train_omniglot.py: error: --device cuda: CUDA is not available here; use --device cpu"]
 
@@ -564,11 +568,11 @@ def comparable_results(logdir) -> dict:
     return results
 
 
-def test_a_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(script, run_script, tmp_path):
+def test_a_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(script, run_here, tmp_path):
     flags = ["--meta-iterations", "40", "--check-every", "10", "--validate-every", "5", "--eval-tasks", "6",
              "--test-iterations", "5", "--shots", "1", "--workers", "1"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert run_script(str(straight), *flags).returncode == 0
+    assert run_here(str(straight), *flags).returncode == 0
 
     argv, environment = script(str(killed), *flags)
     process = subprocess.Popen(argv, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -579,7 +583,7 @@ def test_a_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(script,
     time.sleep(random.uniform(0, 3))
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    resumed = run_script(str(killed), *flags)
+    resumed = run_here(str(killed), *flags)
     assert resumed.returncode == 0, resumed.stderr
 
     straight_state, killed_state = final_state(straight), final_state(killed)
@@ -593,13 +597,13 @@ def test_a_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(script,
     assert all_scalars(killed) == all_scalars(straight)
 
 
-def test_a_killed_evaluation_resumes_and_records_what_an_uninterrupted_one_does(script, run_script, existing_run,
+def test_a_killed_evaluation_resumes_and_records_what_an_uninterrupted_one_does(script, run_here, existing_run,
                                                                                  tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     for folder in (straight, killed):
         shutil.copytree(existing_run, folder)
     flags = ["--eval-only", "--eval-tasks", "150", "--meta-test-only", "--workers", "1", "--seed", "5"]
-    assert run_script(str(straight), *flags).returncode == 0
+    assert run_here(str(straight), *flags).returncode == 0
 
     argv, environment = script(str(killed), *flags)
     process = subprocess.Popen(argv, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -611,7 +615,7 @@ def test_a_killed_evaluation_resumes_and_records_what_an_uninterrupted_one_does(
     kept_file = next(killed.glob("unfinished-evaluation-*.json"))
     kept = json.loads(kept_file.read_text())
     kept_file.write_text(json.dumps({**kept, "seconds": 5000.0}))  # as if the first part had run for hours
-    resumed = run_script(str(killed), *flags)
+    resumed = run_here(str(killed), *flags)
     assert resumed.returncode == 0, resumed.stderr
     assert f"going on after the {len(kept['tasks'])} of 150 tasks kept in" in resumed.stdout
     assert comparable_results(killed) == comparable_results(straight)
@@ -619,11 +623,11 @@ def test_a_killed_evaluation_resumes_and_records_what_an_uninterrupted_one_does(
     assert not list(killed.glob("unfinished-evaluation-*")) and not list(straight.glob("unfinished-evaluation-*"))
 
 
-def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(run_script, tmp_path):
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(run_here, tmp_path):
     logdir = tmp_path / "run"
-    assert run_script(str(logdir), *TINY).returncode == 0
+    assert run_here(str(logdir), *TINY).returncode == 0
     (logdir / "checkpoint" / "check-6.pth").write_bytes(b"truncated")
-    result = run_script(str(logdir), *TINY)
+    result = run_here(str(logdir), *TINY)
     assert result.returncode == 0, result.stderr
     assert "check-6.pth is unreadable" in result.stderr and "trying the previous checkpoint" in result.stderr
     assert "resumed" in result.stdout and "meta-iteration 3 of 6" in result.stdout
