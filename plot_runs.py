@@ -7,12 +7,13 @@
 Each point logged during training is the accuracy on one meta-test task, so the curves show a moving average
 over a window of meta-iterations. A run folder without event files is drawn from its curve.json: the mean of each
 block of meta-iterations, small enough to commit where the event files are not, and smoothed over the same window.
-A run resumed from a clone that kept only its curve.json logs new event files; --summarize merges both.
+A run resumed from a clone that kept only its curve.json logs new event files; --summarize merges both, as often
+as it is run, keeping a block that spans the resumption as two parts.
 """
 import argparse
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -35,13 +36,22 @@ def logged_points(logdir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
     return np.array([p.step for p in points]), np.array([p.value for p in points])
 
 
-def read_points(logdir: Path, tag: str = TAG) -> tuple[np.ndarray, np.ndarray, np.ndarray, Optional[int]]:
-    """A run's values of `tag` as (meta-iterations, sums, counts, block): each logged value on its own, after the
-    blocks of the run's curve.json that end before the first of them (all of them, where no event file is left).
-    `block` is the curve's block size, None if no block is used."""
+class Points(NamedTuple):
+    """A run's values of one scalar: each logged value on its own, after the blocks of its curve.json that end
+    before the first of them (all of them, where no event file is left)."""
+    steps: np.ndarray
+    sums: np.ndarray
+    counts: np.ndarray
+    block: Optional[int]  # the curve's block size, None if no block is used
+    logged_from: float  # the first logged meta-iteration, inf if none is logged
+
+
+def read_points(logdir: Path, tag: str = TAG) -> Points:
+    """A run's values of `tag`, from its event files and its curve.json."""
     if not logdir.is_dir():
         raise UserError(f"{logdir} is not a run folder")
     steps, values = logged_points(logdir, tag)
+    logged_from = steps[0] if len(steps) else np.inf
     ends, sums, counts, block = np.array([], dtype=int), np.array([]), np.array([]), None
     if (logdir / CURVE).is_file():
         curve = read_json(logdir / CURVE)
@@ -49,13 +59,13 @@ def read_points(logdir: Path, tag: str = TAG) -> tuple[np.ndarray, np.ndarray, n
             raise UserError(f"{logdir / CURVE} holds '{curve['tag']}', not '{tag}'")
         ends, counts = np.array(curve["meta_iterations"]), np.array(curve["counts"])
         sums = np.array(curve["means"]) * counts
-        earlier = ends < (steps[0] if len(steps) else np.inf)
+        earlier = ends < logged_from
         ends, sums, counts = ends[earlier], sums[earlier], counts[earlier]
         block = curve["block"] if earlier.any() else None
     if not len(steps) and not len(ends):
         raise UserError(f"{logdir} holds no '{tag}' scalars; is it a run of train_omniglot.py?")
-    return (np.concatenate([ends, steps]), np.concatenate([sums, values]),
-            np.concatenate([counts, np.ones(len(steps))]), block)
+    return Points(np.concatenate([ends, steps]), np.concatenate([sums, values]),
+                  np.concatenate([counts, np.ones(len(steps))]), block, logged_from)
 
 
 def moving_average(steps: np.ndarray, values: np.ndarray, window: int) -> np.ndarray:
@@ -66,19 +76,26 @@ def moving_average(steps: np.ndarray, values: np.ndarray, window: int) -> np.nda
     return (sums[ends] - sums[starts]) / (ends - starts)
 
 
-def block_means(steps: np.ndarray, sums: np.ndarray, counts: np.ndarray,
-                block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def block_means(steps: np.ndarray, sums: np.ndarray, counts: np.ndarray, block: int,
+                logged_from: float = np.inf) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ends, means, counts) of the values in each block of `block` meta-iterations (1..block, ...), each at the
-    block's last meta-iteration (a last, partial block ends where the run did)."""
-    numbers, index = np.unique((steps - 1) // block, return_inverse=True)
+    block's last meta-iteration (a last, partial block ends where the run did). A block with values on both sides
+    of meta-iteration `logged_from` is kept as two parts, the first ending at its last value before it."""
+    later = steps >= logged_from
+    keys, index = np.unique(2 * ((steps - 1) // block) + later, return_inverse=True)
     totals, sizes = np.bincount(index, weights=sums), np.bincount(index, weights=counts)
-    return np.minimum((numbers + 1) * block, steps.max()), totals / sizes, sizes
+    last = np.zeros(len(keys), dtype=steps.dtype)
+    np.maximum.at(last, index, steps)
+    ends = np.minimum((keys // 2 + 1) * block, steps.max())
+    # Kept apart, the first part still ends before the event files that a later --summarize merges with it.
+    first_of_two = (keys % 2 == 0) & np.isin(keys + 1, keys)
+    return np.where(first_of_two, last, ends), totals / sizes, sizes
 
 
 def read_curve(logdir: Path, tag: str = TAG) -> tuple[np.ndarray, np.ndarray]:
     """(meta-iterations, values) of one scalar of a run: the logged values, or block means where the run's
     curve.json stands in for event files that are gone."""
-    steps, sums, counts, block = read_points(logdir, tag)
+    steps, sums, counts, block, _ = read_points(logdir, tag)
     if block is None:
         return steps, sums
     ends, means, _ = block_means(steps, sums, counts, block)
@@ -87,11 +104,11 @@ def read_curve(logdir: Path, tag: str = TAG) -> tuple[np.ndarray, np.ndarray]:
 
 def summarize(logdir: Path, block: int) -> Path:
     """Write a run's curve as block means to LOGDIR/curve.json (merged with the blocks it already holds)."""
-    steps, sums, counts, earlier_block = read_points(logdir)
+    steps, sums, counts, earlier_block, logged_from = read_points(logdir)
     if earlier_block not in (None, block):
         raise UserError(f"{logdir / CURVE} holds blocks of {earlier_block} meta-iterations that its event files no "
                         f"longer cover; summarize it with --summarize {earlier_block}")
-    ends, means, sizes = block_means(steps, sums, counts, block)
+    ends, means, sizes = block_means(steps, sums, counts, block, logged_from)
     write_json(logdir / CURVE, {"tag": TAG, "block": block, "meta_iterations": ends.tolist(),
                                 "means": [round(float(mean), 6) for mean in means],
                                 "counts": [int(size) for size in sizes]})

@@ -54,7 +54,7 @@ def test_a_summarized_run_is_drawn_from_its_curve_json(tmp_path, capsys):
     np.testing.assert_allclose(plot_runs.read_curve(run)[1], [0.1, 0.3, 0.5, 0.7, 0.9], rtol=1e-6)  # events first
 
 
-def test_a_run_resumed_from_its_curve_json_alone_summarizes_like_an_uninterrupted_one(tmp_path):
+def test_a_run_resumed_from_its_curve_json_alone_draws_like_an_uninterrupted_one_however_often_summarized(tmp_path):
     values = list(np.random.default_rng(1).random(250).round(3))
     whole, clone = tmp_path / "whole", tmp_path / "clone"
     log_scalars(whole, plot_runs.TAG, values, every=1)
@@ -68,11 +68,19 @@ def test_a_run_resumed_from_its_curve_json_alone_summarizes_like_an_uninterrupte
             writer.add_scalar(plot_runs.TAG, value, step)
     straight = json.loads((whole / plot_runs.CURVE).read_text())
     np.testing.assert_allclose(plot_runs.read_curve(clone)[1], straight["means"], rtol=1e-5)  # drawn as blocks
-    plot_runs.summarize(clone, 100)
-    merged = json.loads((clone / plot_runs.CURVE).read_text())
-    assert merged["meta_iterations"] == straight["meta_iterations"] == [100, 200, 250]
-    assert merged["counts"] == straight["counts"] == [100, 100, 50]
-    np.testing.assert_allclose(merged["means"], straight["means"], rtol=1e-5)
+    for _ in range(2):  # summarized again while it trains, then in a fresh clone of it
+        plot_runs.summarize(clone, 100)
+        merged = json.loads((clone / plot_runs.CURVE).read_text())
+        assert merged["meta_iterations"] == [100, 130, 200, 250]  # the block that spans the resumption in two parts
+        assert merged["counts"] == [100, 30, 70, 50]
+        steps, means = plot_runs.read_curve(clone)
+        assert steps.tolist() == straight["meta_iterations"] == [100, 200, 250]
+        np.testing.assert_allclose(means, straight["means"], rtol=1e-5)
+    for events in clone.glob("events.out.tfevents.*"):
+        events.unlink()
+    np.testing.assert_allclose(plot_runs.read_curve(clone)[1], straight["means"], rtol=1e-5)
+    plot_runs.summarize(clone, 100)  # with no event file left, the two parts become one block again
+    assert json.loads((clone / plot_runs.CURVE).read_text())["counts"] == straight["counts"] == [100, 100, 50]
     with pytest.raises(UserError, match="summarize it with --summarize 100"):
         plot_runs.summarize(clone, 50)  # its first blocks cannot be cut smaller
 
