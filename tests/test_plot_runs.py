@@ -68,7 +68,7 @@ def test_a_run_resumed_from_its_curve_json_alone_draws_like_an_uninterrupted_one
             writer.add_scalar(plot_runs.TAG, value, step)
     straight = json.loads((whole / plot_runs.CURVE).read_text())
     np.testing.assert_allclose(plot_runs.read_curve(clone)[1], straight["means"], rtol=1e-5)  # drawn as blocks
-    for _ in range(2):  # summarized again while it trains, then in a fresh clone of it
+    for _ in range(2):  # summarized twice while it trains, as a periodic autosave does
         plot_runs.summarize(clone, 100)
         merged = json.loads((clone / plot_runs.CURVE).read_text())
         assert merged["meta_iterations"] == [100, 130, 200, 250]  # the block that spans the resumption in two parts
