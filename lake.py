@@ -90,15 +90,17 @@ def error_rates(meta_model: OmniglotModel, adam_state: dict, runs: dict[str, omn
 
 
 def report(errors: dict[str, np.ndarray], runs: dict[str, omniglot.Task], iteration: int) -> dict:
-    """Print each run's error rate and their mean, +- the standard deviation over adaptations; return them."""
+    """Print each run's error rate (+- its standard deviation over adaptations) and their mean with its 95% interval
+    over the runs; return them."""
     repeats = len(next(iter(errors.values()))[0])
-    print(f"Lake et al.'s one-shot benchmark, meta-iteration {iteration}: error rate in %, mean +- standard deviation "
-          f"over {repeats} adaptations")
+    print(f"Lake et al.'s one-shot benchmark, meta-iteration {iteration}: error rate in %; each run's mean +- standard "
+          f"deviation over {repeats} adaptations, and the mean over the runs +- its 95% confidence interval")
     print(f"{'run':8}{'non-transductive':>20}{'transductive':>20}")
     for index, run in enumerate(runs):
         print(f"{run:8}" + "".join(f"{errors[mode][index].mean():>12.1f} +- {errors[mode][index].std():4.1f}"
                                    for mode in MODES))
-    print(f"{'mean':8}" + "".join(f"{errors[mode].mean():>12.2f} +- {errors[mode].mean(axis=0).std():4.2f}"
-                                  for mode in MODES))
-    return {mode: {"error": table.mean(), "std": table.mean(axis=0).std(),
-                   "runs": dict(zip(runs, table.mean(axis=1).tolist()))} for mode, table in errors.items()}
+    figures = {mode: {"error": table.mean(), "ci95": reptile.confidence_interval(table.mean(axis=1)),
+                      "std": table.mean(axis=0).std(), "runs": dict(zip(runs, table.mean(axis=1).tolist()))}
+               for mode, table in errors.items()}
+    print(f"{'mean':8}" + "".join(f"{figures[mode]['error']:>12.2f} +- {figures[mode]['ci95']:4.2f}" for mode in MODES))
+    return figures

@@ -41,6 +41,9 @@ DRAWERS = 20  # images per character, one by each of 20 people
 IMAGE_SIZE = 28
 ROTATIONS = (0, 90, 180, 270)  # degrees; each rotation of a meta-training character is a class of its own
 PAPER_TRAIN_CHARACTERS = 1200
+# How each split chooses its characters: "paper" is the released code's procedure (seed 0: the paper's own split);
+# "random-1200" is this project's first procedure, which trained runs/5way, runs/5way-seed1 and runs/20way.
+SPLITS = ("paper", "random-1200", "background")
 
 
 def count_tree(root: Path) -> tuple[int, int, int]:
@@ -227,8 +230,9 @@ def read_cache(cache: Path, characters: list[str]) -> Optional[torch.Tensor]:
 def split_sizes(split: str) -> tuple[int, int]:
     """(meta-train characters, meta-test characters) of a split."""
     background, evaluation = SETS["images_background"].characters, SETS["images_evaluation"].characters
-    return {"paper": (PAPER_TRAIN_CHARACTERS, background + evaluation - PAPER_TRAIN_CHARACTERS),
-            "background": (background, evaluation)}[split]
+    if split == "background":
+        return background, evaluation
+    return PAPER_TRAIN_CHARACTERS, background + evaluation - PAPER_TRAIN_CHARACTERS
 
 
 def make_split(data_dir: Path, characters: list[str], split: str, seed: int) -> dict:
@@ -239,6 +243,12 @@ def make_split(data_dir: Path, characters: list[str], split: str, seed: int) -> 
         shuffled = sorted(characters, key=lambda character: character.split("/"))
         random.Random(seed).shuffle(shuffled)
         train, test = shuffled[:PAPER_TRAIN_CHARACTERS], shuffled[PAPER_TRAIN_CHARACTERS:]
+    elif split == "random-1200":
+        # A torch permutation of the characters in load_images' order, seeded with the run's seed: other random
+        # draws of 1,200 and 423 characters than the paper's (seed 0 shares 100 meta-test characters with it).
+        order = torch.randperm(len(characters), generator=torch.Generator().manual_seed(seed)).tolist()
+        train = [characters[i] for i in order[:PAPER_TRAIN_CHARACTERS]]
+        test = [characters[i] for i in order[PAPER_TRAIN_CHARACTERS:]]
     elif split == "background":
         background = set(read_json(data_dir / MARKER)["images_background"])
         train = [c for c in characters if c.split("/")[0] in background]

@@ -3,14 +3,19 @@
     pip install matplotlib                       # the one thing this script needs beyond requirements.txt
     python plot_runs.py runs/5way runs/20way     # writes runs/accuracy.png
     python plot_runs.py runs/combinations/*/ --summarize 100  # writes each run's curve.json
+    python plot_runs.py runs/*/ runs/combinations/*/ --tensorboard-means  # writes each run's mean100/ events
+    python plot_runs.py runs/5way-exact-split --hours   # how long its event files say it trained
 
 Each point logged during training is the accuracy on one meta-test task, so the curves show a moving average
 over a window of meta-iterations. A run folder without event files is drawn from its curve.json: the mean of each
 block of meta-iterations, small enough to commit where the event files are not, and smoothed over the same window.
 A run resumed from a clone that kept only its curve.json logs new event files; --summarize merges both, as often
-as it is run, keeping a block that spans the resumption as two parts.
+as it is run, keeping a block that spans the resumption as two parts. --tensorboard-means writes, for TensorBoard,
+the mean of the last 100 logged tasks of each character set, recomputed from a run's own logged points (or its
+curve.json's block means), into an event file of its own in LOGDIR/mean100/.
 """
 import argparse
+import shutil
 import sys
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -22,15 +27,21 @@ from utils import UserError, positive_int, read_json, write_json
 
 TAG = "meta-test/accuracy"
 CURVE = "curve.json"
+SETS = ("meta-train", "meta-test")
+RECENT = 100  # the validation tasks in train_omniglot.py's logged mean (<set>/accuracy_mean100)
+MEANS = "mean100"  # the folder of a run that holds the recomputed means, shown by TensorBoard as a run of its own
+MEANS_EVERY = 100  # meta-iterations between two recomputed means (all of them would be several MB a run)
 
 
-def logged_points(logdir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
+def logged_points(logdir: Path, tag: str, missing_ok: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(meta-iterations, values) of one scalar in a run's event files, in order; empty if it has none."""
     if not any(logdir.glob("events.out.tfevents.*")):
         return np.array([], dtype=int), np.array([])
     events = EventAccumulator(str(logdir), size_guidance={"scalars": 0})  # 0: keep every point
     events.Reload()
     if tag not in events.Tags()["scalars"]:
+        if missing_ok:
+            return np.array([], dtype=int), np.array([])
         raise UserError(f"{logdir} holds no '{tag}' scalars; is it a run of train_omniglot.py?")
     points = sorted(events.Scalars(tag), key=lambda point: point.step)
     return np.array([p.step for p in points]), np.array([p.value for p in points])
@@ -115,6 +126,51 @@ def summarize(logdir: Path, block: int) -> Path:
     return logdir / CURVE
 
 
+def write_means(logdir: Path, every: int = MEANS_EVERY) -> Path:
+    """Write into LOGDIR/mean100/ the <set>/accuracy_mean100 scalars of a run at each logged meta-iteration that is a
+    multiple of `every` (and the last): from its logged points, or from its curve.json's blocks where it has no event
+    files (a block of 100 meta-iterations with one task each is the mean of the last 100)."""
+    from torch.utils.tensorboard import SummaryWriter  # here: the plots need no torch
+    folder = logdir / MEANS
+    shutil.rmtree(folder, ignore_errors=True)
+    written = []
+    with SummaryWriter(str(folder)) as writer:
+        for name in SETS:
+            tag = f"{name}/accuracy"
+            steps, values = logged_points(logdir, tag, missing_ok=True)
+            if len(steps):
+                means = moving_average(np.arange(len(values)), values, RECENT)  # over the last RECENT points
+            elif (logdir / CURVE).is_file() and read_json(logdir / CURVE)["tag"] == tag:
+                steps, means = read_curve(logdir, tag)
+                every = 1
+            else:
+                continue
+            shown = (steps % every == 0) | (steps == steps[-1])
+            for step, mean in zip(steps[shown], means[shown]):
+                writer.add_scalar(f"{tag}_mean{RECENT}", mean, int(step), walltime=0.0)
+            written.append(name)
+    if not written:
+        shutil.rmtree(folder)
+        raise UserError(f"{logdir} holds no logged accuracy; is it a run of train_omniglot.py?")
+    events, = folder.glob("events.out.tfevents.*")
+    return events.rename(folder / "events.out.tfevents.mean100")  # one name, so that writing again replaces it
+
+
+def training_hours(logdir: Path) -> tuple[float, int]:
+    """(hours, event files) a run trained for: over each event file, the time from its first logged meta-test task to
+    its last (a resumed run writes one file per start, so the pauses between starts are not counted)."""
+    seconds, files = 0.0, sorted(logdir.glob("events.out.tfevents.*"))
+    for file in files:
+        events = EventAccumulator(str(file), size_guidance={"scalars": 0})
+        events.Reload()
+        if TAG in events.Tags()["scalars"]:
+            times = [point.wall_time for point in events.Scalars(TAG)]
+            seconds += max(times) - min(times)
+    if not files:
+        raise UserError(f"{logdir} holds no event files")
+    return seconds / 3600, len(files)
+
+
 def label(logdir: Path) -> str:
     """A run's name and setting, e.g. 'runs/5way (5-way, paper split)'."""
     args_path = logdir / "args.json"
@@ -134,11 +190,25 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--summarize", type=positive_int, metavar="BLOCK",
                         help="instead of plotting, write each run's curve.json: the mean of each BLOCK "
                         "meta-iterations")
+    parser.add_argument("--tensorboard-means", action="store_true",
+                        help=f"instead of plotting, write each run's {MEANS}/ folder: the mean of the last {RECENT} "
+                        f"logged tasks of each character set every {MEANS_EVERY} meta-iterations, for TensorBoard")
+    parser.add_argument("--hours", action="store_true",
+                        help="instead of plotting, print how many hours each run trained, from its event files")
     args = parser.parse_args(argv)
-    if args.summarize:
+    if args.hours:
         try:
             for run in args.runs:
-                print(f"wrote {summarize(Path(run), args.summarize)}")
+                hours, files = training_hours(Path(run))
+                print(f"{run}: {hours:.1f} hours of training in {files} event files")
+        except UserError as error:
+            print(f"plot_runs.py: error: {error}", file=sys.stderr)
+            return 2
+        return 0
+    if args.summarize or args.tensorboard_means:
+        try:
+            for run in args.runs:
+                print(f"wrote {summarize(Path(run), args.summarize) if args.summarize else write_means(Path(run))}")
         except UserError as error:
             print(f"plot_runs.py: error: {error}", file=sys.stderr)
             return 2

@@ -13,7 +13,7 @@ import torch
 
 import omniglot
 from utils import (UserError, find_latest_file, gather, list_checkpoints, locked, rank, read_json, reason,
-                   save_atomically, write_json)
+                   provenance, save_atomically, write_json)
 
 PROGRAM = "reptile-omniglot"  # marks checkpoints written by train_omniglot.py
 LOCK = ".lock"  # held by the process that trains the run; it holds that process's id while it does
@@ -53,10 +53,11 @@ def results_lock(logdir: Path):
 
 def save_checkpoint(logdir: Path, iteration: int, meta_model: torch.nn.Module, meta_optimizer: torch.optim.Optimizer,
                     inner_optimizer: torch.optim.Optimizer, generators: dict, recent: dict, settings: dict,
-                    keep: int) -> Path:
+                    keep: int, segments: list[dict], device: str) -> Path:
     """Write checkpoint/check-<iteration>.pth atomically; keep the newest `keep` and those results.json reports on.
 
-    Under torchrun only the first process writes.
+    `segments` are the parts of the run's training, each from one start (or resume) to its last checkpoint, with what
+    trained it. Under torchrun only the first process writes.
     """
     folder = logdir / "checkpoint"
     path = folder / f"check-{iteration}.pth"
@@ -74,6 +75,8 @@ def save_checkpoint(logdir: Path, iteration: int, meta_model: torch.nn.Module, m
         "other_processes": others,  # under torchrun: the inner state of the processes after the first
         "recent_accuracies": recent,  # the validation accuracies that the next logged means average over
         "args": settings,
+        "segments": segments,
+        "provenance": provenance(device),  # of this file: the code, PyTorch, device and date that wrote it
     }
     folder.mkdir(parents=True, exist_ok=True)
     save_atomically(path, state)
@@ -123,12 +126,45 @@ def latest_good_checkpoint(logdir: Path) -> Optional[dict]:
     return None
 
 
-def record_result(logdir: Path, key: str, result: dict) -> None:
-    """Set one entry of the run's results.json, keeping the entries that other processes write meanwhile."""
+def measured(entry: dict) -> tuple:
+    """What a results.json entry measured: (shots, mode, meta-iteration, tasks or repeats, evaluation seed).
+
+    Entries written before the seed was recorded on its own carry it in their settings.
+    """
+    seed = entry.get("seed", entry.get("settings", {}).get("seed"))
+    return (entry.get("shots"), entry.get("mode"), entry["meta_iteration"], entry.get("tasks", entry.get("repeats")),
+            seed)
+
+
+def result_name(entry: dict) -> str:
+    """The key of a new results.json entry, from what it measured, e.g. "1-shot non-transductive at 100000, 10000
+    tasks, seed 0" or "lake one-shot at 200000, seed 0"."""
+    shots, mode, iteration, tasks, seed = measured(entry)
+    if shots is None:
+        return f"lake one-shot at {iteration}, seed {seed}"
+    return f"{shots}-shot {mode} at {iteration}, {tasks} tasks, seed {seed}"
+
+
+def find_result(results: dict, shots: Optional[int], mode: Optional[str], iteration: int, tasks: int,
+                seed: int) -> Optional[dict]:
+    """The entry of `results` (a results.json) that measured this, or None; Lake's have no shots or mode."""
+    return next((entry for entry in results.values() if measured(entry) == (shots, mode, iteration, tasks, seed)),
+                None)
+
+
+def record_result(logdir: Path, result: dict) -> str:
+    """Add an entry to the run's results.json and return its key; every other entry stays as it was.
+
+    An entry that measured the same thing (same shots, mode, checkpoint, tasks and seed: the same tasks on the same
+    weights) is replaced; entries that other processes write meanwhile are kept.
+    """
     with results_lock(logdir):
         results = read_results(logdir)
+        key = next((key for key, entry in results.items() if measured(entry) == measured(result)),
+                   result_name(result))
         results[key] = result
         write_json(logdir / "results.json", results)
+    return key
 
 
 def unfinished_evaluation(logdir: Path, key: str, name: str, iteration: int, seed: int, tasks: int) -> Path:
@@ -167,26 +203,48 @@ def kept_seconds(path: Path) -> float:
     return read_json(path).get("seconds", 0.0)
 
 
-def split_classes(logdir: Path, split: str) -> tuple[int, int]:
-    """(meta-train classes, meta-test classes) of the run's split (split.json, else a new `split`), before any data."""
-    split_path = logdir / "split.json"
-    if split_path.is_file():
-        saved = read_json(split_path)
-        return len(saved["train"]) * len(saved["train_rotations"]), len(saved["test"])
-    train, test = omniglot.split_sizes(split)
-    return train * len(omniglot.ROTATIONS), test
+def read_split(path: str) -> dict:
+    """The split.json of a run folder, or a split.json file itself (for --split-from)."""
+    file = Path(path) / "split.json" if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise UserError(f"--split-from {path}: no split.json there; give a run folder or its split.json")
+    split = read_json(file)
+    if not isinstance(split, dict) or not all(key in split for key in ("split", "train", "test", "train_rotations")):
+        raise UserError(f"--split-from {path}: {file} is not a split.json written by train_omniglot.py")
+    return split
 
 
-def load_split(logdir: Path, data_dir: Path, split: str, seed: int,
-               device: str) -> tuple[omniglot.TaskSampler, omniglot.TaskSampler, dict]:
-    """Meta-train and meta-test task samplers on the run's characters (split.json, else a new split), and the split."""
+def same_characters(first: dict, second: dict) -> bool:
+    """Whether two splits meta-train and meta-test on the same characters (and rotations)."""
+    return all(first[key] == second[key] for key in ("train", "test", "train_rotations"))
+
+
+def given_split(logdir: Path, split_from: Optional[str] = None) -> Optional[dict]:
+    """The run's split.json, else the split of --split-from, else None (a new split is to be drawn)."""
+    if (logdir / "split.json").is_file():
+        return read_json(logdir / "split.json")
+    return read_split(split_from) if split_from is not None else None
+
+
+def split_classes(logdir: Path, split: str, split_from: Optional[str] = None) -> tuple[int, int]:
+    """(meta-train classes, meta-test classes) of the run's split, before any data."""
+    given = given_split(logdir, split_from)
+    if given is None:
+        train, test = omniglot.split_sizes(split)
+        return train * len(omniglot.ROTATIONS), test
+    return len(given["train"]) * len(given["train_rotations"]), len(given["test"])
+
+
+def load_split(logdir: Path, data_dir: Path, split: str, seed: int, device: str,
+               split_from: Optional[str] = None) -> tuple[omniglot.TaskSampler, omniglot.TaskSampler, dict]:
+    """Meta-train and meta-test task samplers on the run's characters (split.json, else those of --split-from, else
+    a new split), and the split."""
     characters, images = omniglot.load_images(data_dir)
-    split_path = logdir / "split.json"
-    chosen = read_json(split_path) if split_path.is_file() else omniglot.make_split(data_dir, characters, split, seed)
+    chosen = given_split(logdir, split_from) or omniglot.make_split(data_dir, characters, split, seed)
     index = {character: i for i, character in enumerate(characters)}
     missing = [c for c in chosen["train"] + chosen["test"] if c not in index]
     if missing:
-        raise UserError(f"{split_path} names {len(missing)} characters missing from {data_dir} "
+        raise UserError(f"the run's split names {len(missing)} characters missing from {data_dir} "
                         f"(such as {missing[0]}); point --data at the Omniglot folder this run used")
     images = images.to(device)
     train = omniglot.TaskSampler(images[[index[c] for c in chosen["train"]]], chosen["train_rotations"])

@@ -33,8 +33,8 @@ import run_folder
 from models import OmniglotModel
 from reptile import Hyperparameters
 from utils import (HelpFormatter, OneLineParser, UserError, any_process, checkpoint_iteration, find_latest_file,
-                   gather, non_negative_float, non_negative_int, positive_float, positive_int, processes, rank,
-                   read_json, reason, write_json, WriteError)
+                   gather, non_negative_float, non_negative_int, positive_float, positive_int, processes, provenance,
+                   rank, read_json, reason, write_json, WriteError)
 
 # Flags that fix what a run learns: a resumed run must keep them (--meta-iterations may grow).
 TRAINING_FLAGS = ("classes", "shots", "train_shots", "meta_batch", "iterations", "batch", "lr", "meta_lr",
@@ -43,6 +43,8 @@ TRAINING_FLAGS = ("classes", "shots", "train_shots", "meta_batch", "iterations",
 # Flags that fix the model and its characters: evaluation must keep them too.
 MODEL_FLAGS = ("classes", "split")
 NOT_SAVED = ("logdir", "eval_only", "eval_lake", "checkpoint", "paper_setting")
+# Flags recorded in args.json for the record: a resumed run never takes them from there.
+RECORDED_ONLY = ("split_from",)
 # Flags that belong to the machine, not the run: recorded in args.json but never taken from it.
 MACHINE_FLAGS = ("device", "workers", "cuda_graphs")
 # The paper's four Omniglot settings (openai/supervised-reptile's README) in this script's flags; the flags not
@@ -80,9 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="support images per class at meta-test (K-shot)")
     task.add_argument("--train-shots", type=positive_int, default=default.train_shots,
                       help="images per class in a meta-training task")
-    task.add_argument("--split", choices=("paper", "background"), default="paper",
-                      help="paper: 1,200 random characters train, 423 test (with --seed 0 the paper's own); "
-                      "background: background alphabets train, evaluation alphabets test")
+    task.add_argument("--split", choices=omniglot.SPLITS, default="paper",
+                      help="paper: 1,200 characters train, 423 test, shuffled as the paper's code does (with --seed 0 "
+                      "the paper's own); random-1200: as many, drawn by this project's first procedure (runs/5way, "
+                      "runs/20way); background: background alphabets train, evaluation alphabets test")
+    task.add_argument("--split-from", metavar="RUN_OR_SPLIT_JSON",
+                      help="train on the characters of another run (its folder or its split.json) instead of "
+                      "drawing them; --split takes that run's")
     meta = parser.add_argument_group("meta-training")
     meta.add_argument("--meta-batch", type=positive_int, default=default.meta_batch, help="tasks per meta-iteration")
     meta.add_argument("--meta-iterations", type=positive_int, default=default.meta_iterations,
@@ -168,6 +174,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.logdir = args.logdir or f"runs/{args.classes}way{args.shots}shot"
     if Path(args.logdir).exists() and not Path(args.logdir).is_dir():
         raise UserError(f"the run folder {args.logdir} is a file; give a folder (a new one, or an earlier run's)")
+    if args.split_from is not None:
+        take_split_from(args, given)
     saved_path = Path(args.logdir) / "args.json"
     if saved_path.is_file():
         saved = read_json(saved_path)
@@ -175,7 +183,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         # A training flag missing from args.json came after the run was made, which trained with its default.
         saved = {**{name: parser.get_default(name) for name in fixed}, **saved}
         for name, value in saved.items():
-            if name in NOT_SAVED + MACHINE_FLAGS or not hasattr(args, name):
+            if name in NOT_SAVED + MACHINE_FLAGS + RECORDED_ONLY or not hasattr(args, name):
                 continue
             if name not in given:
                 setattr(args, name, value)
@@ -197,7 +205,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if args.replacement and batch > images:
             raise UserError(f"{name} {batch} exceeds the {images} images a mini-batch is drawn from; with "
                             f"--replacement no image appears twice in one, so use at most {images}")
-    train_classes, test_classes = run_folder.split_classes(Path(args.logdir), args.split)
+    train_classes, test_classes = run_folder.split_classes(Path(args.logdir), args.split, args.split_from)
     for classes, name in ((train_classes, "meta-train"), (test_classes, "meta-test")):
         if args.classes > classes:
             raise UserError(f"--classes {args.classes} exceeds the {classes} {name} classes of the {args.split} split")
@@ -211,6 +219,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: CUDA is not available here; use --device cpu")
     return args
+
+
+def take_split_from(args: argparse.Namespace, given: set[str]) -> None:
+    """--split-from: the run takes the other run's split name; a run that has characters must have the same ones."""
+    source = run_folder.read_split(args.split_from)
+    if "split" in given and args.split != source["split"]:
+        raise UserError(f"--split {args.split} differs from the {source['split']} split of --split-from "
+                        f"{args.split_from}; leave --split out")
+    args.split = source["split"]
+    given.add("split")
+    own = Path(args.logdir) / "split.json"
+    if own.is_file() and not run_folder.same_characters(read_json(own), source):
+        raise UserError(f"{args.logdir} was trained on other characters than those of --split-from "
+                        f"{args.split_from}; leave --split-from out to continue this run, or choose a new logdir")
 
 
 def hyperparameters(args: argparse.Namespace) -> Hyperparameters:
@@ -337,20 +359,25 @@ def evaluation_mode(args: argparse.Namespace) -> str:
     return "transductive" if args.transductive else "non-transductive"
 
 
-def results_key(args: argparse.Namespace) -> str:
-    """The entry of results.json that an evaluation with these settings fills, e.g. "5-shot non-transductive"."""
+def cell(args: argparse.Namespace) -> str:
+    """What an evaluation with these settings measures, e.g. "5-shot non-transductive"."""
     return f"{args.shots}-shot {evaluation_mode(args)}"
 
 
-def record_result(args: argparse.Namespace, key: str, result: dict) -> None:
-    """Set one entry of the run's results.json, with the settings that produced it."""
-    run_folder.record_result(Path(args.logdir), key, {**result, "settings": saved_args(args)})
+def record_result(args: argparse.Namespace, result: dict, training: list[dict]) -> str:
+    """Add an entry to the run's results.json (see run_folder.record_result), with the settings, the seed of its
+    tasks, what evaluated it and what trained the checkpoint (`training`: its segments; empty for checkpoints written
+    before they were recorded); return its key."""
+    return run_folder.record_result(Path(args.logdir), {**result, "seed": args.seed, "settings": saved_args(args),
+                                                         "provenance": provenance(args.device),
+                                                         "training": training})
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 def final_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Optimizer, samplers: dict,
-                     args: argparse.Namespace, iteration: int, checkpoint: str, split: dict) -> None:
+                     args: argparse.Namespace, iteration: int, checkpoint: str, split: dict,
+                     training: list[dict]) -> None:
     """Evaluate on --eval-tasks tasks of each character set (or meta-test only); print and record the accuracies."""
     hp = hyperparameters(args)
     mode = evaluation_mode(args)
@@ -360,7 +387,7 @@ def final_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Opt
     names = ["meta-test"] if args.meta_test_only else list(samplers)
     workers = args.workers if processes() == 1 else 0
     # A stopped evaluation goes on from the tasks it finished (under torchrun it starts again).
-    kept = {name: run_folder.unfinished_evaluation(Path(args.logdir), results_key(args), name, iteration, args.seed,
+    kept = {name: run_folder.unfinished_evaluation(Path(args.logdir), cell(args), name, iteration, args.seed,
                                                    args.eval_tasks) if processes() == 1 else None for name in names}
     with start_pool(samplers, workers) as pool:
         for name in names:
@@ -384,7 +411,8 @@ def final_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Opt
     if rank() != 0:
         return
     result["seconds"] = round(seconds, 1)
-    record_result(args, results_key(args), result)
+    key = record_result(args, result, training)
+    print(f"recorded in {Path(args.logdir) / 'results.json'} as \"{key}\"")
     for path in kept.values():
         if path is not None:
             path.unlink(missing_ok=True)
@@ -392,15 +420,14 @@ def final_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Opt
 
 
 def lake_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Optimizer, args: argparse.Namespace,
-                    iteration: int, checkpoint: str, split: dict, data_dir: Path) -> None:
+                    iteration: int, checkpoint: str, split: dict, data_dir: Path, training: list[dict]) -> None:
     """Error rates on Lake et al.'s one-shot runs, both ways of classifying; printed and recorded in results.json."""
     started = time.time()
     seeds = reptile.task_seeds(lake.REPEATS, stream(args.seed, EVALUATION_STREAM))
     errors = lake.evaluate(meta_model, copy.deepcopy(inner_optimizer.state_dict()), split, data_dir,
                            args.omniglot_mirror, hyperparameters(args), seeds, args.device, args.logdir, iteration)
-    record_result(args, "lake one-shot", {"meta_iteration": iteration, "checkpoint": checkpoint,
-                                          "split": split["split"], "repeats": lake.REPEATS, **errors,
-                                          "seconds": round(time.time() - started, 1)})
+    record_result(args, {"meta_iteration": iteration, "checkpoint": checkpoint, "split": split["split"],
+                         "repeats": lake.REPEATS, **errors, "seconds": round(time.time() - started, 1)}, training)
 
 
 # ----------------------------------------------------------------------------- the program
@@ -428,7 +455,7 @@ def load_samplers(args: argparse.Namespace, first: bool) -> tuple[dict, dict, Pa
         torch.distributed.barrier()  # the first process prepares the data folder alone
     data_dir = omniglot.prepare_data(args.data, args.omniglot_mirror)
     train_sampler, test_sampler, split = run_folder.load_split(Path(args.logdir), data_dir, args.split, args.seed,
-                                                               args.device)
+                                                               args.device, args.split_from)
     if first and processes() > 1:
         torch.distributed.barrier()
     return {"meta-test": test_sampler, "meta-train": train_sampler}, split, data_dir
@@ -458,10 +485,13 @@ def evaluate_checkpoint(args: argparse.Namespace, first: bool) -> int:
     inner_optimizer.load_state_dict(state["inner_optimizer"])
     if first:
         print(f"evaluating {checkpoint_path} (meta-iteration {state['meta_iteration']})")
+    training = state.get("segments", [])
     if args.eval_lake:
-        lake_evaluation(meta_model, inner_optimizer, args, state["meta_iteration"], checkpoint_path, split, data_dir)
+        lake_evaluation(meta_model, inner_optimizer, args, state["meta_iteration"], checkpoint_path, split, data_dir,
+                        training)
     else:
-        final_evaluation(meta_model, inner_optimizer, samplers, args, state["meta_iteration"], checkpoint_path, split)
+        final_evaluation(meta_model, inner_optimizer, samplers, args, state["meta_iteration"], checkpoint_path, split,
+                         training)
     return 0
 
 
@@ -476,10 +506,8 @@ def train(args: argparse.Namespace, argv: list[str], first: bool) -> int:
     generators = {"train": stream(args.seed, TRAIN_STREAM, rank() if processes() > 1 else None),
                   "validation": stream(args.seed, VALIDATION_STREAM)}
     recent = {"meta-train": [], "meta-test": []}  # accuracies of the last RECENT_TASKS validation tasks
-    if first:
-        write_json(logdir / "args.json", saved_args(args))
-        write_json(logdir / "split.json", split)
     start = 0
+    segments = []  # the parts of the training so far, each with what trained it
     state = run_folder.latest_good_checkpoint(logdir)
     if state is not None:
         start = state["meta_iteration"]
@@ -494,19 +522,26 @@ def train(args: argparse.Namespace, argv: list[str], first: bool) -> int:
         for name, generator in generators.items():
             generator.set_state(own["generators"][name])
         recent.update(state.get("recent_accuracies", {}))  # checkpoints from before the mean was logged lack it
+        segments = state.get("segments", [])  # checkpoints from before segments were recorded lack them
         if first:
             print(f"resumed {logdir} at meta-iteration {start} of {hp.meta_iterations}")
     checkpoint_path = str(logdir / "checkpoint" / f"check-{start}.pth")
 
     if start >= hp.meta_iterations:
-        result = run_folder.read_results(logdir).get(results_key(args), {})
-        if result.get("meta_iteration") == start and result.get("tasks") == args.eval_tasks:
+        result = run_folder.find_result(run_folder.read_results(logdir), hp.shots, evaluation_mode(args), start,
+                                        args.eval_tasks, args.seed)
+        if result is not None:
             if first:
                 accuracy = result["meta-test"]
-                print(f"training is complete and {logdir / 'results.json'} holds its {results_key(args)} evaluation "
+                print(f"training is complete and {logdir / 'results.json'} holds its {cell(args)} evaluation "
                       f"(meta-test accuracy {accuracy['accuracy']:.2f}% +- {accuracy['ci95']:.2f}%); "
                       f"use --eval-only to evaluate again")
             return 0
+    if first:
+        write_json(logdir / "args.json", saved_args(args))
+        write_json(logdir / "split.json", split)
+    segment = {"from": start, "to": start, "processes": processes(), **provenance(args.device)}
+    segments = segments + [segment]
 
     # Ctrl-C or SIGTERM ends the run cleanly after the current meta-iteration; a second one stops at once.
     interrupted = []
@@ -567,9 +602,10 @@ def train(args: argparse.Namespace, argv: list[str], first: bool) -> int:
             if saving:
                 if writer:
                     writer.flush()  # waits until every logged point is on disk (tensorboardX's flush does not)
+                segment["to"] = done
                 checkpoint_path = str(run_folder.save_checkpoint(logdir, done, meta_model, meta_optimizer,
                                                                  inner_optimizer, generators, recent,
-                                                                 saved_args(args), args.keep))
+                                                                 saved_args(args), args.keep, segments, args.device))
             if stop:
                 progress.close()
                 if first:
@@ -591,7 +627,8 @@ def train(args: argparse.Namespace, argv: list[str], first: bool) -> int:
             signal.signal(signum, handler)
         threading.excepthook = previous_hook
 
-    final_evaluation(meta_model, inner_optimizer, samplers, args, hp.meta_iterations, checkpoint_path, split)
+    final_evaluation(meta_model, inner_optimizer, samplers, args, hp.meta_iterations, checkpoint_path, split,
+                     segments if segments[-1]["to"] > segments[-1]["from"] else segments[:-1])
     return 0
 
 

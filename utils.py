@@ -6,8 +6,12 @@ import fcntl
 import io
 import json
 import math
+import datetime
+import functools
 import os
+import platform
 import re
+import subprocess
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Optional
 
@@ -17,7 +21,7 @@ __all__ = [
     "checkpoint_iteration", "list_checkpoints", "find_latest_file",
     "UserError", "WriteError", "write_atomically", "save_atomically", "reason", "locked", "write_json", "read_json",
     "number", "positive_int", "non_negative_int", "positive_float", "non_negative_float", "OneLineParser",
-    "HelpFormatter", "processes", "rank", "any_process", "gather",
+    "HelpFormatter", "processes", "rank", "any_process", "gather", "provenance",
 ]
 
 
@@ -171,3 +175,30 @@ def gather(value) -> list:
     values = [None] * processes()
     torch.distributed.all_gather_object(values, value)
     return values
+
+
+@functools.cache
+def code_and_machine(device: str) -> dict:
+    """The code's commit (and whether the checkout had uncommitted changes), the PyTorch version and the device."""
+    def git(*args: str) -> Optional[str]:
+        try:
+            done = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+                                  timeout=30)
+        except (OSError, subprocess.SubprocessError):  # no git here
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+    commit = git("rev-parse", "HEAD")
+    found = {"commit": commit, "uncommitted_changes": bool(git("status", "--porcelain")) if commit else None}
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        models = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M) if cpuinfo.is_file() else []
+        name = f"{models[0]} ({len(os.sched_getaffinity(0))} cores)" if models else platform.processor() or "CPU"
+    return {**({} if commit is None else found), "torch": str(torch.__version__), "device": name}
+
+
+def provenance(device: str) -> dict:
+    """What produced a result or checkpoint now: commit (outside a git checkout: none), PyTorch, device and date."""
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return {**code_and_machine(device), "date": now}

@@ -1,9 +1,11 @@
 """Shared fixtures: the offline Omniglot copy, a prepared data folder, and running the training script."""
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -12,6 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import omniglot  # noqa: E402
+import run_folder  # noqa: E402
+from utils import UserError  # noqa: E402
 
 # One thread, here and in the scripts the tests start: the tests' tensors are tiny, so a second thread gains
 # nothing, and when other work holds the cores (a training run beside the suite) threads that wait for each other
@@ -24,19 +28,55 @@ NO_NETWORK = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0
               "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": ""}
 
 
+def find_mirror() -> Optional[Path]:
+    """The folder holding the two Omniglot zips: $OMNIGLOT_MIRROR, else ../shared/omniglot; None if neither does."""
+    path = Path(os.environ.get(omniglot.MIRROR_VARIABLE) or ROOT.parent / "shared" / "omniglot").resolve()
+    return path if all((path / f"{name}.zip").is_file() for name in omniglot.SETS) else None
+
+
+def unavailable(reason: str) -> None:
+    """Skip a test that needs data this machine lacks; under CI (CI=true) nothing may be skipped that way."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI must have the data)", pytrace=False)
+    pytest.skip(reason)
+
+
+HOW_TO_PROVIDE = (f"set {omniglot.MIRROR_VARIABLE} to a folder holding images_background.zip and "
+                  f"images_evaluation.zip (or connect to the internet once: the tests download Omniglot into "
+                  f"{ROOT / 'omniglot'})")
+
+
 @pytest.fixture(scope="session")
 def mirror() -> Path:
-    """The folder holding the two official Omniglot zips ($OMNIGLOT_MIRROR, else ../shared/omniglot)."""
-    path = Path(os.environ.get(omniglot.MIRROR_VARIABLE) or ROOT.parent / "shared" / "omniglot").resolve()
-    if not all((path / f"{name}.zip").is_file() for name in omniglot.SETS):
-        pytest.fail(f"no Omniglot zips in {path}: set {omniglot.MIRROR_VARIABLE} to a folder holding them")
+    """The folder holding the two official Omniglot zips, for the tests of reading and checking them."""
+    path = find_mirror()
+    if path is None:
+        unavailable(f"these tests read the Omniglot zips themselves: {HOW_TO_PROVIDE}")
     return path
 
 
 @pytest.fixture(scope="session")
-def data_dir(mirror, tmp_path_factory) -> Path:
-    """A data folder prepared from the mirror, shared by the whole session."""
-    return omniglot.prepare_data(str(tmp_path_factory.mktemp("data") / "omniglot"), str(mirror))
+def data_dir(tmp_path_factory) -> Path:
+    """A prepared data folder shared by the whole session: from the mirror, else the project's own download into
+    its default data folder (kept there for the next run)."""
+    mirror = find_mirror()
+    if mirror is not None:
+        return omniglot.prepare_data(str(tmp_path_factory.mktemp("data") / "omniglot"), str(mirror))
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)  # a network that never answers fails the download instead of hanging it
+    try:
+        return omniglot.prepare_data(str(ROOT / "omniglot"))
+    except UserError as error:
+        unavailable(f"no Omniglot for the tests that need it ({str(error).split(';')[0]}): {HOW_TO_PROVIDE}")
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+@pytest.fixture(scope="session")
+def offline() -> dict:
+    """The environment of a script under test: no network, and the mirror where there is one."""
+    mirror = find_mirror()
+    return {**NO_NETWORK, **({omniglot.MIRROR_VARIABLE: str(mirror)} if mirror else {})}
 
 
 def copy_data(data_dir: Path, destination: Path, **copytree_options) -> Path:
@@ -60,10 +100,10 @@ def loaded(data_dir):
 
 
 @pytest.fixture
-def script(data_dir, mirror):
+def script(data_dir, offline):
     """(command line, environment) that run train_omniglot.py offline on the prepared data."""
     def command(*args: str, env: dict = None) -> tuple[list[str], dict]:
-        environment = {**os.environ, **NO_NETWORK, omniglot.MIRROR_VARIABLE: str(mirror), **(env or {})}
+        environment = {**os.environ, **offline, **(env or {})}
         return [sys.executable, str(ROOT / "train_omniglot.py"), "--data", str(data_dir), *args], environment
     return command
 
@@ -78,3 +118,10 @@ def run_script(script):
         result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
         return result
     return run
+
+
+def result_of(logdir: Path, shots, mode, iteration: int, tasks: int, seed: int = 0) -> dict:
+    """The entry of a run's results.json that measured this (Lake's: shots and mode None, tasks its repeats)."""
+    entry = run_folder.find_result(run_folder.read_results(Path(logdir)), shots, mode, iteration, tasks, seed)
+    assert entry is not None, f"no {shots}-shot {mode} entry at {iteration}, {tasks} tasks, seed {seed} in {logdir}"
+    return entry

@@ -1,4 +1,5 @@
 import concurrent.futures
+import json
 import random
 import shutil
 import subprocess
@@ -129,6 +130,23 @@ def test_paper_split_is_the_papers_own(data_dir, loaded, seed):
     alphabets = {alphabet: list_dir(str(data_dir / alphabet)) for alphabet in list_dir(str(data_dir))}
     split = omniglot.make_split(data_dir, loaded[0], "paper", seed=seed)
     assert first_difference(split["train"] + split["test"], papers_order(alphabets, seed)) is None
+
+
+def test_every_committed_run_holds_the_characters_its_split_names(data_dir, loaded):
+    """Each reference run's split.json is what its named procedure draws for its seed: a split's name never lies."""
+    splits = sorted(ROOT.glob("runs/**/split.json"))
+    assert len(splits) >= 16
+    for path in splits:
+        saved = json.loads(path.read_text())
+        drawn = omniglot.make_split(data_dir, loaded[0], saved["split"], saved["seed"])
+        assert drawn == saved, path
+
+
+def test_the_random_1200_split_is_another_draw_than_the_papers(data_dir, loaded):
+    random_split = omniglot.make_split(data_dir, loaded[0], "random-1200", seed=0)
+    paper = omniglot.make_split(data_dir, loaded[0], "paper", seed=0)
+    assert len(random_split["train"]) == 1200 and set(random_split["train"]) | set(random_split["test"]) == set(loaded[0])
+    assert len(set(random_split["test"]) & set(paper["test"])) == 100
 
 
 def test_paper_split_lists_alphabet_by_alphabet():

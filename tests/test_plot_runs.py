@@ -115,3 +115,40 @@ def test_a_plot_of_two_runs_is_written(tmp_path, capsys):
     assert plot_runs.main([str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(output), "--window", "5"]) == 0
     assert output.read_bytes().startswith(b"\x89PNG")
     assert f"wrote {output}" in capsys.readouterr().out
+
+
+def test_the_tensorboard_means_are_those_the_trainer_logs(tmp_path):
+    """The mean of the last 100 logged tasks, recomputed at every 100th meta-iteration into LOGDIR/mean100/; from
+    the blocks of curve.json where the event files are gone."""
+    values = list(np.random.default_rng(2).random(250).round(3))
+    run = tmp_path / "run"
+    log_scalars(run, "meta-test/accuracy", values)  # one task every 10 meta-iterations, to 2,500
+    log_scalars(run, "meta-train/accuracy", values[::-1])
+    written = plot_runs.write_means(run)
+    assert written == run / plot_runs.MEANS / "events.out.tfevents.mean100"
+    for name, logged in (("meta-test", values), ("meta-train", values[::-1])):
+        steps, means = plot_runs.logged_points(run / plot_runs.MEANS, f"{name}/accuracy_mean100")
+        assert steps.tolist() == list(range(100, 2501, 100))
+        expected = [np.mean(logged[max(0, i - 99):i + 1]) for i in range(9, 250, 10)]
+        np.testing.assert_allclose(means, expected, rtol=1e-6)
+    plot_runs.write_means(run)  # again: replaced, not added
+    assert [path.name for path in (run / plot_runs.MEANS).iterdir()] == ["events.out.tfevents.mean100"]
+
+    committed = tmp_path / "committed"
+    log_scalars(run / "every", plot_runs.TAG, values, every=1)
+    plot_runs.summarize(run / "every", 100)
+    committed.mkdir()
+    (committed / plot_runs.CURVE).write_bytes((run / "every" / plot_runs.CURVE).read_bytes())
+    plot_runs.write_means(committed)
+    steps, means = plot_runs.logged_points(committed / plot_runs.MEANS, "meta-test/accuracy_mean100")
+    assert steps.tolist() == [100, 200, 250]
+    np.testing.assert_allclose(means, [np.mean(values[:100]), np.mean(values[100:200]), np.mean(values[200:])],
+                               rtol=1e-6)
+
+
+def test_training_hours_add_up_each_event_file_without_the_pauses_between_them(tmp_path):
+    for start, end in ((1000.0, 4600.0), (90000.0, 91800.0)):  # an hour, a pause of a day, half an hour
+        with SummaryWriter(str(tmp_path), filename_suffix=f".{start}") as writer:
+            for step, walltime in enumerate(np.linspace(start, end, 5)):
+                writer.add_scalar(plot_runs.TAG, 0.5, step, walltime=walltime)
+    assert plot_runs.training_hours(tmp_path) == (pytest.approx(1.5), 2)

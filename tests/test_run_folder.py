@@ -8,21 +8,41 @@ import torch
 import run_folder
 from conftest import ROOT
 
+ENTRY = {"shots": 1, "mode": "non-transductive", "meta_iteration": 2, "tasks": 3, "seed": 0}
+
 
 def test_results_json_takes_one_writer_at_a_time(tmp_path):
     """A trainer and an --eval-only of the same run may record results at once; neither entry is lost."""
     record = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import pathlib, run_folder; print('ready', flush=True); "
-              f"run_folder.record_result(pathlib.Path({str(tmp_path)!r}), 'from the other process', {{'x': 2}})")
+              f"run_folder.record_result(pathlib.Path({str(tmp_path)!r}), {ENTRY!r})")
     with run_folder.results_lock(tmp_path):  # this process is in the middle of its own read, change and write
         results = run_folder.read_results(tmp_path)
         other = subprocess.Popen([sys.executable, "-c", record], stdout=subprocess.PIPE, text=True)
         assert other.stdout.readline() == "ready\n"
         time.sleep(1)
         assert other.poll() is None  # it waits for the lock
-        results["from this process"] = {"x": 1}
+        results["from this process"] = {**ENTRY, "seed": 1}
         (tmp_path / "results.json").write_text(json.dumps(results))
     assert other.wait(timeout=60) == 0
-    assert set(run_folder.read_results(tmp_path)) == {"from this process", "from the other process"}
+    assert run_folder.read_results(tmp_path) == {"from this process": {**ENTRY, "seed": 1},
+                                                 run_folder.result_name(ENTRY): ENTRY}
+
+
+def test_an_entry_is_replaced_only_by_one_that_measured_the_same(tmp_path):
+    """Same shots, mode, meta-iteration, tasks and seed: the same measurement; anything else is another entry.
+    Entries of the older form (keyed by shots and mode, the seed in their settings) are found the same way."""
+    old = {"shots": 1, "mode": "non-transductive", "meta_iteration": 100, "tasks": 10000, "settings": {"seed": 0},
+           "meta-test": {"accuracy": 95.0}}
+    (tmp_path / "results.json").write_text(json.dumps({"1-shot non-transductive": old}))
+    new = {key: value for key, value in old.items() if key != "settings"}
+    for changed in ({"shots": 5}, {"mode": "transductive"}, {"meta_iteration": 99}, {"tasks": 2000}, {"seed": 1}):
+        assert run_folder.record_result(tmp_path, {**new, "seed": 0, **changed}) != "1-shot non-transductive"
+    assert run_folder.read_results(tmp_path)["1-shot non-transductive"] == old
+    assert len(run_folder.read_results(tmp_path)) == 6
+    again = {**new, "seed": 0, "meta-test": {"accuracy": 95.5}}
+    assert run_folder.record_result(tmp_path, again) == "1-shot non-transductive"
+    assert run_folder.find_result(run_folder.read_results(tmp_path), 1, "non-transductive", 100, 10000, 0) == again
+    assert run_folder.result_name(again) == "1-shot non-transductive at 100, 10000 tasks, seed 0"
 
 
 def test_kept_tasks_are_given_back_only_to_the_same_evaluation(tmp_path):

@@ -20,7 +20,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import NO_NETWORK, ROOT
+from conftest import NO_NETWORK, ROOT, result_of
 from test_lake import make_lake_zip
 from test_reptile import is_conv_bias, random_sampler, trained_side
 
@@ -121,8 +121,8 @@ def test_a_tiny_run_writes_everything_then_resumes(run_script, run_here, tmp_pat
         mean_steps, means = zip(*logged[f"{name}/accuracy_mean100"])
         assert mean_steps == steps
         assert means == pytest.approx([np.mean(accuracies[:i + 1]) for i in range(len(accuracies))], abs=1e-6)
-    results = json.loads((logdir / "results.json").read_text())["1-shot non-transductive"]
-    assert results["meta_iteration"] == 6 and results["tasks"] == 4 and 0 <= results["meta-test"]["accuracy"] <= 100
+    results = result_of(logdir, 1, "non-transductive", 6, 4)
+    assert 0 <= results["meta-test"]["accuracy"] <= 100
     split = json.loads((logdir / "split.json").read_text())
     assert len(split["train"]) == 1200 and len(split["test"]) == 423
 
@@ -138,7 +138,8 @@ def test_a_tiny_run_writes_everything_then_resumes(run_script, run_here, tmp_pat
     # check-6 stays beside the newest: results.json reported on it when check-9 was written.
     assert sorted(p.name for p in (logdir / "checkpoint").iterdir()) == ["check-6.pth", "check-9.pth"]
     assert scalars(logdir, "meta-test/accuracy") == [2, 4, 6, 8]
-    assert json.loads((logdir / "results.json").read_text())["1-shot non-transductive"]["meta_iteration"] == 9
+    result_of(logdir, 1, "non-transductive", 9, 4)
+    assert result_of(logdir, 1, "non-transductive", 6, 4) == results  # a new evaluation adds an entry
 
     evaluation = run_here(str(logdir), "--eval-only", "--transductive", "--eval-tasks", "3", "--workers", "1")
     assert evaluation.returncode == 0, evaluation.stderr
@@ -147,13 +148,64 @@ def test_a_tiny_run_writes_everything_then_resumes(run_script, run_here, tmp_pat
                          "--workers", "1")
     assert five_shot.returncode == 0, five_shot.stderr
     assert "meta-test accuracy: " in five_shot.stdout and "meta-train accuracy" not in five_shot.stdout
-    results = json.loads((logdir / "results.json").read_text())
-    assert set(results) == {"1-shot non-transductive", "1-shot transductive", "5-shot non-transductive"}
-    assert "meta-train" in results["1-shot transductive"] and "meta-train" not in results["5-shot non-transductive"]
-    assert results["1-shot transductive"]["settings"]["test_iterations"] == 2  # taken from the run's args.json
+    assert len(run_folder.read_results(logdir)) == 4
+    transductive, five_shot = result_of(logdir, 1, "transductive", 9, 3), result_of(logdir, 5, "non-transductive", 9, 3)
+    assert "meta-train" in transductive and "meta-train" not in five_shot
+    assert transductive["settings"]["test_iterations"] == 2  # taken from the run's args.json
 
     changed = run_here(str(logdir), *TINY, "--classes", "10")
     assert changed.returncode != 0 and "--classes 10 differs from 5" in changed.stderr
+
+
+def test_a_re_check_adds_an_entry_and_changes_no_other_file(existing_run, run_here, tmp_path):
+    """Evaluating a finished run again (other tasks, or the training command once more) keeps every file but
+    results.json as it was, and every earlier entry of results.json as it was."""
+    logdir = tmp_path / "run"
+    shutil.copytree(existing_run, logdir)
+    before = snapshot(logdir)
+    earlier = run_folder.read_results(logdir)
+    check = run_here(str(logdir), "--eval-only", "--seed", "1", "--eval-tasks", "3", "--meta-test-only")
+    assert check.returncode == 0, check.stderr
+    assert run_here(str(logdir), *TINY).returncode == 0  # "training is complete"
+    after = snapshot(logdir)
+    assert {name for name in before if before[name] != after.get(name)} == {"results.json"}
+    results = run_folder.read_results(logdir)
+    assert {key: results[key] for key in earlier} == earlier and len(results) == len(earlier) + 1
+    added = result_of(logdir, 1, "non-transductive", 6, 3, seed=1)
+    assert added["seed"] == 1 and added["settings"]["seed"] == 1
+    assert json.loads(before["args.json"])["seed"] == 0
+
+
+def test_results_and_checkpoints_say_what_produced_them(existing_run):
+    in_git = (ROOT / ".git").exists()
+    checkpoint = torch.load(existing_run / "checkpoint" / "check-6.pth", weights_only=True)
+    result = result_of(existing_run, 1, "non-transductive", 6, 4)
+    for record in (checkpoint["provenance"], result["provenance"], *checkpoint["segments"], *result["training"]):
+        assert {"torch", "device", "date"} <= set(record) and record["torch"] == str(torch.__version__)
+        assert ("commit" in record) == in_git and ("uncommitted_changes" in record) == in_git
+    assert [(segment["from"], segment["to"]) for segment in result["training"]] == [(0, 6)]
+
+
+def test_split_from_trains_on_another_runs_characters_and_refuses_others_on_resume(existing_run, data_dir, loaded,
+                                                                                     run_here, tmp_path):
+    source = tmp_path / "random.json"
+    source.write_text(json.dumps(omniglot.make_split(data_dir, loaded[0], "random-1200", seed=3)))
+    logdir = tmp_path / "run"
+    short = [*TINY, "--meta-iterations", "3", "--meta-test-only"]
+    trained = run_here(str(logdir), *short, "--split-from", str(source))
+    assert trained.returncode == 0, trained.stderr
+    assert run_folder.same_characters(json.loads((logdir / "split.json").read_text()), json.loads(source.read_text()))
+    saved = json.loads((logdir / "args.json").read_text())
+    assert saved["split"] == "random-1200" and saved["split_from"] == str(source) and saved["seed"] == 0
+    other = run_here(str(logdir), *short, "--meta-iterations", "4", "--split-from", str(existing_run))
+    assert other.returncode == 2 and "trained on other characters than those of --split-from" in other.stderr
+    same = run_here(str(logdir), *short, "--meta-iterations", "4", "--split-from", str(source))
+    assert same.returncode == 0, same.stderr
+    assert "resumed" in same.stdout
+    mixed = run_here(str(tmp_path / "new"), *short, "--split", "background", "--split-from", str(source))
+    assert mixed.returncode == 2 and "leave --split out" in mixed.stderr
+    missing = run_here(str(tmp_path / "new"), *short, "--split-from", str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and "no split.json there" in missing.stderr
 
 
 def test_tensorboard_serves_the_logged_scalars(existing_run):
@@ -267,11 +319,11 @@ BAD_INPUTS = {
 
 
 @pytest.fixture
-def run_here(data_dir, mirror, monkeypatch, capsys):
+def run_here(data_dir, offline, monkeypatch, capsys):
     """As run_script, but through train_omniglot.run() in this process: seconds sooner, where the process is not
     under test."""
     def run(*args: str, env: dict = None) -> subprocess.CompletedProcess:
-        for variable, value in {**NO_NETWORK, omniglot.MIRROR_VARIABLE: str(mirror), **(env or {})}.items():
+        for variable, value in {**offline, **(env or {})}.items():
             monkeypatch.setenv(variable, value)
         capsys.readouterr()  # what came before
         argv = ["--data", str(data_dir), *args]
@@ -285,10 +337,10 @@ def run_here(data_dir, mirror, monkeypatch, capsys):
 
 
 @pytest.fixture(scope="module")
-def existing_run(tmp_path_factory, data_dir, mirror):
+def existing_run(tmp_path_factory, data_dir, offline):
     """A finished tiny run (5-way 1-shot, 6 meta-iterations)."""
     logdir = tmp_path_factory.mktemp("existing") / "run"
-    environment = {**os.environ, **NO_NETWORK, omniglot.MIRROR_VARIABLE: str(mirror)}
+    environment = {**os.environ, **offline}
     subprocess.run([sys.executable, str(ROOT / "train_omniglot.py"), str(logdir), "--data", str(data_dir), *TINY],
                    env=environment, check=True, capture_output=True, timeout=600)
     return logdir
@@ -454,11 +506,13 @@ def test_eval_lake_scores_a_background_run_and_refuses_others(run_here, existing
     assert scored.returncode == 0, scored.stderr
     lines = scored.stdout.splitlines()
     assert [line.split()[0] for line in lines[-3:]] == ["run01", "run02", "mean"]
-    result = json.loads((logdir / "results.json").read_text())["lake one-shot"]
+    result = result_of(logdir, None, None, 6, lake.REPEATS)
     assert result["repeats"] == lake.REPEATS and result["split"] == "background"
     for mode in ("non-transductive", "transductive"):
         assert set(result[mode]["runs"]) == {"run01", "run02"} and 0 <= result[mode]["error"] <= 100
         assert result[mode]["error"] == pytest.approx(np.mean(list(result[mode]["runs"].values())))
+        assert result[mode]["ci95"] == pytest.approx(1.96 * np.std(list(result[mode]["runs"].values()), ddof=1)
+                                                     / np.sqrt(2))
     wrong_size = tmp_path / "twenty"
     wrong_size.mkdir()
     make_lake_zip(wrong_size / "all_runs.zip", runs=1, classes=20)
@@ -563,7 +617,8 @@ def comparable_results(logdir) -> dict:
     """results.json without what may differ between two runs of the same command: timings and paths."""
     results = json.loads((logdir / "results.json").read_text())
     for result in results.values():
-        del result["seconds"]
+        for name in ("seconds", "provenance", "training"):
+            del result[name]
         result["checkpoint"] = Path(result["checkpoint"]).name
     return results
 
@@ -595,6 +650,10 @@ def test_a_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(script,
                    for a, b in zip(flat_straight, flat_killed, strict=True)), part
     assert comparable_results(killed) == comparable_results(straight)
     assert all_scalars(killed) == all_scalars(straight)
+    # What trained it: one segment for the straight run, one per start for the killed one, joined end to end.
+    parts = [(segment["from"], segment["to"]) for segment in killed_state["segments"]]
+    assert [(segment["from"], segment["to"]) for segment in straight_state["segments"]] == [(0, 40)]
+    assert len(parts) == 2 and parts[0][0] == 0 and parts[0][1] == parts[1][0] and parts[1][1] == 40
 
 
 def test_a_killed_evaluation_resumes_and_records_what_an_uninterrupted_one_does(script, run_here, existing_run,
@@ -619,7 +678,7 @@ def test_a_killed_evaluation_resumes_and_records_what_an_uninterrupted_one_does(
     assert resumed.returncode == 0, resumed.stderr
     assert f"going on after the {len(kept['tasks'])} of 150 tasks kept in" in resumed.stdout
     assert comparable_results(killed) == comparable_results(straight)
-    assert 5000 < json.loads((killed / "results.json").read_text())["1-shot non-transductive"]["seconds"] < 5100
+    assert 5000 < result_of(killed, 1, "non-transductive", 6, 150, seed=5)["seconds"] < 5100
     assert not list(killed.glob("unfinished-evaluation-*")) and not list(straight.glob("unfinished-evaluation-*"))
 
 
@@ -649,8 +708,8 @@ def test_torchrun_splits_the_meta_batch_and_changes_no_mathematics(script, data_
     assert "resumed" in torchrun(3)  # resumes under torchrun, each process with its own inner state
     state = final_state(logdir)
     assert state["meta_iteration"] == 3 and len(state["other_processes"]) == 1
-    results = json.loads((logdir / "results.json").read_text())["1-shot non-transductive"]
-    assert results["tasks"] == 6 and 0 <= results["meta-test"]["accuracy"] <= 100
+    results = result_of(logdir, 1, "non-transductive", 3, 6)
+    assert 0 <= results["meta-test"]["accuracy"] <= 100
 
     # The same arithmetic in one process, on one thread as under torchrun: each process's tasks adapted in its
     # own inner Adam chain (the meta-batch of 5: 3 tasks and 2), the two shares summed, one meta-step.
