@@ -172,12 +172,12 @@ def training_hours(logdir: Path) -> tuple[float, int]:
 
 
 def label(logdir: Path) -> str:
-    """A run's name and setting, e.g. 'runs/5way (5-way, paper split)'."""
-    args_path = logdir / "args.json"
-    if not args_path.is_file():
+    """A run's name, setting and characters, e.g. 'runs/5way (5-way, random-1200 split, seed 0)'."""
+    args_path, split_path = logdir / "args.json", logdir / "split.json"
+    if not (args_path.is_file() and split_path.is_file()):
         return str(logdir)
-    args = read_json(args_path)
-    return f"{logdir} ({args['classes']}-way, {args['split']} split)"
+    split = read_json(split_path)
+    return f"{logdir} ({read_json(args_path)['classes']}-way, {split['split']} split, seed {split['seed']})"
 
 
 def main(argv: list[str]) -> int:

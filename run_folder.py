@@ -147,21 +147,21 @@ def result_name(entry: dict) -> str:
 
 def find_result(results: dict, shots: Optional[int], mode: Optional[str], iteration: int, tasks: int,
                 seed: int) -> Optional[dict]:
-    """The entry of `results` (a results.json) that measured this, or None; Lake's have no shots or mode."""
+    """The first entry of `results` (a results.json) that measured this, or None; Lake's have no shots or mode."""
     return next((entry for entry in results.values() if measured(entry) == (shots, mode, iteration, tasks, seed)),
                 None)
 
 
 def record_result(logdir: Path, result: dict) -> str:
-    """Add an entry to the run's results.json and return its key; every other entry stays as it was.
-
-    An entry that measured the same thing (same shots, mode, checkpoint, tasks and seed: the same tasks on the same
-    weights) is replaced; entries that other processes write meanwhile are kept.
-    """
+    """Add an entry to the run's results.json and return its key; every other entry stays as it was, those that other
+    processes write meanwhile included. The same measurement made again (on another device, say) is kept beside
+    the first, as "... #2"; find_result gives the first."""
     with results_lock(logdir):
         results = read_results(logdir)
-        key = next((key for key, entry in results.items() if measured(entry) == measured(result)),
-                   result_name(result))
+        key, repeat = result_name(result), 1
+        while key in results:
+            repeat += 1
+            key = f"{result_name(result)} #{repeat}"
         results[key] = result
         write_json(logdir / "results.json", results)
     return key

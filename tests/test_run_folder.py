@@ -28,21 +28,22 @@ def test_results_json_takes_one_writer_at_a_time(tmp_path):
                                                  run_folder.result_name(ENTRY): ENTRY}
 
 
-def test_an_entry_is_replaced_only_by_one_that_measured_the_same(tmp_path):
-    """Same shots, mode, meta-iteration, tasks and seed: the same measurement; anything else is another entry.
-    Entries of the older form (keyed by shots and mode, the seed in their settings) are found the same way."""
+def test_an_entry_is_found_by_what_it_measured_and_never_replaced(tmp_path):
+    """Same shots, mode, meta-iteration, tasks and seed: the same measurement, kept beside the first; anything else is
+    another. Entries of the older form (keyed by shots and mode, the seed in their settings) are found the same way."""
     old = {"shots": 1, "mode": "non-transductive", "meta_iteration": 100, "tasks": 10000, "settings": {"seed": 0},
            "meta-test": {"accuracy": 95.0}}
     (tmp_path / "results.json").write_text(json.dumps({"1-shot non-transductive": old}))
     new = {key: value for key, value in old.items() if key != "settings"}
     for changed in ({"shots": 5}, {"mode": "transductive"}, {"meta_iteration": 99}, {"tasks": 2000}, {"seed": 1}):
-        assert run_folder.record_result(tmp_path, {**new, "seed": 0, **changed}) != "1-shot non-transductive"
-    assert run_folder.read_results(tmp_path)["1-shot non-transductive"] == old
-    assert len(run_folder.read_results(tmp_path)) == 6
+        run_folder.record_result(tmp_path, {**new, "seed": 0, **changed})
+        assert run_folder.find_result(run_folder.read_results(tmp_path), 1, "non-transductive", 100, 10000, 0) == old
     again = {**new, "seed": 0, "meta-test": {"accuracy": 95.5}}
-    assert run_folder.record_result(tmp_path, again) == "1-shot non-transductive"
-    assert run_folder.find_result(run_folder.read_results(tmp_path), 1, "non-transductive", 100, 10000, 0) == again
-    assert run_folder.result_name(again) == "1-shot non-transductive at 100, 10000 tasks, seed 0"
+    assert run_folder.record_result(tmp_path, again) == "1-shot non-transductive at 100, 10000 tasks, seed 0"
+    assert run_folder.record_result(tmp_path, again) == "1-shot non-transductive at 100, 10000 tasks, seed 0 #2"
+    results = run_folder.read_results(tmp_path)
+    assert len(results) == 8 and results["1-shot non-transductive"] == old
+    assert run_folder.find_result(results, 1, "non-transductive", 100, 10000, 0) == old
 
 
 def test_kept_tasks_are_given_back_only_to_the_same_evaluation(tmp_path):

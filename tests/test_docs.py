@@ -1,0 +1,100 @@
+"""The front page against the committed record: every figure of README's tables is what runs/*/results.json (or
+the runs' event files) say, at the rounding shown, and its code example runs."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import lake
+import plot_runs
+import reptile
+import run_folder
+from conftest import ROOT
+from utils import read_json
+
+README = (ROOT / "README.md").read_text()
+MODES = {"ours": "non-transductive", "ours, transductive": "transductive"}
+
+
+def figure(entry: dict) -> str:
+    """An accuracy and its interval as the tables show them."""
+    return f"{entry['accuracy']:.2f} +- {entry['ci95']:.2f}"
+
+
+def the_cell(run: str, shots, mode, tasks: int) -> dict:
+    """The run's entry at its final checkpoint with its own seed: what a table cell reports."""
+    settings = read_json(ROOT / run / "args.json")
+    entry = run_folder.find_result(run_folder.read_results(ROOT / run), shots, mode, settings["meta_iterations"],
+                                   tasks, settings["seed"])
+    assert entry is not None, f"{run} has no {shots}-shot {mode} entry at its end with {tasks} tasks"
+    return entry
+
+
+def table_rows(first_column: str) -> list[dict]:
+    """The rows of the README table whose header starts with `first_column`, as {header: cell}."""
+    lines = README.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_column} |"))
+    header = [cell.strip() for cell in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")), strict=True)))
+    return rows
+
+
+def test_every_figure_of_the_results_table_is_the_committed_one_and_names_its_split():
+    rows = table_rows("setting")
+    assert [row["setting"] for row in rows] == ["5-way 1-shot", "5-way 5-shot", "20-way 1-shot", "20-way 5-shot"]
+    for row in rows:
+        classes, shots = map(int, re.fullmatch(r"(\d+)-way (\d)-shot", row["setting"]).groups())
+        run, split = re.fullmatch(r"`(runs/[^`]+)` \((\S+)\)", row["run (split)"]).groups()
+        assert read_json(ROOT / run / "split.json")["split"] == split
+        assert read_json(ROOT / run / "args.json")["classes"] == classes
+        for column, mode in MODES.items():
+            assert row[column] == figure(the_cell(run, shots, mode, 10000)["meta-test"]), (row["setting"], column)
+
+
+def test_the_lake_row_is_the_committed_one_with_its_interval_over_the_runs():
+    found = re.search(r"\| Reptile, ours \(`(runs/[^`]+)`, ([\d,]+) meta-iterations\) \| (.+) \|", README)
+    run, iteration, shown = found.groups()
+    entry = the_cell(run, None, None, lake.REPEATS)
+    assert entry["meta_iteration"] == int(iteration.replace(",", ""))
+    figures = {}
+    for mode in ("non-transductive", "transductive"):
+        errors = np.array(list(entry[mode]["runs"].values()))
+        assert len(errors) == 20 and np.mean(errors) == entry[mode]["error"]
+        figures[mode] = figure({"accuracy": entry[mode]["error"], "ci95": reptile.confidence_interval(errors)})
+    assert shown == f"{figures['non-transductive']} (transductive: {figures['transductive']})"
+
+
+def test_the_re_check_shown_is_the_committed_one():
+    command, result = re.search(r"```\n(python train_omniglot.py runs/5way-exact-split --eval-only [^\n]+)\n```\n\n"
+                                r"[^`]*?it gave ([\d.]+ \+- [\d.]+)", README).groups()
+    assert command.endswith("--shots 1 --seed 1 --eval-tasks 2000 --meta-test-only")
+    entry = run_folder.find_result(run_folder.read_results(ROOT / "runs/5way-exact-split"), 1, "non-transductive",
+                                   100000, 2000, 1)
+    assert entry is not None and figure(entry["meta-test"]) == result
+
+
+def test_the_training_times_are_those_of_the_committed_event_files():
+    runs = {"5-way": "runs/5way-exact-split", "20-way": "runs/20way", "Lake": "runs/20way-background"}
+    for row in table_rows("row"):
+        hours = float(re.fullmatch(r"([\d.]+) hours \(one core\)", row["time on CPU"]).group(1))
+        assert f"{plot_runs.training_hours(ROOT / runs[row['row']])[0]:.1f}" == f"{hours:.1f}", row["row"]
+
+
+def test_the_example_scores_a_task_as_the_evaluator_does(data_dir, tmp_path):
+    example = re.search(r"```python\n(.*?)```", README, re.S).group(1)
+    (tmp_path / "omniglot").symlink_to(data_dir)  # the example's data folder, prepared
+    (tmp_path / "runs").symlink_to(ROOT / "runs")
+    done = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    state = run_folder.load_checkpoint(str(ROOT / "runs/5way-exact-split/checkpoint/check-100000.pth"))
+    test_characters = run_folder.load_split(ROOT / "runs/5way-exact-split", Path(data_dir), "paper", 0, "cpu")[1]
+    (correct, _), = reptile.evaluate_tasks(state["meta_net"], state["inner_optimizer"], test_characters,
+                                           reptile.Hyperparameters(shots=1), [0])
+    assert done.stdout == f"{correct} of 5 queries right\n"
