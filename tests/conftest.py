@@ -51,7 +51,8 @@ def mirror() -> Path:
     """The folder holding the two official Omniglot zips, for the tests of reading and checking them."""
     path = find_mirror()
     if path is None:
-        unavailable(f"these tests read the Omniglot zips themselves: {HOW_TO_PROVIDE}")
+        unavailable(f"these tests read the Omniglot zips themselves: set {omniglot.MIRROR_VARIABLE} to a folder "
+                    f"holding images_background.zip and images_evaluation.zip")
     return path
 
 
@@ -66,8 +67,8 @@ def data_dir(tmp_path_factory) -> Path:
     socket.setdefaulttimeout(60)  # a network that never answers fails the download instead of hanging it
     try:
         return omniglot.prepare_data(str(ROOT / "omniglot"))
-    except UserError as error:
-        unavailable(f"no Omniglot for the tests that need it ({str(error).split(';')[0]}): {HOW_TO_PROVIDE}")
+    except UserError:
+        unavailable(f"no Omniglot here, and no network to download it: {HOW_TO_PROVIDE}")
     finally:
         socket.setdefaulttimeout(previous)
 
@@ -125,3 +126,14 @@ def result_of(logdir: Path, shots, mode, iteration: int, tasks: int, seed: int =
     entry = run_folder.find_result(run_folder.read_results(Path(logdir)), shots, mode, iteration, tasks, seed)
     assert entry is not None, f"no {shots}-shot {mode} entry at {iteration}, {tasks} tasks, seed {seed} in {logdir}"
     return entry
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Say once why tests were skipped, and how many (pytest's -rs says it once per test file and line)."""
+    reasons = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    for reason, count in reasons.items():
+        terminalreporter.write_line(f"{count} skipped: {reason}")
