@@ -43,7 +43,7 @@ TRAINING_FLAGS = ("classes", "shots", "train_shots", "meta_batch", "iterations",
 # Flags that fix the model and its characters: evaluation must keep them too.
 MODEL_FLAGS = ("classes", "split")
 NOT_SAVED = ("logdir", "eval_only", "eval_lake", "checkpoint", "paper_setting")
-# Flags recorded in args.json for the record: a resumed run never takes them from there.
+# Flags kept in args.json as a record of how the run began: a resumed run never takes them from there.
 RECORDED_ONLY = ("split_from",)
 # Flags that belong to the machine, not the run: recorded in args.json but never taken from it.
 MACHINE_FLAGS = ("device", "workers", "cuda_graphs")
@@ -627,8 +627,8 @@ def train(args: argparse.Namespace, argv: list[str], first: bool) -> int:
             signal.signal(signum, handler)
         threading.excepthook = previous_hook
 
-    final_evaluation(meta_model, inner_optimizer, samplers, args, hp.meta_iterations, checkpoint_path, split,
-                     segments if segments[-1]["to"] > segments[-1]["from"] else segments[:-1])
+    trained = [part for part in segments if part["to"] > part["from"]]  # not a start that found training complete
+    final_evaluation(meta_model, inner_optimizer, samplers, args, hp.meta_iterations, checkpoint_path, split, trained)
     return 0
 
 
