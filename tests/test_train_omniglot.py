@@ -682,6 +682,26 @@ def test_a_killed_evaluation_resumes_and_records_what_an_uninterrupted_one_does(
     assert not list(killed.glob("unfinished-evaluation-*")) and not list(straight.glob("unfinished-evaluation-*"))
 
 
+def test_an_interrupted_evaluation_stops_its_workers_soon(script, existing_run, tmp_path):
+    """Ctrl-C sent to the main process alone (as kill -INT does) ends an evaluation in worker processes within
+    seconds, not after every task sent to the workers."""
+    logdir = tmp_path / "run"
+    shutil.copytree(existing_run, logdir)
+    argv, environment = script(str(logdir), "--eval-only", "--eval-tasks", "10000", "--test-iterations", "50",
+                               "--meta-test-only", "--workers", "2")
+    # As from a terminal: a shell starts a command in the background with SIGINT ignored, as this one may be.
+    process = subprocess.Popen(argv, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    while not list(logdir.glob("unfinished-evaluation-*meta-test*.json")):
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    started = time.time()
+    assert process.wait(timeout=120) == 130
+    assert time.time() - started < 60
+    assert "the same command goes on from them" in process.stderr.read()
+
+
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(run_here, tmp_path):
     logdir = tmp_path / "run"
     assert run_here(str(logdir), *TINY).returncode == 0
