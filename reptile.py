@@ -8,7 +8,7 @@ import copy
 import math
 import sys
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -89,13 +89,23 @@ def prepare_model(model: OmniglotModel, device: str) -> OmniglotModel:
     return model.to(device, memory_format=torch.channels_last)
 
 
+def make_inner_optimizer(params: Iterable[torch.Tensor], lr: float, inner_optimizer: str = "adam",
+                         fused: bool = True) -> torch.optim.Optimizer:
+    """The inner loop's optimizer over `params`: Adam (beta1 = 0, as in the paper) or SGD.
+
+    Fused Adam is one kernel a step; the evaluator that adapts tasks side by side asks for PyTorch's other Adam, whose
+    arithmetic its frozen figures were computed with (the two differ in the last bit of some weights).
+    """
+    if inner_optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    return torch.optim.Adam(params, lr=lr, betas=(0.0, 0.999), **({"fused": True} if fused else {"foreach": False}))
+
+
 def make_learner(model: OmniglotModel, lr: float,
                  inner_optimizer: str = "adam") -> tuple[OmniglotModel, torch.optim.Optimizer]:
-    """A copy of `model` to adapt to tasks, and its inner optimizer: Adam (beta1 = 0, as in the paper) or SGD."""
+    """A copy of `model` to adapt to tasks, and its inner optimizer (make_inner_optimizer)."""
     learner = model.clone()
-    if inner_optimizer == "sgd":
-        return learner, torch.optim.SGD(learner.parameters(), lr=lr)
-    return learner, torch.optim.Adam(learner.parameters(), lr=lr, betas=(0.0, 0.999), fused=True)
+    return learner, make_inner_optimizer(learner.parameters(), lr, inner_optimizer)
 
 
 def copy_weights(source: OmniglotModel, destination: OmniglotModel) -> None:
@@ -384,15 +394,17 @@ def evaluate_tasks_together(meta_state: dict, adam_state: dict, sampler: omniglo
     batches = torch.stack(batches).to(device)  # (tasks, steps, batch)
     count = len(seeds)
     # Contiguous, not channels-last: vmapped BatchNorm on CUDA does not support channels-last tensors.
-    params = {name: value.to(device).expand(count, *value.shape).contiguous() for name, value in meta_state.items()}
-    # Each task starts from the training Adam state (beta1 = 0: no first moment, step = lr * g / (sqrt(v) + eps)).
-    names = [name for name, _ in model.named_parameters()]
-    saved = adam_state["state"]
-    squares = {name: saved[i]["exp_avg_sq"].to(device).expand_as(params[name]).contiguous() if i in saved
-               else torch.zeros_like(params[name]) for i, name in enumerate(names)}
-    steps_done = float(saved[0]["step"]) if saved else 0.0
+    params = {name: value.to(device).expand(count, *value.shape).contiguous().requires_grad_()
+              for name, value in meta_state.items()}
+    # One inner optimizer over the weights of all the tasks stacked (Adam and SGD work element by element), each
+    # task starting from the training state of the inner optimizer.
     group = adam_state["param_groups"][0]
-    lr, (_, beta2), eps = group["lr"], group.get("betas", (0.0, 0.0)), group.get("eps", 0.0)  # SGD: neither
+    optimizer = make_inner_optimizer(params.values(), group["lr"], hp.inner_optimizer, fused=False)
+    for index, param in enumerate(params.values()):
+        if index in adam_state["state"]:
+            # Adam's step count stays on the CPU: only its fused and capturable forms take it on the GPU.
+            optimizer.state[param] = {key: value.to(device).expand_as(param).contiguous() if value.dim() else
+                                      value.detach().cpu().clone() for key, value in adam_state["state"][index].items()}
 
     def loss(task_params: dict, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.nll_loss(torch.func.functional_call(model, task_params, (images,)), labels,
@@ -406,15 +418,12 @@ def evaluate_tasks_together(meta_state: dict, adam_state: dict, sampler: omniglo
                 for param in params.values():
                     param.mul_(hp.weight_decay)
         indices = batches[:, step]
-        gradients = task_gradients(params, support[rows, indices], support_labels[rows, indices])
-        correction = math.sqrt(1 - beta2 ** (steps_done + step + 1))
-        with torch.no_grad():
-            for name, gradient in gradients.items():
-                if hp.inner_optimizer == "sgd":
-                    params[name].add_(gradient, alpha=-lr)
-                    continue
-                squares[name].mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
-                params[name].addcdiv_(gradient, (squares[name].sqrt() / correction).add_(eps), value=-lr)
+        detached = {name: param.detach() for name, param in params.items()}
+        gradients = task_gradients(detached, support[rows, indices], support_labels[rows, indices])
+        for name, param in params.items():
+            param.grad = gradients[name]
+        optimizer.step()
+    params = {name: param.detach() for name, param in params.items()}
 
     forward = torch.func.vmap(lambda task_params, images: torch.func.functional_call(model, task_params, (images,)))
     with torch.no_grad():

@@ -287,3 +287,34 @@ def test_non_transductive_queries_do_not_share_batch_statistics():
 def test_confidence_interval():
     accuracies = np.array([1.0, 0.0] * 50)
     assert reptile.confidence_interval(accuracies) == pytest.approx(1.96 * accuracies.std(ddof=1) / 10)
+
+
+@pytest.mark.parametrize("inner_optimizer", ["adam", "sgd"])
+def test_both_evaluators_step_with_the_same_inner_optimizer_settings(inner_optimizer, monkeypatch):
+    """The per-task evaluator and the side-by-side one (the GPU's) take one inner optimizer each from
+    make_inner_optimizer; learning rate, betas, epsilon and weight decay must be the same."""
+    hp = Hyperparameters(classes=5, shots=1, test_iterations=2, meta_batch=1, inner_optimizer=inner_optimizer)
+    sampler = random_sampler()
+    meta_model, _, inner_optimizer_state, *_ = trained_side(hp, sampler)
+    made = []
+
+    def recording(*args, **kwargs):
+        made.append(original(*args, **kwargs))
+        return made[-1]
+
+    original = reptile.make_inner_optimizer
+    monkeypatch.setattr(reptile, "make_inner_optimizer", recording)
+    seeds = reptile.task_seeds(2, torch.Generator().manual_seed(3))
+    if inner_optimizer == "sgd":  # trained_side's inner loop is Adam's; SGD keeps no state
+        inner_optimizer_state = reptile.make_learner(meta_model, hp.lr, "sgd")[1]
+    state, adam_state = meta_model.state_dict(), inner_optimizer_state.state_dict()
+    made.clear()
+    reptile.evaluate_tasks(state, adam_state, sampler, hp, seeds)
+    reptile.evaluate_tasks_together(state, adam_state, sampler, hp, seeds)
+    one_by_one, side_by_side = made
+
+    def settings(optimizer):
+        implementation = ("params", "fused", "foreach", "capturable", "differentiable")
+        return type(optimizer), {key: value for key, value in optimizer.param_groups[0].items()
+                                 if key not in implementation}
+    assert settings(one_by_one) == settings(side_by_side)
