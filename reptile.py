@@ -7,7 +7,7 @@ and worker processes live in train_omniglot.py.
 import copy
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 import numpy as np
@@ -15,6 +15,7 @@ import torch
 
 import omniglot
 from models import OmniglotModel
+from utils import non_negative_float, positive_float, positive_int
 
 # The paper's code minimises the loss summed over the mini-batch, not its mean. Adam alone would not care, but
 # its state carries over from training (batch 10 in 5-way) to evaluation (batch 5): summed gradients make each
@@ -22,27 +23,49 @@ from models import OmniglotModel
 LOSS_REDUCTION = "sum"
 
 
+def setting(default, help: str, group: str, type: Optional[Callable] = None, choices: Optional[tuple] = None,
+            training: bool = True):
+    """A field of Hyperparameters with what its command-line flag needs: help, type, choices, and its group of flags;
+    `training`: it fixes what a run learns (a resumed run must keep it)."""
+    return field(default=default, metadata={"help": help, "group": group, "type": type, "choices": choices,
+                                            "training": training})
+
+
 @dataclass(frozen=True)
 class Hyperparameters:
-    """What a run learns and how it is evaluated; the defaults are the paper's 5-way 5-shot Omniglot setting."""
-    classes: int = 5  # N-way
-    shots: int = 5  # support images per class of a test task (K-shot)
-    train_shots: int = 10  # images per class of a meta-training task
-    meta_batch: int = 5  # tasks per meta-iteration
-    meta_iterations: int = 100000
-    iterations: int = 5  # inner Adam steps per meta-training task
-    batch: int = 10  # inner mini-batch size
-    lr: float = 0.001  # inner Adam learning rate (beta1 = 0)
-    meta_lr: float = 1.0  # meta-step size at the start...
-    meta_lr_final: float = 0.0  # ...annealed linearly to this at the end
-    test_iterations: int = 50  # Adam steps on a test task
-    test_batch: int = 5  # mini-batch size on a test task
-    transductive: bool = False  # classify a test task's queries together (else each with the support images)
-    algorithm: str = "reptile"  # or "fomaml": first-order MAML, the meta-update follows the last inner step alone
-    fomaml_tail: Optional[int] = None  # first-order MAML: images per class kept apart for the last inner step
-    inner_optimizer: str = "adam"  # or "sgd", plain gradient descent
-    replacement: bool = False  # each inner mini-batch a draw of its own (else shuffled passes over the images)
-    weight_decay: float = 1.0  # the weights are multiplied by this before each inner step (1: none)
+    """What a run learns and how it is evaluated; the defaults are the paper's 5-way 5-shot Omniglot setting.
+
+    Each field is declared once, here: train_omniglot.py makes its flags (and the list of flags a resumed run must
+    keep) from these.
+    """
+    classes: int = setting(5, "classes per task (N-way)", "task", positive_int)
+    shots: int = setting(5, "support images per class at meta-test (K-shot)", "task", positive_int)
+    train_shots: int = setting(10, "images per class in a meta-training task", "task", positive_int)
+    meta_batch: int = setting(5, "tasks per meta-iteration", "meta-training", positive_int)
+    meta_iterations: int = setting(100000, "meta-iterations in all", "meta-training", positive_int, training=False)
+    iterations: int = setting(5, "inner steps per task", "meta-training", positive_int)
+    batch: int = setting(10, "inner mini-batch size", "meta-training", positive_int)
+    lr: float = setting(0.001, "inner learning rate (of Adam with betas 0, 0.999, or of SGD)", "meta-training",
+                        positive_float)
+    meta_lr: float = setting(1.0, "meta-step size at the start", "meta-training", positive_float)
+    meta_lr_final: float = setting(0.0, "meta-step size at the end (annealed linearly)", "meta-training",
+                                   non_negative_float)
+    algorithm: str = setting("reptile", "reptile: step towards the adapted weights; fomaml: first-order MAML, step "
+                             "along the change made by the last inner step alone", "meta-training",
+                             choices=("reptile", "fomaml"))
+    fomaml_tail: Optional[int] = setting(None, "with --algorithm fomaml: the last inner step is on this many images "
+                                         "per class of the task, kept apart from the earlier steps (default: drawn "
+                                         "like the others)", "meta-training", positive_int)
+    inner_optimizer: str = setting("adam", "the inner loop's optimizer, at meta-training and meta-test",
+                                   "meta-training", choices=("adam", "sgd"))
+    replacement: bool = setting(False, "draw each inner mini-batch on its own (default: shuffled passes over the "
+                                "task's images)", "meta-training")
+    weight_decay: float = setting(1.0, "multiply the weights by this before each inner step, at meta-training and "
+                                  "meta-test (1: none)", "meta-training", positive_float)
+    test_iterations: int = setting(50, "inner steps on a test task", "evaluation", positive_int, training=False)
+    test_batch: int = setting(5, "mini-batch size on a test task", "evaluation", positive_int, training=False)
+    transductive: bool = setting(False, "classify all queries of a task in one batch (default: each query on its "
+                                 "own)", "evaluation", training=False)
 
 
 # ----------------------------------------------------------------------------- the inner loop

@@ -37,9 +37,8 @@ from utils import (HelpFormatter, OneLineParser, UserError, any_process, checkpo
                    rank, read_json, reason, write_json, WriteError)
 
 # Flags that fix what a run learns: a resumed run must keep them (--meta-iterations may grow).
-TRAINING_FLAGS = ("classes", "shots", "train_shots", "meta_batch", "iterations", "batch", "lr", "meta_lr",
-                  "meta_lr_final", "split", "seed", "algorithm", "fomaml_tail", "inner_optimizer", "replacement",
-                  "weight_decay")
+TRAINING_FLAGS = tuple(field.name for field in dataclasses.fields(Hyperparameters)
+                       if field.metadata["training"]) + ("split", "seed")
 # Flags that fix the model and its characters: evaluation must keep them too.
 MODEL_FLAGS = ("classes", "split")
 NOT_SAVED = ("logdir", "eval_only", "eval_lake", "checkpoint", "paper_setting")
@@ -68,7 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line; the defaults are the paper's 5-way 5-shot Omniglot setting."""
     parser = OneLineParser(prog="train_omniglot.py", description=__doc__.split("\n")[0], allow_abbrev=False,
                            formatter_class=HelpFormatter)
-    default = Hyperparameters()
     parser.add_argument("logdir", nargs="?", help="run folder for TensorBoard events, checkpoints and results "
                         "(default: runs/<classes>way<shots>shot)")
     parser.add_argument("--paper-setting", choices=PAPER_SETTINGS,
@@ -76,12 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
                             f"{name}: " + " ".join(f"--{flag.replace('_', '-')} {value}"
                                                    for flag, value in flags.items())
                             for name, flags in PAPER_SETTINGS.items()) + ")")
-    task = parser.add_argument_group("task")
-    task.add_argument("--classes", type=positive_int, default=default.classes, help="classes per task (N-way)")
-    task.add_argument("--shots", type=positive_int, default=default.shots,
-                      help="support images per class at meta-test (K-shot)")
-    task.add_argument("--train-shots", type=positive_int, default=default.train_shots,
-                      help="images per class in a meta-training task")
+    groups = {name: parser.add_argument_group(name) for name in ("task", "meta-training", "evaluation")}
+    for field in dataclasses.fields(Hyperparameters):  # each hyperparameter's flag, as Hyperparameters declares it
+        about = field.metadata
+        if field.type is bool:
+            groups[about["group"]].add_argument(flag(field.name), action="store_true", help=about["help"])
+        else:
+            groups[about["group"]].add_argument(flag(field.name), type=about["type"], choices=about["choices"],
+                                                default=field.default, help=about["help"])
+    task, evaluation = groups["task"], groups["evaluation"]
     task.add_argument("--split", choices=omniglot.SPLITS, default="paper",
                       help="paper: 1,200 characters train, 423 test, shuffled as the paper's code does (with --seed 0 "
                       "the paper's own); random-1200: as many, drawn by this project's first procedure (runs/5way, "
@@ -89,41 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("--split-from", metavar="RUN_OR_SPLIT_JSON",
                       help="train on the characters of another run (its folder or its split.json) instead of "
                       "drawing them; --split takes that run's")
-    meta = parser.add_argument_group("meta-training")
-    meta.add_argument("--meta-batch", type=positive_int, default=default.meta_batch, help="tasks per meta-iteration")
-    meta.add_argument("--meta-iterations", type=positive_int, default=default.meta_iterations,
-                      help="meta-iterations in all")
-    meta.add_argument("--iterations", type=positive_int, default=default.iterations, help="inner steps per task")
-    meta.add_argument("--batch", type=positive_int, default=default.batch, help="inner mini-batch size")
-    meta.add_argument("--lr", type=positive_float, default=default.lr,
-                      help="inner learning rate (of Adam with betas 0, 0.999, or of SGD)")
-    meta.add_argument("--meta-lr", type=positive_float, default=default.meta_lr, help="meta-step size at the start")
-    meta.add_argument("--meta-lr-final", type=non_negative_float, default=default.meta_lr_final,
-                      help="meta-step size at the end (annealed linearly)")
-    meta.add_argument("--algorithm", choices=("reptile", "fomaml"), default=default.algorithm,
-                      help="reptile: step towards the adapted weights; fomaml: first-order MAML, step along the "
-                      "change made by the last inner step alone")
-    meta.add_argument("--fomaml-tail", type=positive_int, default=default.fomaml_tail,
-                      help="with --algorithm fomaml: the last inner step is on this many images per class of the "
-                      "task, kept apart from the earlier steps (default: drawn like the others)")
-    meta.add_argument("--inner-optimizer", choices=("adam", "sgd"), default=default.inner_optimizer,
-                      help="the inner loop's optimizer, at meta-training and meta-test")
-    meta.add_argument("--replacement", action="store_true",
-                      help="draw each inner mini-batch on its own (default: shuffled passes over the task's images)")
-    meta.add_argument("--weight-decay", type=positive_float, default=default.weight_decay,
-                      help="multiply the weights by this before each inner step, at meta-training and meta-test "
-                      "(1: none)")
-    evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument("--test-iterations", type=positive_int, default=default.test_iterations,
-                            help="inner steps on a test task")
-    evaluation.add_argument("--test-batch", type=positive_int, default=default.test_batch,
-                            help="mini-batch size on a test task")
     evaluation.add_argument("--eval-tasks", type=positive_int, default=10000, help="tasks in the final evaluation")
     evaluation.add_argument("--meta-test-only", action="store_true",
                             help="final evaluation on meta-test tasks only, in half the time (default: meta-train "
                             "tasks too)")
-    evaluation.add_argument("--transductive", action="store_true",
-                            help="classify all queries of a task in one batch (default: each query on its own)")
     evaluation.add_argument("--eval-only", action="store_true", help="evaluate a checkpoint of the logdir, no training")
     evaluation.add_argument("--eval-lake", action="store_true",
                             help="evaluate a checkpoint on Lake et al.'s one-shot benchmark instead (20 runs of 20-way "

@@ -98,3 +98,12 @@ def test_the_example_scores_a_task_as_the_evaluator_does(data_dir, tmp_path):
     (correct, _), = reptile.evaluate_tasks(state["meta_net"], state["inner_optimizer"], test_characters,
                                            reptile.Hyperparameters(shots=1), [0])
     assert done.stdout == f"{correct} of 5 queries right\n"
+
+
+def test_tensorboard_finds_the_mean_accuracy_of_every_committed_run():
+    """README: `runs/<run>/mean100` holds the mean of the last 100 logged tasks of each committed run, to its end."""
+    runs = sorted(path.parent for path in ROOT.glob("runs/**/results.json"))
+    assert len(runs) == 16
+    for run in runs:
+        steps, means = plot_runs.logged_points(run / plot_runs.MEANS, "meta-test/accuracy_mean100")
+        assert steps[-1] == read_json(run / "args.json")["meta_iterations"] and 0 < means.min() <= means.max() <= 1
