@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+import evaluate
 import omniglot
 import reptile
 import train_omniglot as T
@@ -175,7 +176,7 @@ def main() -> None:
           f"baseline {train_ms['baseline']:.1f} ms/it, project {train_ms['project']:.1f} ms/it, "
           f"ratio {train_ratio:.2f}x; project {train_flops / train_ms['project'] / 1e6:.0f} GFLOP/s")
 
-    scorer = reptile.TestTaskScorer(project_model, learner, inner_optimizer, samplers["meta-test"], hp,
+    scorer = evaluate.TestTaskScorer(project_model, learner, inner_optimizer, samplers["meta-test"], hp,
                                     bench.cuda_graphs)
     generator = torch.Generator().manual_seed(3)
     for _ in range(3):  # warm-up (and, on CUDA, capture)
@@ -190,7 +191,7 @@ def main() -> None:
           f"{validation_ms:.1f} ms a task, {2 * validation_ms / validate_every:.1f} ms per meta-iteration")
 
     workers = bench.workers if device == "cpu" else 0
-    eval_flops = flops_of(lambda: reptile.evaluate_tasks(project_model.state_dict(), inner_optimizer.state_dict(),
+    eval_flops = flops_of(lambda: evaluate.evaluate_tasks(project_model.state_dict(), inner_optimizer.state_dict(),
                                                          samplers["meta-test"], hp, [0]))
     times, startup = {"baseline": 0.0, "project": 0.0}, 0.0
     generator = torch.Generator().manual_seed(2)
@@ -200,20 +201,20 @@ def main() -> None:
             generator.set_state(state)
             # The project's worker processes live only while the project side runs: an idle pool that has
             # worked slows this process down (seen here: 3x per step), which would handicap the baseline.
-            with T.start_pool(samplers, workers if side == "project" else 0) as pool:
+            with evaluate.start_pool(samplers, workers if side == "project" else 0) as pool:
                 started = time.perf_counter()
                 if pool:  # start the workers untimed, as a run does once for its whole evaluation
-                    T.evaluate(project_model, inner_optimizer, samplers, "meta-test", hp, workers,
-                               torch.Generator(), pool, workers)
+                    evaluate.score_tasks(project_model, inner_optimizer, samplers, "meta-test", hp, workers,
+                                         torch.Generator(), pool, workers)
                     startup += time.perf_counter() - started
                 synchronize(device)
                 started = time.perf_counter()
                 if side == "baseline":
                     baseline_evaluate(baseline_model, adam_state, samplers["meta-test"], hp,
-                                      reptile.task_seeds(bench.tasks, generator))
+                                      evaluate.task_seeds(bench.tasks, generator))
                 else:
-                    T.evaluate(project_model, inner_optimizer, samplers, "meta-test", hp, bench.tasks, generator,
-                               pool, workers)
+                    evaluate.score_tasks(project_model, inner_optimizer, samplers, "meta-test", hp, bench.tasks,
+                                         generator, pool, workers)
                 synchronize(device)
                 if round_:
                     times[side] += time.perf_counter() - started
@@ -221,7 +222,7 @@ def main() -> None:
     rate = {side: tasks / seconds for side, seconds in times.items()}
     eval_ratio = rate["project"] / rate["baseline"]
     if device == "cuda":
-        how = f"up to {T.TASKS_TOGETHER} tasks adapted side by side on the GPU"
+        how = f"up to {evaluate.TASKS_TOGETHER} tasks adapted side by side on the GPU"
     elif workers > 1:
         how = f"{workers} worker processes, one thread each, started in {startup / (bench.rounds + 1):.1f} s"
     else:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import bench
+import evaluate
 import reptile
 import train_omniglot as T
 from models import OmniglotModel
@@ -66,7 +67,7 @@ def train_side(device: str, hp: Hyperparameters, iterations: int, graphs: bool, 
     for iteration in range(iterations):
         meta_iteration(reptile.meta_step_size(iteration, hp), generator)
         if (iteration + 1) % 2 == 0:
-            scorer = scorer or reptile.TestTaskScorer(meta_model, learner, inner_optimizer, samplers["meta-test"],
+            scorer = scorer or evaluate.TestTaskScorer(meta_model, learner, inner_optimizer, samplers["meta-test"],
                                                       hp, graphs)
             scores.append(scorer(validation))
     bench.synchronize(device)
@@ -110,11 +111,11 @@ def vmapped_evaluator(device: str, tasks: int) -> None:
                                            torch.optim.SGD(meta_model.parameters(), lr=1.0), samplers["meta-train"], hp)
     for iteration in range(3):  # an inner Adam state to start the test tasks from
         meta_iteration(1.0, torch.Generator().manual_seed(iteration))
-    seeds = reptile.task_seeds(tasks, torch.Generator().manual_seed(9))
+    seeds = evaluate.task_seeds(tasks, torch.Generator().manual_seed(9))
     state = {key: value.detach().clone() for key, value in meta_model.state_dict().items()}
-    one_by_one = np.array(reptile.evaluate_tasks(state, inner_optimizer.state_dict(), samplers["meta-test"], hp,
+    one_by_one = np.array(evaluate.evaluate_tasks(state, inner_optimizer.state_dict(), samplers["meta-test"], hp,
                                                  seeds))
-    together = np.array(reptile.evaluate_tasks_together(state, inner_optimizer.state_dict(), samplers["meta-test"],
+    together = np.array(evaluate.evaluate_tasks_together(state, inner_optimizer.state_dict(), samplers["meta-test"],
                                                         hp, seeds))
     agreement = (together[:, 0] == one_by_one[:, 0]).mean()
     loss_difference = np.median(np.abs(together[:, 1] - one_by_one[:, 1]) / one_by_one[:, 1])

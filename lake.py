@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import evaluate
 import omniglot
 import reptile
 from models import OmniglotModel
@@ -53,7 +54,7 @@ def load_runs(data_dir: Path, mirror: Optional[str] = None) -> dict[str, omniglo
     return runs
 
 
-def evaluate(meta_model: OmniglotModel, adam_state: dict, split: dict, data_dir: Path, mirror: Optional[str],
+def benchmark(meta_model: OmniglotModel, adam_state: dict, split: dict, data_dir: Path, mirror: Optional[str],
              hp: reptile.Hyperparameters, seeds: list[int], device: str, logdir: str, iteration: int) -> dict:
     """Check that the run may be scored, score it, print the table and return its figures for results.json."""
     evaluation_alphabets = set(read_json(data_dir / omniglot.MARKER)["images_evaluation"])
@@ -79,10 +80,10 @@ def error_rates(meta_model: OmniglotModel, adam_state: dict, runs: dict[str, omn
         for index, task in enumerate(runs.values()):
             task = omniglot.Task(*(part.to(device) for part in task))
             for repeat, seed in enumerate(seeds):
-                reptile.adapt_to_test_task(meta_model, learner, optimizer, adam_state, task, hp,
+                evaluate.adapt_to_test_task(meta_model, learner, optimizer, adam_state, task, hp,
                                            torch.Generator().manual_seed(seed))
                 for mode in errors:
-                    log_probs = reptile.classify_queries(learner, task, mode == "transductive")
+                    log_probs = evaluate.classify_queries(learner, task, mode == "transductive")
                     wrong = learner.predict(log_probs) != task.query_labels
                     errors[mode][index, repeat] = 100 * wrong.sum().item() / len(wrong)
                 bar.update()
@@ -99,7 +100,7 @@ def report(errors: dict[str, np.ndarray], runs: dict[str, omniglot.Task], iterat
     for index, run in enumerate(runs):
         print(f"{run:8}" + "".join(f"{errors[mode][index].mean():>12.1f} +- {errors[mode][index].std():4.1f}"
                                    for mode in MODES))
-    figures = {mode: {"error": table.mean(), "ci95": reptile.confidence_interval(table.mean(axis=1)),
+    figures = {mode: {"error": table.mean(), "ci95": evaluate.confidence_interval(table.mean(axis=1)),
                       "std": table.mean(axis=0).std(), "runs": dict(zip(runs, table.mean(axis=1).tolist()))}
                for mode, table in errors.items()}
     print(f"{'mean':8}" + "".join(f"{figures[mode]['error']:>12.2f} +- {figures[mode]['ci95']:4.2f}" for mode in MODES))

@@ -3,7 +3,7 @@
     pip install matplotlib                       # the one thing this script needs beyond requirements.txt
     python plot_runs.py runs/5way runs/20way     # writes runs/accuracy.png
     python plot_runs.py runs/combinations/*/ --summarize 100  # writes each run's curve.json
-    python plot_runs.py runs/5way* runs/20way* runs/combinations/g*/ --tensorboard-means  # writes each run's mean100/ events
+    python plot_runs.py runs/5way* runs/20way* runs/combinations/g*/ --tensorboard-means  # each run's mean100/
     python plot_runs.py runs/5way-exact-split --hours   # how long its event files say it trained
 
 Each point logged during training is the accuracy on one meta-test task, so the curves show a moving average

@@ -1,16 +1,14 @@
-"""Reptile (Nichol, Achiam & Schulman 2018) on N-way K-shot tasks: the inner loop, the meta-iteration, and the
-adaptation to test tasks that evaluation rests on.
+"""Reptile (Nichol, Achiam & Schulman 2018) on N-way K-shot tasks: its hyperparameters, the inner loop and the
+meta-iteration.
 
-Every function takes explicit values (the run's `Hyperparameters`); the command line, run folders, checkpoints
-and worker processes live in train_omniglot.py.
+Every function takes explicit values (the run's `Hyperparameters`); adaptation to test tasks and their scores live in
+evaluate.py, the command line, run folders and checkpoints in train_omniglot.py.
 """
-import copy
 import math
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
-import numpy as np
 import torch
 
 import omniglot
@@ -304,162 +302,3 @@ class MetaIteration:
                 for mean, summed in zip(means, total.split([mean.numel() for mean in means])):
                     mean.copy_(summed.view(mean.shape))
         meta_step(self.meta_model, self.mean_model, self.meta_optimizer, step_size)
-
-
-# ----------------------------------------------------------------------------- test tasks
-
-def task_seeds(tasks: int, generator: torch.Generator) -> list[int]:
-    """One seed per evaluation task, so tasks can be evaluated in any order or process."""
-    return torch.randint(2 ** 62, (tasks,), generator=generator).tolist()
-
-
-def adapt_to_test_task(model: OmniglotModel, learner: OmniglotModel, optimizer: torch.optim.Optimizer,
-                       adam_state: dict, task: omniglot.Task, hp: Hyperparameters,
-                       generator: torch.Generator) -> None:
-    """Set `learner` to the meta-weights of `model`, then adapt it to a test task's support images."""
-    copy_weights(model, learner)
-    # Every test task starts from the training Adam state; load_state_dict would share its tensors.
-    optimizer.load_state_dict(copy.deepcopy(adam_state))
-    batches = inner_batches(len(task.support_images), hp.test_batch, hp.test_iterations, generator, hp.replacement)
-    adapt(learner, optimizer, mini_batches(task.support_images, task.support_labels, batches), hp.weight_decay)
-
-
-def classify_queries(learner: OmniglotModel, task: omniglot.Task, transductive: bool) -> torch.Tensor:
-    """Log-probabilities of a task's queries: all in one batch (transductive), or each with the support images."""
-    # Evaluation workers turn oneDNN off for the small adaptation batches; on these larger ones it is faster
-    # (20-way 5-shot: 20 batches of 101 images). allow_tf32=None leaves that setting alone (setting it warns).
-    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=True, allow_tf32=None):
-        if transductive:
-            return learner(task.query_images)
-        # Each query in a batch with the support images: queries never share BatchNorm statistics.
-        return torch.cat([learner(torch.cat([task.support_images, query[None]]))[-1:] for query in task.query_images])
-
-
-def evaluate_tasks(meta_state: dict, adam_state: dict, sampler: omniglot.TaskSampler, hp: Hyperparameters,
-                   seeds: list[int]) -> list[tuple[int, float]]:
-    """(correct queries, mean query loss) of one test task per seed, each adapted from the meta-weights."""
-    model = prepare_model(OmniglotModel(hp.classes), sampler.images.device)
-    model.load_state_dict(meta_state)
-    learner, optimizer = make_learner(model, hp.lr, hp.inner_optimizer)
-    results = []
-    for seed in seeds:
-        generator = torch.Generator().manual_seed(seed)
-        task = sampler.sample(hp.classes, hp.shots, 1, generator)
-        adapt_to_test_task(model, learner, optimizer, adam_state, task, hp, generator)
-        log_probs = classify_queries(learner, task, hp.transductive)
-        correct = (learner.predict(log_probs) == task.query_labels).sum().item()
-        results.append((correct, torch.nn.functional.nll_loss(log_probs, task.query_labels).item()))
-    return results
-
-
-class TestTaskScorer:
-    """evaluate_tasks for one task at a time, from the meta-model and inner optimizer as they are while training;
-    on CUDA the adaptation and scoring are replayed as one captured graph (the training validation's way)."""
-
-    def __init__(self, meta_model: OmniglotModel, learner: OmniglotModel, inner_optimizer: torch.optim.Optimizer,
-                 sampler: omniglot.TaskSampler, hp: Hyperparameters, cuda_graphs: bool = True,
-                 bank: Optional[torch.Tensor] = None):
-        self.meta_model, self.training_learner, self.training_optimizer = meta_model, learner, inner_optimizer
-        self.sampler, self.hp = sampler, hp
-        self.learner, self.optimizer = make_learner(meta_model, hp.lr, hp.inner_optimizer)
-        self.optimizer.load_state_dict(copy.deepcopy(inner_optimizer.state_dict()))  # its state tensors, to copy into
-        device = next(meta_model.parameters()).device
-        self.bank = sampler.bank().to(device) if bank is None else bank  # the meta-training one is 301 MB: shared
-        self.support_labels = torch.arange(hp.classes, device=device).repeat_interleave(hp.shots)
-        self.query_labels = torch.arange(hp.classes, device=device)
-        self.sizes = [hp.classes * hp.shots, hp.classes, hp.test_iterations * hp.test_batch]
-        self.drawn = torch.zeros(sum(self.sizes), dtype=torch.long, device=device)
-        self.score = Graphed(self.adapt_and_score, cuda_graphs and device.type == "cuda", (self.optimizer,))
-
-    def adapt_and_score(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(correct queries, mean query loss) of the task in self.drawn, adapted from the current meta-weights."""
-        copy_weights(self.meta_model, self.learner)
-        with torch.no_grad():  # every test task starts from the training state of the inner optimizer
-            for param, training_param in zip(self.learner.parameters(), self.training_learner.parameters()):
-                for key, value in self.optimizer.state[param].items():
-                    value.copy_(self.training_optimizer.state[training_param][key])
-        support_rows, query_rows, positions = self.drawn.split(self.sizes)
-        support = self.bank[support_rows]
-        batches = [(support[indices], self.support_labels[indices])
-                   for indices in positions.view(self.hp.test_iterations, self.hp.test_batch)]
-        adapt(self.learner, self.optimizer, batches, self.hp.weight_decay)
-        task = omniglot.Task(support, self.support_labels, self.bank[query_rows], self.query_labels)
-        log_probs = classify_queries(self.learner, task, self.hp.transductive)
-        return ((self.learner.predict(log_probs) == self.query_labels).sum(),
-                torch.nn.functional.nll_loss(log_probs, self.query_labels))
-
-    def __call__(self, generator: torch.Generator) -> tuple[float, float]:
-        """The accuracy and mean query loss of a new test task, drawn as evaluate_tasks draws it."""
-        hp = self.hp
-        task_generator = torch.Generator().manual_seed(task_seeds(1, generator)[0])
-        chosen, drawers = self.sampler.draw(hp.classes, hp.shots, 1, task_generator)
-        rows = omniglot.bank_rows(chosen, drawers)
-        batches = inner_batches(hp.classes * hp.shots, hp.test_batch, hp.test_iterations, task_generator,
-                                hp.replacement)
-        drawn = torch.cat([rows[:, :hp.shots].reshape(-1), rows[:, hp.shots], batches.reshape(-1)])
-        self.drawn.copy_(drawn.pin_memory() if self.drawn.is_cuda else drawn, non_blocking=True)
-        correct, loss = self.score()
-        return correct.item() / hp.classes, loss.item()
-
-
-def evaluate_tasks_together(meta_state: dict, adam_state: dict, sampler: omniglot.TaskSampler, hp: Hyperparameters,
-                            seeds: list[int]) -> list[tuple[int, float]]:
-    """evaluate_tasks, with all the tasks adapted side by side as one computation vmapped over tasks (for GPUs)."""
-    device = sampler.images.device
-    model = OmniglotModel(hp.classes).to(device)
-    tasks, batches = [], []
-    for seed in seeds:  # the same draws, in the same order, as evaluate_tasks
-        generator = torch.Generator().manual_seed(seed)
-        tasks.append(sampler.sample(hp.classes, hp.shots, 1, generator))
-        batches.append(inner_batches(hp.classes * hp.shots, hp.test_batch, hp.test_iterations, generator,
-                                     hp.replacement))
-    support, support_labels, queries, query_labels = (torch.stack(part) for part in zip(*tasks))
-    batches = torch.stack(batches).to(device)  # (tasks, steps, batch)
-    count = len(seeds)
-    # Contiguous, not channels-last: vmapped BatchNorm on CUDA does not support channels-last tensors.
-    params = {name: value.to(device).expand(count, *value.shape).contiguous().requires_grad_()
-              for name, value in meta_state.items()}
-    # One inner optimizer over the weights of all the tasks stacked (Adam and SGD work element by element), each
-    # task starting from the training state of the inner optimizer.
-    group = adam_state["param_groups"][0]
-    optimizer = make_inner_optimizer(params.values(), group["lr"], hp.inner_optimizer, fused=False)
-    for index, param in enumerate(params.values()):
-        if index in adam_state["state"]:
-            # Adam's step count stays on the CPU: only its fused and capturable forms take it on the GPU.
-            optimizer.state[param] = {key: value.to(device).expand_as(param).contiguous() if value.dim() else
-                                      value.detach().cpu().clone() for key, value in adam_state["state"][index].items()}
-
-    def loss(task_params: dict, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.nll_loss(torch.func.functional_call(model, task_params, (images,)), labels,
-                                            reduction=LOSS_REDUCTION)
-
-    task_gradients = torch.func.vmap(torch.func.grad(loss))
-    rows = torch.arange(count, device=device)[:, None]
-    for step in range(hp.test_iterations):
-        if hp.weight_decay != 1.0:
-            with torch.no_grad():
-                for param in params.values():
-                    param.mul_(hp.weight_decay)
-        indices = batches[:, step]
-        detached = {name: param.detach() for name, param in params.items()}
-        gradients = task_gradients(detached, support[rows, indices], support_labels[rows, indices])
-        for name, param in params.items():
-            param.grad = gradients[name]
-        optimizer.step()
-    params = {name: param.detach() for name, param in params.items()}
-
-    forward = torch.func.vmap(lambda task_params, images: torch.func.functional_call(model, task_params, (images,)))
-    with torch.no_grad():
-        if hp.transductive:
-            log_probs = forward(params, queries)  # (tasks, classes, classes)
-        else:  # each query in a batch with its task's support images, one query position at a time
-            log_probs = torch.stack([forward(params, torch.cat([support, queries[:, q:q + 1]], dim=1))[:, -1]
-                                     for q in range(queries.shape[1])], dim=1)
-        correct = (log_probs.argmax(dim=2) == query_labels).sum(dim=1)
-        losses = torch.nn.functional.nll_loss(log_probs.transpose(1, 2), query_labels, reduction="none").mean(dim=1)
-    return list(zip(correct.tolist(), losses.tolist()))
-
-
-def confidence_interval(accuracies: np.ndarray) -> float:
-    """Half-width of the normal-approximation 95% confidence interval of the mean of per-task accuracies."""
-    return 1.96 * accuracies.std(ddof=1) / math.sqrt(len(accuracies)) if len(accuracies) > 1 else float("nan")

@@ -14,8 +14,6 @@ earlier versions in git history and finds the committed files, byte for byte.
 import copy
 import sys
 
-import torch
-
 import run_folder
 from utils import HelpFormatter, OneLineParser, UserError, positive_int, save_atomically
 

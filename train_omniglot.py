@@ -17,15 +17,15 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+import evaluate
 import lake
 import omniglot
 import reptile
@@ -33,8 +33,8 @@ import run_folder
 from models import OmniglotModel
 from reptile import Hyperparameters
 from utils import (HelpFormatter, OneLineParser, UserError, any_process, checkpoint_iteration, find_latest_file,
-                   gather, non_negative_float, non_negative_int, positive_float, positive_int, processes, provenance,
-                   rank, read_json, reason, write_json, WriteError)
+                   non_negative_int, positive_int, processes, provenance, rank, read_json, reason, write_json,
+                   WriteError)
 
 # Flags that fix what a run learns: a resumed run must keep them (--meta-iterations may grow).
 TRAINING_FLAGS = tuple(field.name for field in dataclasses.fields(Hyperparameters)
@@ -52,7 +52,6 @@ TWENTY_WAY = {"batch": 20, "iterations": 10, "lr": 0.0005, "meta_iterations": 20
 FIVE_WAY = {name: getattr(Hyperparameters, name) for name in TWENTY_WAY}
 PAPER_SETTINGS = {f"{classes}way{shots}shot": {"classes": classes, "shots": shots, **flags}
                   for classes, flags in ((5, FIVE_WAY), (20, TWENTY_WAY)) for shots in (1, 5)}
-TASKS_TOGETHER = 500  # evaluation tasks adapted side by side on a GPU (20-way 5-shot: about 20 GB)
 RECENT_TASKS = 100  # the validation tasks that the logged mean accuracy and the progress bar average over
 # Independent random streams, so that validation or evaluation never changes what training samples.
 TRAIN_STREAM, VALIDATION_STREAM, EVALUATION_STREAM = 0, 1, 2
@@ -216,88 +215,6 @@ def stream(seed: int, purpose: int, process: Optional[int] = None) -> torch.Gene
     return torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
 
 
-# ----------------------------------------------------------------------------- evaluation workers
-
-_worker_samplers: dict = {}  # the task samplers of an evaluation worker process
-# On one thread, ATen's own convolutions adapt batches of up to 15 images faster than oneDNN's (5-way 5-shot:
-# 2.9 against 3.4 ms a step at batch 5), and oneDNN's larger ones (6.5 against 15.3 ms at batch 25).
-ONEDNN_FROM_BATCH = 20
-
-
-def start_worker(samplers: dict) -> None:
-    """Set up an evaluation worker: one thread, the run's task samplers (their images in shared memory)."""
-    torch.set_num_threads(1)
-    _worker_samplers.update(samplers)
-
-
-def evaluate_on_cpu(sampler: omniglot.TaskSampler, meta_state: dict, adam_state: dict, hp: Hyperparameters,
-                    seeds: list[int]) -> list[tuple[int, float]]:
-    """reptile.evaluate_tasks with the convolution kernels that are faster on one thread at --test-batch."""
-    with torch.backends.mkldnn.flags(enabled=hp.test_batch >= ONEDNN_FROM_BATCH, allow_tf32=None):
-        return reptile.evaluate_tasks(meta_state, adam_state, sampler, hp, seeds)
-
-
-def evaluate_in_worker(name: str, meta_state: dict, adam_state: dict, hp: Hyperparameters,
-                       seeds: list[int]) -> list[tuple[int, float]]:
-    """evaluate_on_cpu on the worker's sampler called `name`."""
-    return evaluate_on_cpu(_worker_samplers[name], meta_state, adam_state, hp, seeds)
-
-
-def start_pool(samplers: dict, workers: int) -> Union[ProcessPoolExecutor, contextlib.nullcontext]:
-    """Evaluation worker processes, one thread each (small convolutions use a second thread poorly)."""
-    if workers <= 1 or any(sampler.images.is_cuda for sampler in samplers.values()):
-        return contextlib.nullcontext()
-    return ProcessPoolExecutor(workers, mp_context=torch.multiprocessing.get_context("spawn"),
-                               initializer=start_worker, initargs=(samplers,))
-
-
-def evaluate(meta_model: OmniglotModel, inner_optimizer: torch.optim.Optimizer, samplers: dict, name: str,
-             hp: Hyperparameters, tasks: int, generator: torch.Generator, pool: Optional[ProcessPoolExecutor] = None,
-             workers: int = 1, progress: bool = False, share: bool = False,
-             keep: Optional[Path] = None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-task accuracies and losses on `tasks` tasks of samplers[name] (in the pool's workers, or shared).
-
-    With `keep`, finished tasks are written there as they come (with the seconds spent on them), and an evaluation
-    of the same weights, settings and tasks that finds the file goes on from them.
-    """
-    seeds = reptile.task_seeds(tasks, generator)
-    # Copies: sending tensors to worker processes moves them into shared memory, and these must not be the model's.
-    meta_state = {key: value.detach().cpu().clone() for key, value in meta_model.state_dict().items()}
-    adam_state = copy.deepcopy(inner_optimizer.state_dict())
-    identity = run_folder.evaluation_identity(meta_state, adam_state, dataclasses.asdict(hp), seeds) if keep else ""
-    finished, earlier_seconds = run_folder.finished_tasks(keep, identity) if keep else ({}, 0.0)
-    started = time.time()
-    if finished and progress:
-        print(f"evaluating {name}: going on after the {len(finished)} of {tasks} tasks kept in {keep}")
-    positions = [position for position in range(tasks) if position not in finished]
-    on_gpu = samplers[name].images.is_cuda
-    size = TASKS_TOGETHER if on_gpu else max(1, min(25, tasks // (4 * max(1, workers))))
-    chunks = [positions[i:i + size] for i in range(0, len(positions), size)]
-    if share:
-        chunks = chunks[rank()::processes()]
-    picked = [[seeds[position] for position in chunk] for chunk in chunks]
-    if on_gpu:  # a GPU is fast only with large pieces of work: it adapts many tasks side by side
-        parts = (reptile.evaluate_tasks_together(meta_state, adam_state, samplers[name], hp, chunk)
-                 for chunk in picked)
-    elif pool is None:
-        parts = (evaluate_on_cpu(samplers[name], meta_state, adam_state, hp, chunk) for chunk in picked)
-    else:
-        futures = [pool.submit(evaluate_in_worker, name, meta_state, adam_state, hp, chunk) for chunk in picked]
-        parts = (future.result() for future in futures)
-    with tqdm(total=tasks, initial=len(finished), desc=f"evaluating {name}", unit="task", disable=not progress,
-              leave=False) as bar:
-        for chunk, part in zip(chunks, parts):
-            finished.update(zip(chunk, part))
-            if keep:
-                run_folder.keep_finished_tasks(keep, identity, finished, earlier_seconds + time.time() - started)
-            bar.update(len(part) * (processes() if share else 1))
-    if share:
-        finished = {position: result for process_results in gather(finished) for position, result in
-                    process_results.items()}
-    correct, losses = np.array([finished[position] for position in range(tasks)]).T
-    return correct / hp.classes, losses
-
-
 # ----------------------------------------------------------------------------- torchrun
 
 def join_torchrun(args: argparse.Namespace) -> int:
@@ -359,11 +276,11 @@ def final_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Opt
     # A stopped evaluation goes on from the tasks it finished (under torchrun it starts again).
     kept = {name: run_folder.unfinished_evaluation(Path(args.logdir), cell(args), name, iteration, args.seed,
                                                    args.eval_tasks) if processes() == 1 else None for name in names}
-    with start_pool(samplers, workers) as pool:
+    with evaluate.start_pool(samplers, workers) as pool:
         for name in names:
             started = time.time()
             try:
-                accuracies, _ = evaluate(meta_model, inner_optimizer, samplers, name, hp, args.eval_tasks,
+                accuracies, _ = evaluate.score_tasks(meta_model, inner_optimizer, samplers, name, hp, args.eval_tasks,
                                          stream(args.seed, EVALUATION_STREAM), pool, workers, progress=rank() == 0,
                                          share=processes() > 1, keep=kept[name])
             except KeyboardInterrupt:
@@ -375,7 +292,7 @@ def final_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Opt
                 raise
             # A resumed evaluation counts the seconds of its earlier parts too.
             seconds += run_folder.kept_seconds(kept[name]) if kept[name] is not None else time.time() - started
-            accuracy, interval = 100 * accuracies.mean(), 100 * reptile.confidence_interval(accuracies)
+            accuracy, interval = 100 * accuracies.mean(), 100 * evaluate.confidence_interval(accuracies)
             result[name] = {"accuracy": accuracy, "ci95": interval}
             if rank() == 0:
                 print(f"{name} accuracy: {accuracy:.2f}% +- {interval:.2f}% "
@@ -395,8 +312,8 @@ def lake_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Opti
                     iteration: int, checkpoint: str, split: dict, data_dir: Path, training: list[dict]) -> None:
     """Error rates on Lake et al.'s one-shot runs, both ways of classifying; printed and recorded in results.json."""
     started = time.time()
-    seeds = reptile.task_seeds(lake.REPEATS, stream(args.seed, EVALUATION_STREAM))
-    errors = lake.evaluate(meta_model, copy.deepcopy(inner_optimizer.state_dict()), split, data_dir,
+    seeds = evaluate.task_seeds(lake.REPEATS, stream(args.seed, EVALUATION_STREAM))
+    errors = lake.benchmark(meta_model, copy.deepcopy(inner_optimizer.state_dict()), split, data_dir,
                            args.omniglot_mirror, hyperparameters(args), seeds, args.device, args.logdir, iteration)
     record_result(args, {"meta_iteration": iteration, "checkpoint": checkpoint, "split": split["split"],
                          "repeats": lake.REPEATS, **errors, "seconds": round(time.time() - started, 1)}, training)
@@ -561,7 +478,7 @@ def train(args: argparse.Namespace, argv: list[str], first: bool) -> int:
             if done % args.validate_every == 0 and first:
                 for name in samplers:
                     if name not in scorers:
-                        scorers[name] = reptile.TestTaskScorer(
+                        scorers[name] = evaluate.TestTaskScorer(
                             meta_model, learner, inner_optimizer, samplers[name], hp, args.cuda_graphs,
                             meta_iteration.bank if name == "meta-train" else None)
                     accuracy, loss = scorers[name](generators["validation"])

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+import evaluate
 import lake
 import plot_runs
 import reptile
@@ -66,7 +67,7 @@ def test_the_lake_row_is_the_committed_one_with_its_interval_over_the_runs():
     for mode in ("non-transductive", "transductive"):
         errors = np.array(list(entry[mode]["runs"].values()))
         assert len(errors) == 20 and np.mean(errors) == entry[mode]["error"]
-        figures[mode] = figure({"accuracy": entry[mode]["error"], "ci95": reptile.confidence_interval(errors)})
+        figures[mode] = figure({"accuracy": entry[mode]["error"], "ci95": evaluate.confidence_interval(errors)})
     assert shown == f"{figures['non-transductive']} (transductive: {figures['transductive']})"
 
 
@@ -95,7 +96,7 @@ def test_the_example_scores_a_task_as_the_evaluator_does(data_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     state = run_folder.load_checkpoint(str(ROOT / "runs/5way-exact-split/checkpoint/check-100000.pth"))
     test_characters = run_folder.load_split(ROOT / "runs/5way-exact-split", Path(data_dir), "paper", 0, "cpu")[1]
-    (correct, _), = reptile.evaluate_tasks(state["meta_net"], state["inner_optimizer"], test_characters,
+    (correct, _), = evaluate.evaluate_tasks(state["meta_net"], state["inner_optimizer"], test_characters,
                                            reptile.Hyperparameters(shots=1), [0])
     assert done.stdout == f"{correct} of 5 queries right\n"
 

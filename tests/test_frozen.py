@@ -5,15 +5,14 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import evaluate  # noqa: E402
 import lake  # noqa: E402
-import reptile  # noqa: E402
 import run_folder  # noqa: E402
 import train_omniglot as T  # noqa: E402
 
@@ -70,10 +69,10 @@ def scored_tasks(data_dir: Path) -> dict:
     found = {}
     for name, flags in EVALUATIONS.items():
         args = T.parse_args([str(ROOT / "runs/5way-exact-split"), "--eval-only", "--data", str(data_dir), *flags])
-        seeds = reptile.task_seeds(50, T.stream(0, T.EVALUATION_STREAM))
+        seeds = evaluate.task_seeds(50, T.stream(0, T.EVALUATION_STREAM))
         hp = T.hyperparameters(args)
-        found[name] = reptile.evaluate_tasks(state["meta_net"], state["inner_optimizer"], sampler, hp, seeds)
-        found[name + ", side by side"] = reptile.evaluate_tasks_together(state["meta_net"], state["inner_optimizer"],
+        found[name] = evaluate.evaluate_tasks(state["meta_net"], state["inner_optimizer"], sampler, hp, seeds)
+        found[name + ", side by side"] = evaluate.evaluate_tasks_together(state["meta_net"], state["inner_optimizer"],
                                                                          sampler, hp, seeds)
     return found
 
@@ -81,11 +80,12 @@ def scored_tasks(data_dir: Path) -> dict:
 def lake_run(data_dir: Path, mirror: Path) -> dict:
     """The error rates of runs/20way-background on Lake's run01, after each of its 10 adaptations."""
     state = run_folder.load_checkpoint(str(LAKE_CHECKPOINT))
-    args = T.parse_args([str(ROOT / "runs/20way-background"), "--eval-lake", "--data", str(data_dir), "--device", "cpu"])
+    args = T.parse_args([str(ROOT / "runs/20way-background"), "--eval-lake", "--data", str(data_dir),
+                         "--device", "cpu"])
     meta_model, _, inner_optimizer = T.new_model(args)
     meta_model.load_state_dict(state["meta_net"])
     runs = lake.load_runs(data_dir, str(mirror))
-    seeds = reptile.task_seeds(lake.REPEATS, T.stream(0, T.EVALUATION_STREAM))
+    seeds = evaluate.task_seeds(lake.REPEATS, T.stream(0, T.EVALUATION_STREAM))
     errors = lake.error_rates(meta_model, state["inner_optimizer"], {"run01": runs["run01"]}, T.hyperparameters(args),
                               seeds, "cpu")
     return {mode: table.tolist() for mode, table in errors.items()}

@@ -145,7 +145,8 @@ def test_every_committed_run_holds_the_characters_its_split_names(data_dir, load
 def test_the_random_1200_split_is_another_draw_than_the_papers(data_dir, loaded):
     random_split = omniglot.make_split(data_dir, loaded[0], "random-1200", seed=0)
     paper = omniglot.make_split(data_dir, loaded[0], "paper", seed=0)
-    assert len(random_split["train"]) == 1200 and set(random_split["train"]) | set(random_split["test"]) == set(loaded[0])
+    assert len(random_split["train"]) == 1200
+    assert set(random_split["train"]) | set(random_split["test"]) == set(loaded[0])
     assert len(set(random_split["test"]) & set(paper["test"])) == 100
 
 

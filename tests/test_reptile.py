@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import bench
+import evaluate
 import omniglot
 import reptile
 from models import OmniglotModel
@@ -171,11 +172,11 @@ def test_the_validation_scorer_gives_the_evaluator_bit_for_bit():
     hp = Hyperparameters(classes=5, shots=2, test_iterations=7, meta_batch=1)
     sampler = random_sampler()
     meta_model, learner, inner_optimizer, meta_optimizer = trained_side(hp, sampler)
-    scorer = reptile.TestTaskScorer(meta_model, learner, inner_optimizer, sampler, hp)
+    scorer = evaluate.TestTaskScorer(meta_model, learner, inner_optimizer, sampler, hp)
     generator, evaluation_generator = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
     for _ in range(3):  # the scorer's learner and optimizer start afresh from the meta-model for each task
-        correct, loss = reptile.evaluate_tasks(meta_model.state_dict(), inner_optimizer.state_dict(), sampler, hp,
-                                               reptile.task_seeds(1, evaluation_generator))[0]
+        correct, loss = evaluate.evaluate_tasks(meta_model.state_dict(), inner_optimizer.state_dict(), sampler, hp,
+                                               evaluate.task_seeds(1, evaluation_generator))[0]
         assert scorer(generator) == (correct / hp.classes, loss)
     assert torch.equal(generator.get_state(), evaluation_generator.get_state())
 
@@ -233,13 +234,13 @@ def test_the_side_by_side_evaluator_agrees_with_sgd_weight_decay_and_replacement
     sampler = random_sampler()
     meta_model, learner, inner_optimizer, meta_optimizer = project_side(5, hp.lr)
     _, sgd = reptile.make_learner(meta_model, hp.lr, "sgd")
-    seeds = reptile.task_seeds(50, torch.Generator().manual_seed(3))
-    one_by_one = np.array(reptile.evaluate_tasks(meta_model.state_dict(), sgd.state_dict(), sampler, hp, seeds))
-    together = np.array(reptile.evaluate_tasks_together(meta_model.state_dict(), sgd.state_dict(), sampler, hp,
+    seeds = evaluate.task_seeds(50, torch.Generator().manual_seed(3))
+    one_by_one = np.array(evaluate.evaluate_tasks(meta_model.state_dict(), sgd.state_dict(), sampler, hp, seeds))
+    together = np.array(evaluate.evaluate_tasks_together(meta_model.state_dict(), sgd.state_dict(), sampler, hp,
                                                         seeds))
     assert (together[:, 0] == one_by_one[:, 0]).mean() >= 0.98
     assert np.median(np.abs(together[:, 1] - one_by_one[:, 1]) / one_by_one[:, 1]) < 1e-4
-    adam = np.array(reptile.evaluate_tasks(meta_model.state_dict(), inner_optimizer.state_dict(), sampler,
+    adam = np.array(evaluate.evaluate_tasks(meta_model.state_dict(), inner_optimizer.state_dict(), sampler,
                                            dataclasses.replace(hp, inner_optimizer="adam"), seeds))
     assert not np.allclose(adam[:, 1], one_by_one[:, 1])  # the inner optimizer applies at meta-test too
 
@@ -258,16 +259,16 @@ def test_evaluation_agrees_with_the_straightforward_loop(transductive):
     meta_model, _, inner_optimizer, *_ = trained_side(hp, sampler)
     plain_model = OmniglotModel(5)
     plain_model.load_state_dict(meta_model.state_dict())
-    seeds = reptile.task_seeds(100, torch.Generator().manual_seed(9))
+    seeds = evaluate.task_seeds(100, torch.Generator().manual_seed(9))
     plain = np.array(bench.baseline_evaluate(plain_model, inner_optimizer.state_dict(), sampler, hp, seeds))
-    ours = np.array(reptile.evaluate_tasks(meta_model.state_dict(), inner_optimizer.state_dict(), sampler, hp, seeds))
+    ours = np.array(evaluate.evaluate_tasks(meta_model.state_dict(), inner_optimizer.state_dict(), sampler, hp, seeds))
     # The same correct count but for near-ties (these random tasks are all near-ties): 95% of tasks here; starting
     # each task from a fresh Adam instead of the training state gives 85%, the other mode 63%.
     assert (ours[:, 0] == plain[:, 0]).mean() >= 0.93
     # Adam turns rounding differences in near-zero gradients into full-size steps, so losses drift slightly.
     assert np.median(np.abs(ours[:, 1] - plain[:, 1]) / plain[:, 1]) < 0.01
     # The GPU's way, all tasks adapted side by side (vmapped), against the per-task evaluator on the first 50.
-    together = np.array(reptile.evaluate_tasks_together(meta_model.state_dict(), inner_optimizer.state_dict(),
+    together = np.array(evaluate.evaluate_tasks_together(meta_model.state_dict(), inner_optimizer.state_dict(),
                                                         sampler, hp, seeds[:50]))
     assert (together[:, 0] == ours[:50, 0]).mean() >= 0.98
     assert np.median(np.abs(together[:, 1] - ours[:50, 1]) / ours[:50, 1]) < 1e-3
@@ -278,15 +279,15 @@ def test_non_transductive_queries_do_not_share_batch_statistics():
     sampler = random_sampler()
     meta_model, _, inner_optimizer, *_ = trained_side(hp, sampler)
     seeds = [3]
-    alone = reptile.evaluate_tasks(meta_model.state_dict(), inner_optimizer.state_dict(), sampler, hp, seeds)
-    together = reptile.evaluate_tasks(meta_model.state_dict(), inner_optimizer.state_dict(), sampler,
+    alone = evaluate.evaluate_tasks(meta_model.state_dict(), inner_optimizer.state_dict(), sampler, hp, seeds)
+    together = evaluate.evaluate_tasks(meta_model.state_dict(), inner_optimizer.state_dict(), sampler,
                                       dataclasses.replace(hp, transductive=True), seeds)
     assert alone != together
 
 
 def test_confidence_interval():
     accuracies = np.array([1.0, 0.0] * 50)
-    assert reptile.confidence_interval(accuracies) == pytest.approx(1.96 * accuracies.std(ddof=1) / 10)
+    assert evaluate.confidence_interval(accuracies) == pytest.approx(1.96 * accuracies.std(ddof=1) / 10)
 
 
 @pytest.mark.parametrize("inner_optimizer", ["adam", "sgd"])
@@ -304,13 +305,13 @@ def test_both_evaluators_step_with_the_same_inner_optimizer_settings(inner_optim
 
     original = reptile.make_inner_optimizer
     monkeypatch.setattr(reptile, "make_inner_optimizer", recording)
-    seeds = reptile.task_seeds(2, torch.Generator().manual_seed(3))
+    seeds = evaluate.task_seeds(2, torch.Generator().manual_seed(3))
     if inner_optimizer == "sgd":  # trained_side's inner loop is Adam's; SGD keeps no state
         inner_optimizer_state = reptile.make_learner(meta_model, hp.lr, "sgd")[1]
     state, adam_state = meta_model.state_dict(), inner_optimizer_state.state_dict()
     made.clear()
-    reptile.evaluate_tasks(state, adam_state, sampler, hp, seeds)
-    reptile.evaluate_tasks_together(state, adam_state, sampler, hp, seeds)
+    evaluate.evaluate_tasks(state, adam_state, sampler, hp, seeds)
+    evaluate.evaluate_tasks_together(state, adam_state, sampler, hp, seeds)
     one_by_one, side_by_side = made
 
     def settings(optimizer):

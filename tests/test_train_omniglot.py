@@ -24,6 +24,7 @@ from conftest import NO_NETWORK, ROOT, result_of
 from test_lake import make_lake_zip
 from test_reptile import is_conv_bias, random_sampler, trained_side
 
+import evaluate
 import lake
 import omniglot
 import reptile
@@ -41,10 +42,11 @@ def test_evaluation_in_worker_processes_equals_evaluation_in_this_process():
     hp = Hyperparameters(classes=5, shots=1, test_iterations=10, meta_batch=1)
     samplers = {"meta-test": random_sampler()}
     meta_model, _, inner_optimizer, *_ = trained_side(hp, samplers["meta-test"])
-    here = T.evaluate(meta_model, inner_optimizer, samplers, "meta-test", hp, 40, torch.Generator().manual_seed(9))
-    with T.start_pool(samplers, 2) as pool:
-        in_workers = T.evaluate(meta_model, inner_optimizer, samplers, "meta-test", hp, 40,
-                                torch.Generator().manual_seed(9), pool, 2)
+    here = evaluate.score_tasks(meta_model, inner_optimizer,
+                                samplers, "meta-test", hp, 40, torch.Generator().manual_seed(9))
+    with evaluate.start_pool(samplers, 2) as pool:
+        in_workers = evaluate.score_tasks(meta_model, inner_optimizer, samplers, "meta-test", hp, 40,
+                                          torch.Generator().manual_seed(9), pool, 2)
     # Bit for bit: in either place the adaptation runs on the same convolution kernels.
     np.testing.assert_array_equal(in_workers[0], here[0])
     np.testing.assert_array_equal(in_workers[1], here[1])
@@ -56,7 +58,8 @@ def test_evaluation_leaves_the_training_state_alone():
     meta_model, _, inner_optimizer, *_ = trained_side(hp, samplers["meta-test"])
     before = copy.deepcopy(inner_optimizer.state_dict())
     weights = copy.deepcopy(meta_model.state_dict())
-    accuracies, losses = T.evaluate(meta_model, inner_optimizer, samplers, "meta-test", hp, 3, torch.Generator())
+    accuracies, losses = evaluate.score_tasks(meta_model, inner_optimizer,
+                                              samplers, "meta-test", hp, 3, torch.Generator())
     assert accuracies.shape == (3,) and ((0 <= accuracies) & (accuracies <= 1)).all()
     after = inner_optimizer.state_dict()
     for index, state in before["state"].items():
@@ -69,9 +72,10 @@ def test_a_stopped_evaluation_goes_on_from_its_finished_tasks_and_ends_the_same(
     hp = Hyperparameters(classes=5, shots=1, test_iterations=3, meta_batch=1)
     samplers = {"meta-test": random_sampler()}
     meta_model, _, inner_optimizer, *_ = trained_side(hp, samplers["meta-test"])
-    whole = T.evaluate(meta_model, inner_optimizer, samplers, "meta-test", hp, 12, torch.Generator().manual_seed(3))
+    whole = evaluate.score_tasks(meta_model, inner_optimizer,
+                                 samplers, "meta-test", hp, 12, torch.Generator().manual_seed(3))
     kept = tmp_path / "unfinished.json"
-    evaluated, evaluate_tasks = [], reptile.evaluate_tasks
+    evaluated, evaluate_tasks = [], evaluate.evaluate_tasks
 
     def stopping_after(chunks: int):
         def counted(meta_state, adam_state, sampler, hp, seeds):
@@ -81,21 +85,25 @@ def test_a_stopped_evaluation_goes_on_from_its_finished_tasks_and_ends_the_same(
             return evaluate_tasks(meta_state, adam_state, sampler, hp, seeds)
         return counted
 
-    monkeypatch.setattr(reptile, "evaluate_tasks", stopping_after(2))  # chunks of 3 tasks: 6 of 12 finished
+    monkeypatch.setattr(evaluate, "evaluate_tasks", stopping_after(2))  # chunks of 3 tasks: 6 of 12 finished
     with pytest.raises(KeyboardInterrupt):
-        T.evaluate(meta_model, inner_optimizer, samplers, "meta-test", hp, 12, torch.Generator().manual_seed(3),
-                   keep=kept)
+        evaluate.score_tasks(meta_model, inner_optimizer,
+                             samplers, "meta-test", hp, 12, torch.Generator().manual_seed(3),
+                             keep=kept)
     assert len(json.loads(kept.read_text())["tasks"]) == 6
     evaluated.clear()
-    monkeypatch.setattr(reptile, "evaluate_tasks", stopping_after(100))
-    resumed = T.evaluate(meta_model, inner_optimizer, samplers, "meta-test", hp, 12, torch.Generator().manual_seed(3),
-                         keep=kept)
+    monkeypatch.setattr(evaluate, "evaluate_tasks", stopping_after(100))
+    resumed = evaluate.score_tasks(meta_model, inner_optimizer,
+                                   samplers, "meta-test", hp, 12, torch.Generator().manual_seed(3),
+                                   keep=kept)
     assert sum(evaluated) == 6  # only the tasks not kept
     assert all(np.array_equal(a, b) for a, b in zip(resumed, whole))
     evaluated.clear()  # other tasks, or other settings, start again
-    T.evaluate(meta_model, inner_optimizer, samplers, "meta-test", hp, 12, torch.Generator().manual_seed(4), keep=kept)
-    T.evaluate(meta_model, inner_optimizer, samplers, "meta-test", dataclasses.replace(hp, transductive=True), 12,
-               torch.Generator().manual_seed(4), keep=kept)
+    evaluate.score_tasks(meta_model, inner_optimizer,
+                         samplers, "meta-test", hp, 12, torch.Generator().manual_seed(4), keep=kept)
+    evaluate.score_tasks(meta_model, inner_optimizer,
+                         samplers, "meta-test", dataclasses.replace(hp, transductive=True), 12,
+                         torch.Generator().manual_seed(4), keep=kept)
     assert sum(evaluated) == 24
 
 
