@@ -217,12 +217,12 @@ def stream(seed: int, purpose: int, process: Optional[int] = None) -> torch.Gene
 
 # ----------------------------------------------------------------------------- torchrun
 
-def join_torchrun(args: argparse.Namespace) -> int:
-    """This process's rank in torchrun's process group (gloo; on CUDA, nccl for CUDA tensors); 0 when not under
-    torchrun."""
+def join_torchrun(args: argparse.Namespace) -> None:
+    """Under torchrun, join its process group (gloo; on CUDA, nccl for CUDA tensors); rank() then tells this
+    process's place in it."""
     count = int(os.environ.get("WORLD_SIZE", "1"))
     if count == 1:
-        return 0
+        return
     if args.meta_batch < count:
         raise UserError(f"--meta-batch {args.meta_batch} leaves some of the {count} processes without a task; "
                         f"use at most {args.meta_batch} processes, or a larger --meta-batch")
@@ -231,7 +231,6 @@ def join_torchrun(args: argparse.Namespace) -> int:
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     torch.distributed.init_process_group(BACKENDS[args.device])
-    return torch.distributed.get_rank()
 
 
 # ----------------------------------------------------------------------------- the run folder
@@ -325,27 +324,27 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    first = join_torchrun(args) == 0  # under torchrun, only the first process writes logs, checkpoints and results
+    join_torchrun(args)  # under torchrun, only the first process (rank 0) writes logs, checkpoints and results
     try:
         if args.eval_only:
-            return evaluate_checkpoint(args, first)
+            return evaluate_checkpoint(args)
         # One training process per run folder: under torchrun the first process holds it for all of them.
-        with run_folder.training_lock(Path(args.logdir)) if first else contextlib.nullcontext():
-            return train(args, argv, first)
+        with run_folder.training_lock(Path(args.logdir)) if rank() == 0 else contextlib.nullcontext():
+            return train(args, argv)
     finally:
         # Left to the interpreter's exit, gloo's worker threads sometimes abort the process (SIGABRT).
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def load_samplers(args: argparse.Namespace, first: bool) -> tuple[dict, dict, Path]:
+def load_samplers(args: argparse.Namespace) -> tuple[dict, dict, Path]:
     """The run's task samplers {"meta-test": ..., "meta-train": ...}, its split, and the data folder."""
-    if not first:
+    if rank() != 0:
         torch.distributed.barrier()  # the first process prepares the data folder alone
     data_dir = omniglot.prepare_data(args.data, args.omniglot_mirror)
     train_sampler, test_sampler, split = run_folder.load_split(Path(args.logdir), data_dir, args.split, args.seed,
                                                                args.device, args.split_from)
-    if first and processes() > 1:
+    if rank() == 0 and processes() > 1:
         torch.distributed.barrier()
     return {"meta-test": test_sampler, "meta-train": train_sampler}, split, data_dir
 
@@ -362,17 +361,17 @@ def all_finite(tensors) -> bool:
     return bool(torch.stack([tensor.detach().sum() for tensor in tensors]).isfinite().all())
 
 
-def evaluate_checkpoint(args: argparse.Namespace, first: bool) -> int:
+def evaluate_checkpoint(args: argparse.Namespace) -> int:
     """--eval-only and --eval-lake: evaluate a checkpoint of the run and record the result."""
     checkpoint_path = args.checkpoint or find_latest_file(Path(args.logdir) / "checkpoint")
     if checkpoint_path is None:
         raise UserError(f"--eval-only: {args.logdir} holds no checkpoint; train first, or give --checkpoint FILE")
     state = run_folder.load_checkpoint(checkpoint_path)
-    samplers, split, data_dir = load_samplers(args, first)
+    samplers, split, data_dir = load_samplers(args)
     meta_model, _, inner_optimizer = new_model(args)
     meta_model.load_state_dict(state["meta_net"])
     inner_optimizer.load_state_dict(state["inner_optimizer"])
-    if first:
+    if rank() == 0:
         print(f"evaluating {checkpoint_path} (meta-iteration {state['meta_iteration']})")
     training = state.get("segments", [])
     if args.eval_lake:
@@ -384,55 +383,43 @@ def evaluate_checkpoint(args: argparse.Namespace, first: bool) -> int:
     return 0
 
 
-def train(args: argparse.Namespace, argv: list[str], first: bool) -> int:
-    """Meta-train from the run's newest checkpoint (or the start) to --meta-iterations, then evaluate."""
-    hp = hyperparameters(args)
-    logdir = Path(args.logdir)
-    samplers, split, _ = load_samplers(args, first)
-    meta_model, learner, inner_optimizer = new_model(args)
-    meta_optimizer = torch.optim.SGD(meta_model.parameters(), lr=hp.meta_lr)
-    # Under torchrun each process draws its own tasks and keeps its own inner Adam state.
-    generators = {"train": stream(args.seed, TRAIN_STREAM, rank() if processes() > 1 else None),
-                  "validation": stream(args.seed, VALIDATION_STREAM)}
-    recent = {"meta-train": [], "meta-test": []}  # accuracies of the last RECENT_TASKS validation tasks
-    start = 0
-    segments = []  # the parts of the training so far, each with what trained it
+def resume(logdir: Path, meta_model: OmniglotModel, meta_optimizer: torch.optim.Optimizer,
+           inner_optimizer: torch.optim.Optimizer, generators: dict, recent: dict) -> tuple[int, list[dict]]:
+    """Load the run's newest good checkpoint into the models, optimizers, generators and recent accuracies; return
+    its meta-iteration and the segments of training so far (0 and none for a new run)."""
     state = run_folder.latest_good_checkpoint(logdir)
-    if state is not None:
-        start = state["meta_iteration"]
-        trained_by = 1 + len(state.get("other_processes", []))
-        if trained_by != processes():
-            raise UserError(f"{logdir} was trained by {trained_by} process(es); resume it with as many "
-                            f"(torchrun --nproc_per_node={trained_by}, or python for 1)")
-        own = ([state] + state.get("other_processes", []))[rank()]
-        meta_model.load_state_dict(state["meta_net"])
-        meta_optimizer.load_state_dict(state["meta_optimizer"])
-        inner_optimizer.load_state_dict(own["inner_optimizer"])
-        for name, generator in generators.items():
-            generator.set_state(own["generators"][name])
-        recent.update(state.get("recent_accuracies", {}))  # checkpoints from before the mean was logged lack it
-        segments = state.get("segments", [])  # checkpoints from before segments were recorded lack them
-        if first:
-            print(f"resumed {logdir} at meta-iteration {start} of {hp.meta_iterations}")
-    checkpoint_path = str(logdir / "checkpoint" / f"check-{start}.pth")
+    if state is None:
+        return 0, []
+    trained_by = 1 + len(state.get("other_processes", []))
+    if trained_by != processes():
+        raise UserError(f"{logdir} was trained by {trained_by} process(es); resume it with as many "
+                        f"(torchrun --nproc_per_node={trained_by}, or python for 1)")
+    own = ([state] + state.get("other_processes", []))[rank()]  # under torchrun, each process its own inner state
+    meta_model.load_state_dict(state["meta_net"])
+    meta_optimizer.load_state_dict(state["meta_optimizer"])
+    inner_optimizer.load_state_dict(own["inner_optimizer"])
+    for name, generator in generators.items():
+        generator.set_state(own["generators"][name])
+    recent.update(state.get("recent_accuracies", {}))  # checkpoints from before the mean was logged lack it
+    return state["meta_iteration"], state.get("segments", [])  # older checkpoints lack segments
 
-    if start >= hp.meta_iterations:
-        result = run_folder.find_result(run_folder.read_results(logdir), hp.shots, evaluation_mode(args), start,
-                                        args.eval_tasks, args.seed)
-        if result is not None:
-            if first:
-                accuracy = result["meta-test"]
-                print(f"training is complete and {logdir / 'results.json'} holds its {cell(args)} evaluation "
-                      f"(meta-test accuracy {accuracy['accuracy']:.2f}% +- {accuracy['ci95']:.2f}%); "
-                      f"use --eval-only to evaluate again")
-            return 0
-    if first:
-        write_json(logdir / "args.json", saved_args(args))
-        write_json(logdir / "split.json", split)
-    segment = {"from": start, "to": start, "processes": processes(), **provenance(args.device)}
-    segments = segments + [segment]
 
-    # Ctrl-C or SIGTERM ends the run cleanly after the current meta-iteration; a second one stops at once.
+def already_evaluated(args: argparse.Namespace, iteration: int) -> bool:
+    """Whether results.json holds this finished run's evaluation (said when it does)."""
+    result = run_folder.find_result(run_folder.read_results(Path(args.logdir)), args.shots, evaluation_mode(args),
+                                    iteration, args.eval_tasks, args.seed)
+    if result is not None and rank() == 0:
+        accuracy = result["meta-test"]
+        print(f"training is complete and {Path(args.logdir) / 'results.json'} holds its {cell(args)} evaluation "
+              f"(meta-test accuracy {accuracy['accuracy']:.2f}% +- {accuracy['ci95']:.2f}%); "
+              f"use --eval-only to evaluate again")
+    return result is not None
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """Ctrl-C or SIGTERM asks the run to stop after the current meta-iteration (yields the list of such signals); a
+    second one stops at once."""
     interrupted = []
 
     def on_interrupt(signum, frame):
@@ -445,8 +432,61 @@ def train(args: argparse.Namespace, argv: list[str], first: bool) -> int:
     # thread's own traceback would only repeat it.
     previous_hook = threading.excepthook
     threading.excepthook = lambda hook: None if issubclass(hook.exc_type, OSError) else previous_hook(hook)
-    resume = f"{'python' if processes() == 1 else f'torchrun --nproc_per_node={processes()}'} train_omniglot.py " \
-             f"{shlex.join(argv)}"
+    try:
+        yield interrupted
+    finally:
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
+        threading.excepthook = previous_hook
+
+
+def check_finite(done: int, meta_model: OmniglotModel, inner_optimizer: torch.optim.Optimizer,
+                 hp: Hyperparameters, logdir: Path) -> None:
+    """Stop the run with one line if the meta-weights or the inner optimizer's state are no longer finite."""
+    if not all_finite([*meta_model.parameters(), *(value for state in inner_optimizer.state.values()
+                                                   for value in state.values() if isinstance(value, torch.Tensor))]):
+        raise UserError(f"by meta-iteration {done}, the meta-weights or the inner optimizer's state became "
+                        f"NaN or infinite; the inner learning rate (--lr {hp.lr}) or the meta-step "
+                        f"(--meta-lr {hp.meta_lr}) is likely too large. Nothing non-finite was written "
+                        f"({run_folder.kept(logdir)}); train with smaller values in a new logdir")
+
+
+def validate(scorers: dict, generator: torch.Generator, recent: dict, writer: SummaryWriter, done: int,
+             step_size: float) -> None:
+    """Score one new test task of each character set and log it, the mean of the recent ones, and the meta-step."""
+    for name, scorer in scorers.items():
+        accuracy, loss = scorer(generator)
+        recent[name] = (recent[name] + [accuracy])[-RECENT_TASKS:]
+        writer.add_scalar(f"{name}/accuracy", accuracy, done)
+        writer.add_scalar(f"{name}/loss", loss, done)
+        writer.add_scalar(f"{name}/accuracy_mean{RECENT_TASKS}", np.mean(recent[name]), done)
+    writer.add_scalar("meta-step", step_size, done)
+
+
+def train(args: argparse.Namespace, argv: list[str]) -> int:
+    """Meta-train from the run's newest checkpoint (or the start) to --meta-iterations, then evaluate."""
+    hp = hyperparameters(args)
+    logdir = Path(args.logdir)
+    samplers, split, _ = load_samplers(args)
+    meta_model, learner, inner_optimizer = new_model(args)
+    meta_optimizer = torch.optim.SGD(meta_model.parameters(), lr=hp.meta_lr)
+    # Under torchrun each process draws its own tasks and keeps its own inner Adam state.
+    generators = {"train": stream(args.seed, TRAIN_STREAM, rank() if processes() > 1 else None),
+                  "validation": stream(args.seed, VALIDATION_STREAM)}
+    recent = {"meta-train": [], "meta-test": []}  # accuracies of the last RECENT_TASKS validation tasks
+    start, segments = resume(logdir, meta_model, meta_optimizer, inner_optimizer, generators, recent)
+    if start and rank() == 0:
+        print(f"resumed {logdir} at meta-iteration {start} of {hp.meta_iterations}")
+    if start >= hp.meta_iterations and already_evaluated(args, start):
+        return 0
+    if rank() == 0:
+        write_json(logdir / "args.json", saved_args(args))
+        write_json(logdir / "split.json", split)
+    segment = {"from": start, "to": start, "processes": processes(), **provenance(args.device)}
+    segments = segments + [segment]  # the parts of the training so far, each with what trained it
+    checkpoint_path = str(logdir / "checkpoint" / f"check-{start}.pth")
+    resume_command = f"{'python' if processes() == 1 else f'torchrun --nproc_per_node={processes()}'} " \
+                     f"train_omniglot.py {shlex.join(argv)}"
     # Under torchrun each process adapts its share of the tasks (5 over 2 processes: 3 and 2), and one all-reduce
     # sums the shares into the mean.
     share = len(range(rank(), hp.meta_batch, processes()))
@@ -455,66 +495,53 @@ def train(args: argparse.Namespace, argv: list[str], first: bool) -> int:
     scorers = {}  # one per character set, made at the first validation (when the inner optimizer has a state)
     all_reduce = torch.distributed.all_reduce if processes() > 1 else None
     progress = tqdm(initial=start, total=hp.meta_iterations, desc="meta-training", unit="it", dynamic_ncols=True,
-                    disable=not first)
+                    disable=rank() != 0)
     writer = None
     try:
-        # Points logged after the checkpoint by an interrupted run are dropped, so none is duplicated.
-        writer = SummaryWriter(str(logdir), purge_step=start + 1) if first else None
-        for iteration in range(start, hp.meta_iterations):
-            step_size = reptile.meta_step_size(iteration, hp)
-            meta_iteration(step_size, generators["train"], all_reduce)
-            done = iteration + 1
-            progress.update()
-            stop = any_process(bool(interrupted))
-            saving = done % args.check_every == 0 or done == hp.meta_iterations or stop
-            # Checked when validating and before saving, not every meta-iteration: on a GPU a check waits for it.
-            if (done % args.validate_every == 0 or saving) and not all_finite(
-                    [*meta_model.parameters(), *(value for state in inner_optimizer.state.values()
-                                                 for value in state.values() if isinstance(value, torch.Tensor))]):
-                raise UserError(f"by meta-iteration {done}, the meta-weights or the inner optimizer's state became "
-                                f"NaN or infinite; the inner learning rate (--lr {hp.lr}) or the meta-step "
-                                f"(--meta-lr {hp.meta_lr}) is likely too large. Nothing non-finite was written "
-                                f"({run_folder.kept(logdir)}); train with smaller values in a new logdir")
-            if done % args.validate_every == 0 and first:
-                for name in samplers:
-                    if name not in scorers:
-                        scorers[name] = evaluate.TestTaskScorer(
-                            meta_model, learner, inner_optimizer, samplers[name], hp, args.cuda_graphs,
-                            meta_iteration.bank if name == "meta-train" else None)
-                    accuracy, loss = scorers[name](generators["validation"])
-                    recent[name] = (recent[name] + [accuracy])[-RECENT_TASKS:]
-                    writer.add_scalar(f"{name}/accuracy", accuracy, done)
-                    writer.add_scalar(f"{name}/loss", loss, done)
-                    writer.add_scalar(f"{name}/accuracy_mean{RECENT_TASKS}", np.mean(recent[name]), done)
-                writer.add_scalar("meta-step", step_size, done)
-                progress.set_postfix({f"{name} acc": f"{np.mean(accs):.3f}" for name, accs in recent.items()})
-            if saving:
-                if writer:
-                    writer.flush()  # waits until every logged point is on disk (tensorboardX's flush does not)
-                segment["to"] = done
-                checkpoint_path = str(run_folder.save_checkpoint(logdir, done, meta_model, meta_optimizer,
-                                                                 inner_optimizer, generators, recent,
-                                                                 saved_args(args), args.keep, segments, args.device))
-            if stop:
-                progress.close()
-                if first:
-                    print(f"interrupted at meta-iteration {done}; checkpoint saved to {checkpoint_path}\n"
-                          f"resume with: {resume}", file=sys.stderr)
-                return 128 + (interrupted[0] if interrupted else signal.SIGTERM)
+        with stop_signals() as interrupted:
+            # Points logged after the checkpoint by an interrupted run are dropped, so none is duplicated.
+            writer = SummaryWriter(str(logdir), purge_step=start + 1) if rank() == 0 else None
+            for iteration in range(start, hp.meta_iterations):
+                step_size = reptile.meta_step_size(iteration, hp)
+                meta_iteration(step_size, generators["train"], all_reduce)
+                done = iteration + 1
+                progress.update()
+                stop = any_process(bool(interrupted))
+                saving = done % args.check_every == 0 or done == hp.meta_iterations or stop
+                # Checked when validating and before saving, not every meta-iteration: on a GPU a check waits.
+                if done % args.validate_every == 0 or saving:
+                    check_finite(done, meta_model, inner_optimizer, hp, logdir)
+                if done % args.validate_every == 0 and rank() == 0:
+                    scorers = scorers or {name: evaluate.TestTaskScorer(
+                        meta_model, learner, inner_optimizer, sampler, hp, args.cuda_graphs,
+                        meta_iteration.bank if name == "meta-train" else None) for name, sampler in samplers.items()}
+                    validate(scorers, generators["validation"], recent, writer, done, step_size)
+                    progress.set_postfix({f"{name} acc": f"{np.mean(accs):.3f}" for name, accs in recent.items()})
+                if saving:
+                    if writer:
+                        writer.flush()  # waits until every logged point is on disk (tensorboardX's does not)
+                    segment["to"] = done
+                    checkpoint_path = str(run_folder.save_checkpoint(
+                        logdir, done, meta_model, meta_optimizer, inner_optimizer, generators, recent,
+                        saved_args(args), args.keep, segments, args.device))
+                if stop:
+                    progress.close()
+                    if rank() == 0:
+                        print(f"interrupted at meta-iteration {done}; checkpoint saved to {checkpoint_path}\n"
+                              f"resume with: {resume_command}", file=sys.stderr)
+                    return 128 + (interrupted[0] if interrupted else signal.SIGTERM)
     except OSError as error:  # TensorBoard's writer could not write its events (a full disk, no permission)
         raise UserError(f"cannot write the TensorBoard events in {logdir} ({reason(error)}); "
-                        f"{run_folder.kept(logdir)}; once the cause is fixed, resume with: {resume}") from None
+                        f"{run_folder.kept(logdir)}; once the cause is fixed, resume with: {resume_command}") from None
     except WriteError as error:
-        raise UserError(f"{error}; {run_folder.kept(logdir)}; once the cause is fixed, resume with: {resume}") from None
+        raise UserError(f"{error}; {run_folder.kept(logdir)}; once the cause is fixed, resume with: "
+                        f"{resume_command}") from None
     finally:
         progress.leave = sys.exc_info()[0] is None  # an error's one line takes the progress bar's place
         progress.close()
         if writer:
             with contextlib.suppress(OSError):  # already reported
                 writer.close()
-        for signum, handler in previous_handlers.items():
-            signal.signal(signum, handler)
-        threading.excepthook = previous_hook
 
     trained = [part for part in segments if part["to"] > part["from"]]  # not a start that found training complete
     final_evaluation(meta_model, inner_optimizer, samplers, args, hp.meta_iterations, checkpoint_path, split, trained)
