@@ -150,8 +150,7 @@ def evaluate_tasks_together(meta_state: dict, adam_state: dict, sampler: omniglo
                                       value.detach().cpu().clone() for key, value in adam_state["state"][index].items()}
 
     def loss(task_params: dict, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.nll_loss(torch.func.functional_call(model, task_params, (images,)), labels,
-                                            reduction=reptile.LOSS_REDUCTION)
+        return reptile.summed_cross_entropy(torch.func.functional_call(model, task_params, (images,)), labels)
 
     task_gradients = torch.func.vmap(torch.func.grad(loss))
     rows = torch.arange(count, device=device)[:, None]
@@ -218,6 +217,16 @@ def start_pool(samplers: dict, workers: int) -> Union[ProcessPoolExecutor, conte
         return contextlib.nullcontext()
     return ProcessPoolExecutor(workers, mp_context=torch.multiprocessing.get_context("spawn"),
                                initializer=start_worker, initargs=(samplers,))
+
+
+def stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Stop the workers at once: the tasks they had finished are kept by the main process, the rest are dropped.
+
+    A graceful shutdown would wait for every task already queued to them, and the interpreter's exit would too.
+    """
+    for process in list((pool._processes or {}).values()):  # terminate_workers() is Python 3.14's; this is 3.11
+        process.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def score_tasks(meta_model: OmniglotModel, inner_optimizer: torch.optim.Optimizer, samplers: dict, name: str,

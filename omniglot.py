@@ -283,6 +283,12 @@ class TaskSampler:
         drawers = torch.stack([torch.randperm(DRAWERS, generator=generator)[:shots + queries] for _ in chosen])
         return chosen, drawers
 
+    def draw_rows(self, classes: int, shots: int, queries: int,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """`draw` as rows of bank() and their labels 0..N-1, each (classes, shots + queries): reptile.Tasks."""
+        rows = bank_rows(*self.draw(classes, shots, queries, generator))
+        return rows, torch.arange(classes)[:, None].expand_as(rows)
+
     def sample(self, classes: int, shots: int, queries: int, generator: torch.Generator) -> Task:
         """N random classes labelled 0..N-1 in random order, with `shots` support and `queries` query images each."""
         chosen, drawers = self.draw(classes, shots, queries, generator)

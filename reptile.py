@@ -7,18 +7,37 @@ evaluate.py, the command line, run folders and checkpoints in train_omniglot.py.
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Protocol
 
 import torch
 
-import omniglot
-from models import OmniglotModel
+from models import ReptileModel
 from utils import non_negative_float, positive_float, positive_int
 
-# The paper's code minimises the loss summed over the mini-batch, not its mean. Adam alone would not care, but
-# its state carries over from training (batch 10 in 5-way) to evaluation (batch 5): summed gradients make each
-# evaluation step about half the size that means give, relative to the training gradients Adam has seen.
-LOSS_REDUCTION = "sum"
+def summed_cross_entropy(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The inner loss by default: the cross-entropy of a model's log-probabilities, summed over the mini-batch.
+
+    The paper's code minimises the sum, not the mean. Adam alone would not care, but its state carries over from
+    training (batch 10 in 5-way) to evaluation (batch 5): summed gradients make each evaluation step about half the
+    size that means give, relative to the training gradients Adam has seen.
+    """
+    return torch.nn.functional.nll_loss(log_probs, labels, reduction="sum")
+
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (model outputs, targets) -> a scalar to minimise
+
+
+class Tasks(Protocol):
+    """Where meta-training tasks come from (omniglot.TaskSampler is one): a bank of every example's input, kept on
+    the model's device, and tasks drawn on the CPU as rows of it, so that a task is one gather there."""
+
+    def bank(self) -> torch.Tensor:
+        """Every example's input, stacked along the first dimension."""
+
+    def draw_rows(self, classes: int, shots: int, queries: int,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A new task: the bank rows of its examples and their class labels, each (classes, shots + queries): per
+        class, `shots` examples and `queries` others, all distinct."""
 
 
 def setting(default, help: str, group: str, type: Optional[Callable] = None, choices: Optional[tuple] = None,
@@ -85,21 +104,20 @@ def mini_batches(images: torch.Tensor, labels: torch.Tensor,
     return [(images[indices], labels[indices]) for indices in batches.to(images.device)]
 
 
-def adapt(model: OmniglotModel, optimizer: torch.optim.Optimizer,
-          batches: list[tuple[torch.Tensor, torch.Tensor]], weight_decay: float = 1.0) -> None:
-    """Train `model` with one optimizer step on each mini-batch (images, labels) in turn."""
+def adapt(model: ReptileModel, optimizer: torch.optim.Optimizer, batches: list[tuple[torch.Tensor, torch.Tensor]],
+          weight_decay: float = 1.0, loss: Loss = summed_cross_entropy) -> None:
+    """Train `model` with one optimizer step on each mini-batch (inputs, targets) in turn."""
     for images, labels in batches:
         if weight_decay != 1.0:
             with torch.no_grad():
                 for param in model.parameters():
                     param.mul_(weight_decay)
-        loss = torch.nn.functional.nll_loss(model(images), labels, reduction=LOSS_REDUCTION)
         optimizer.zero_grad()
-        loss.backward()
+        loss(model(images), labels).backward()
         optimizer.step()
 
 
-def prepare_model(model: OmniglotModel, device: str) -> OmniglotModel:
+def prepare_model(model: ReptileModel, device: str) -> ReptileModel:
     """The model on `device`, its convolution weights channels-last (faster small convolutions).
 
     On CUDA, cuDNN is held to deterministic algorithms: some of its others add in a varying order (20-way batches),
@@ -122,14 +140,14 @@ def make_inner_optimizer(params: Iterable[torch.Tensor], lr: float, inner_optimi
     return torch.optim.Adam(params, lr=lr, betas=(0.0, 0.999), **({"fused": True} if fused else {"foreach": False}))
 
 
-def make_learner(model: OmniglotModel, lr: float,
-                 inner_optimizer: str = "adam") -> tuple[OmniglotModel, torch.optim.Optimizer]:
+def make_learner(model: ReptileModel, lr: float,
+                 inner_optimizer: str = "adam") -> tuple[ReptileModel, torch.optim.Optimizer]:
     """A copy of `model` to adapt to tasks, and its inner optimizer (make_inner_optimizer)."""
     learner = model.clone()
     return learner, make_inner_optimizer(learner.parameters(), lr, inner_optimizer)
 
 
-def copy_weights(source: OmniglotModel, destination: OmniglotModel) -> None:
+def copy_weights(source: ReptileModel, destination: ReptileModel) -> None:
     """Overwrite the parameters of `destination` with those of `source`."""
     with torch.no_grad():
         for param, source_param in zip(destination.parameters(), source.parameters()):
@@ -149,16 +167,14 @@ def inner_step_sizes(hp: Hyperparameters) -> list[int]:
     return [hp.batch] * (hp.iterations - (1 if tail else 0)) + ([hp.classes * tail] if tail else [])
 
 
-def draw_task(sampler: omniglot.TaskSampler, hp: Hyperparameters, generator: torch.Generator) -> torch.Tensor:
+def draw_task(sampler: Tasks, hp: Hyperparameters, generator: torch.Generator) -> torch.Tensor:
     """A new meta-training task: the bank rows and the labels (2, images) of its inner mini-batches, in order.
 
     With first-order MAML's tail, the last mini-batch is fomaml_tail images per class that no earlier one holds.
     """
     tail = tail_shots(hp)
     shots = hp.train_shots - tail
-    chosen, drawers = sampler.draw(hp.classes, shots, tail, generator)
-    rows = omniglot.bank_rows(chosen, drawers)
-    labels = torch.arange(hp.classes)[:, None].expand_as(rows)
+    rows, labels = sampler.draw_rows(hp.classes, shots, tail, generator)
     batches = inner_batches(hp.classes * shots, hp.batch, hp.iterations - (1 if tail else 0), generator,
                             hp.replacement).reshape(-1)
     return torch.stack([torch.cat([rows[:, :shots].reshape(-1)[batches], rows[:, shots:].reshape(-1)]),
@@ -171,9 +187,9 @@ def drawn_mini_batches(bank: torch.Tensor, drawn: torch.Tensor,
     return list(zip(bank[drawn[0]].split(sizes), drawn[1].split(sizes)))
 
 
-def adapt_to_tasks(meta_model: OmniglotModel, learner: OmniglotModel, inner_optimizer: torch.optim.Optimizer,
-                   mean_model: OmniglotModel, tasks: list[list[tuple[torch.Tensor, torch.Tensor]]],
-                   hp: Hyperparameters) -> None:
+def adapt_to_tasks(meta_model: ReptileModel, learner: ReptileModel, inner_optimizer: torch.optim.Optimizer,
+                   mean_model: ReptileModel, tasks: list[list[tuple[torch.Tensor, torch.Tensor]]],
+                   hp: Hyperparameters, loss: Loss = summed_cross_entropy) -> None:
     """Adapt the meta-model to each task (its mini-batches) in turn; set mean_model to the sum of their targets /
     meta-batch.
 
@@ -187,21 +203,21 @@ def adapt_to_tasks(meta_model: OmniglotModel, learner: OmniglotModel, inner_opti
         copy_weights(meta_model, learner)
         # The inner optimizer's state is not reset: as in the paper's code it lives on from task to task.
         if hp.algorithm == "fomaml":
-            adapt(learner, inner_optimizer, batches[:-1], hp.weight_decay)
+            adapt(learner, inner_optimizer, batches[:-1], hp.weight_decay, loss)
             before_last = [param.detach().clone() for param in learner.parameters()]
-            adapt(learner, inner_optimizer, batches[-1:], hp.weight_decay)
+            adapt(learner, inner_optimizer, batches[-1:], hp.weight_decay, loss)
             with torch.no_grad():
                 targets = [meta + param - before for meta, param, before
                            in zip(meta_model.parameters(), learner.parameters(), before_last)]
         else:
-            adapt(learner, inner_optimizer, batches, hp.weight_decay)
+            adapt(learner, inner_optimizer, batches, hp.weight_decay, loss)
             targets = learner.parameters()
         with torch.no_grad():
             for mean, target in zip(mean_model.parameters(), targets):
                 mean.add_(target, alpha=1 / hp.meta_batch)
 
 
-def meta_step(meta_model: OmniglotModel, mean_model: OmniglotModel, meta_optimizer: torch.optim.Optimizer,
+def meta_step(meta_model: ReptileModel, mean_model: ReptileModel, meta_optimizer: torch.optim.Optimizer,
               step_size: float) -> None:
     """Move the meta-model `step_size` of the way to mean_model: the Reptile update."""
     for group in meta_optimizer.param_groups:
@@ -267,11 +283,11 @@ class MetaIteration:
     """Meta-iterations of a meta-model: the tasks are drawn on the CPU as rows of an image bank on the model's
     device, and the adaptation to them runs there; on CUDA it is replayed as one captured graph."""
 
-    def __init__(self, meta_model: OmniglotModel, learner: OmniglotModel, inner_optimizer: torch.optim.Optimizer,
-                 meta_optimizer: torch.optim.Optimizer, sampler: omniglot.TaskSampler, hp: Hyperparameters,
-                 tasks: Optional[int] = None, cuda_graphs: bool = True):
+    def __init__(self, meta_model: ReptileModel, learner: ReptileModel, inner_optimizer: torch.optim.Optimizer,
+                 meta_optimizer: torch.optim.Optimizer, sampler: Tasks, hp: Hyperparameters,
+                 tasks: Optional[int] = None, cuda_graphs: bool = True, loss: Loss = summed_cross_entropy):
         self.meta_model, self.learner, self.inner_optimizer = meta_model, learner, inner_optimizer
-        self.meta_optimizer, self.sampler, self.hp = meta_optimizer, sampler, hp
+        self.meta_optimizer, self.sampler, self.hp, self.loss = meta_optimizer, sampler, hp, loss
         self.tasks = hp.meta_batch if tasks is None else tasks  # under torchrun, this process's share
         self.mean_model = meta_model.clone()  # holds the mean of the tasks' targets
         device = next(meta_model.parameters()).device
@@ -283,7 +299,8 @@ class MetaIteration:
     def adapt_to_drawn_tasks(self) -> None:
         """adapt_to_tasks on the tasks in self.drawn."""
         tasks = [drawn_mini_batches(self.bank, drawn, self.sizes) for drawn in self.drawn]
-        adapt_to_tasks(self.meta_model, self.learner, self.inner_optimizer, self.mean_model, tasks, self.hp)
+        adapt_to_tasks(self.meta_model, self.learner, self.inner_optimizer, self.mean_model, tasks, self.hp,
+                       self.loss)
 
     def __call__(self, step_size: float, generator: torch.Generator,
                  all_reduce: Optional[Callable[[torch.Tensor], None]] = None) -> None:

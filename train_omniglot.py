@@ -283,8 +283,8 @@ def final_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Opt
                                          stream(args.seed, EVALUATION_STREAM), pool, workers, progress=rank() == 0,
                                          share=processes() > 1, keep=kept[name])
             except KeyboardInterrupt:
-                if pool is not None:  # the workers finish the tasks they hold, not all those sent to them
-                    pool.shutdown(wait=False, cancel_futures=True)
+                if pool is not None:
+                    evaluate.stop_pool(pool)
                 if kept[name] is not None and kept[name].exists():
                     print(f"the tasks evaluated so far are kept in {kept[name]}; the same command goes on from them",
                           file=sys.stderr)

@@ -53,6 +53,15 @@ def test_an_sgd_step_follows_the_gradient_of_the_loss_summed_over_the_batch():
         torch.testing.assert_close(param.detach(), before.detach() - 0.1 * before.grad, rtol=1e-3, atol=1e-5)
 
 
+def test_the_inner_loop_minimises_the_loss_it_is_given():
+    learner, optimizer, expected, images, labels = sgd_learner_and_a_plain_copy()
+    squared_error = lambda log_probs, labels: ((log_probs.exp() - torch.nn.functional.one_hot(labels, 5)) ** 2).sum()
+    reptile.adapt(learner, optimizer, [(images, labels)], loss=squared_error)
+    squared_error(expected(images), labels).backward()
+    for param, before in zip(learner.parameters(), expected.parameters()):
+        torch.testing.assert_close(param.detach(), before.detach() - 0.1 * before.grad, rtol=1e-3, atol=1e-5)
+
+
 def test_weight_decay_multiplies_the_weights_before_each_step():
     learner, optimizer, expected, images, labels = sgd_learner_and_a_plain_copy()
     reptile.adapt(learner, optimizer, [(images, labels)] * 2, weight_decay=0.5)
