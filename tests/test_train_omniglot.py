@@ -1,3 +1,4 @@
+import contextlib
 import copy
 import dataclasses
 import json
@@ -698,15 +699,19 @@ def test_an_interrupted_evaluation_stops_its_workers_soon(script, existing_run, 
                                "--meta-test-only", "--workers", "2")
     # As from a terminal: a shell starts a command in the background with SIGINT ignored, as this one may be.
     process = subprocess.Popen(argv, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    while not list(logdir.glob("unfinished-evaluation-*meta-test*.json")):
-        assert process.poll() is None, process.stderr.read()
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    started = time.time()
-    assert process.wait(timeout=120) == 130
-    assert time.time() - started < 60
-    assert "the same command goes on from them" in process.stderr.read()
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), start_new_session=True)
+    try:
+        while not list(logdir.glob("unfinished-evaluation-*meta-test*.json")):
+            assert process.poll() is None, process.stderr.read()
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        started = time.time()
+        assert process.wait(timeout=120) == 130
+        assert time.time() - started < 60
+        assert "the same command goes on from them" in process.stderr.read()
+    finally:  # a failure leaves no workers behind to slow the tests after it
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(run_here, tmp_path):
