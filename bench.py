@@ -177,7 +177,7 @@ def main() -> None:
           f"ratio {train_ratio:.2f}x; project {train_flops / train_ms['project'] / 1e6:.0f} GFLOP/s")
 
     scorer = evaluate.TestTaskScorer(project_model, learner, inner_optimizer, samplers["meta-test"], hp,
-                                    bench.cuda_graphs)
+                                     bench.cuda_graphs)
     generator = torch.Generator().manual_seed(3)
     for _ in range(3):  # warm-up (and, on CUDA, capture)
         scorer(generator)
@@ -192,7 +192,7 @@ def main() -> None:
 
     workers = bench.workers if device == "cpu" else 0
     eval_flops = flops_of(lambda: evaluate.evaluate_tasks(project_model.state_dict(), inner_optimizer.state_dict(),
-                                                         samplers["meta-test"], hp, [0]))
+                                                          samplers["meta-test"], hp, [0]))
     times, startup = {"baseline": 0.0, "project": 0.0}, 0.0
     generator = torch.Generator().manual_seed(2)
     for round_ in range(bench.rounds + 1):

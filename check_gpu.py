@@ -68,7 +68,7 @@ def train_side(device: str, hp: Hyperparameters, iterations: int, graphs: bool, 
         meta_iteration(reptile.meta_step_size(iteration, hp), generator)
         if (iteration + 1) % 2 == 0:
             scorer = scorer or evaluate.TestTaskScorer(meta_model, learner, inner_optimizer, samplers["meta-test"],
-                                                      hp, graphs)
+                                                       hp, graphs)
             scores.append(scorer(validation))
     bench.synchronize(device)
     return meta_model, scores, time.perf_counter() - started, meta_iteration.adapt.graph is not None
@@ -114,9 +114,9 @@ def vmapped_evaluator(device: str, tasks: int) -> None:
     seeds = evaluate.task_seeds(tasks, torch.Generator().manual_seed(9))
     state = {key: value.detach().clone() for key, value in meta_model.state_dict().items()}
     one_by_one = np.array(evaluate.evaluate_tasks(state, inner_optimizer.state_dict(), samplers["meta-test"], hp,
-                                                 seeds))
+                                                  seeds))
     together = np.array(evaluate.evaluate_tasks_together(state, inner_optimizer.state_dict(), samplers["meta-test"],
-                                                        hp, seeds))
+                                                         hp, seeds))
     agreement = (together[:, 0] == one_by_one[:, 0]).mean()
     loss_difference = np.median(np.abs(together[:, 1] - one_by_one[:, 1]) / one_by_one[:, 1])
     report("vmapped evaluator = per-task evaluator", agreement >= 0.98 and loss_difference < 1e-3,

@@ -115,7 +115,7 @@ class TestTaskScorer:
         chosen, drawers = self.sampler.draw(hp.classes, hp.shots, 1, task_generator)
         rows = omniglot.bank_rows(chosen, drawers)
         batches = reptile.inner_batches(hp.classes * hp.shots, hp.test_batch, hp.test_iterations, task_generator,
-                                hp.replacement)
+                                        hp.replacement)
         drawn = torch.cat([rows[:, :hp.shots].reshape(-1), rows[:, hp.shots], batches.reshape(-1)])
         self.drawn.copy_(drawn.pin_memory() if self.drawn.is_cuda else drawn, non_blocking=True)
         correct, loss = self.score()
@@ -132,7 +132,7 @@ def evaluate_tasks_together(meta_state: dict, adam_state: dict, sampler: omniglo
         generator = torch.Generator().manual_seed(seed)
         tasks.append(sampler.sample(hp.classes, hp.shots, 1, generator))
         batches.append(reptile.inner_batches(hp.classes * hp.shots, hp.test_batch, hp.test_iterations, generator,
-                                     hp.replacement))
+                                             hp.replacement))
     support, support_labels, queries, query_labels = (torch.stack(part) for part in zip(*tasks))
     batches = torch.stack(batches).to(device)  # (tasks, steps, batch)
     count = len(seeds)
@@ -230,9 +230,9 @@ def stop_pool(pool: ProcessPoolExecutor) -> None:
 
 
 def score_tasks(meta_model: OmniglotModel, inner_optimizer: torch.optim.Optimizer, samplers: dict, name: str,
-             hp: Hyperparameters, tasks: int, generator: torch.Generator, pool: Optional[ProcessPoolExecutor] = None,
-             workers: int = 1, progress: bool = False, share: bool = False,
-             keep: Optional[Path] = None) -> tuple[np.ndarray, np.ndarray]:
+                hp: Hyperparameters, tasks: int, generator: torch.Generator, pool: Optional[ProcessPoolExecutor] = None,
+                workers: int = 1, progress: bool = False, share: bool = False,
+                keep: Optional[Path] = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-task accuracies and losses on `tasks` tasks of samplers[name] (in the pool's workers, or shared).
 
     With `keep`, finished tasks are written there as they come (with the seconds spent on them), and an evaluation

@@ -55,7 +55,7 @@ def load_runs(data_dir: Path, mirror: Optional[str] = None) -> dict[str, omniglo
 
 
 def benchmark(meta_model: OmniglotModel, adam_state: dict, split: dict, data_dir: Path, mirror: Optional[str],
-             hp: reptile.Hyperparameters, seeds: list[int], device: str, logdir: str, iteration: int) -> dict:
+              hp: reptile.Hyperparameters, seeds: list[int], device: str, logdir: str, iteration: int) -> dict:
     """Check that the run may be scored, score it, print the table and return its figures for results.json."""
     evaluation_alphabets = set(read_json(data_dir / omniglot.MARKER)["images_evaluation"])
     seen = [c for c in split["train"] if c.split("/")[0] in evaluation_alphabets]
@@ -81,7 +81,7 @@ def error_rates(meta_model: OmniglotModel, adam_state: dict, runs: dict[str, omn
             task = omniglot.Task(*(part.to(device) for part in task))
             for repeat, seed in enumerate(seeds):
                 evaluate.adapt_to_test_task(meta_model, learner, optimizer, adam_state, task, hp,
-                                           torch.Generator().manual_seed(seed))
+                                            torch.Generator().manual_seed(seed))
                 for mode in errors:
                     log_probs = evaluate.classify_queries(learner, task, mode == "transductive")
                     wrong = learner.predict(log_probs) != task.query_labels

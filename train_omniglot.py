@@ -255,8 +255,8 @@ def record_result(args: argparse.Namespace, result: dict, training: list[dict]) 
     tasks, what evaluated it and what trained the checkpoint (`training`: its segments; empty for checkpoints written
     before they were recorded); return its key."""
     return run_folder.record_result(Path(args.logdir), {**result, "seed": args.seed, "settings": saved_args(args),
-                                                         "provenance": provenance(args.device),
-                                                         "training": training})
+                                                        "provenance": provenance(args.device),
+                                                        "training": training})
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -280,8 +280,8 @@ def final_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Opt
             started = time.time()
             try:
                 accuracies, _ = evaluate.score_tasks(meta_model, inner_optimizer, samplers, name, hp, args.eval_tasks,
-                                         stream(args.seed, EVALUATION_STREAM), pool, workers, progress=rank() == 0,
-                                         share=processes() > 1, keep=kept[name])
+                                                     stream(args.seed, EVALUATION_STREAM), pool, workers,
+                                                     progress=rank() == 0, share=processes() > 1, keep=kept[name])
             except KeyboardInterrupt:
                 if pool is not None:
                     evaluate.stop_pool(pool)
@@ -313,7 +313,7 @@ def lake_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Opti
     started = time.time()
     seeds = evaluate.task_seeds(lake.REPEATS, stream(args.seed, EVALUATION_STREAM))
     errors = lake.benchmark(meta_model, copy.deepcopy(inner_optimizer.state_dict()), split, data_dir,
-                           args.omniglot_mirror, hyperparameters(args), seeds, args.device, args.logdir, iteration)
+                            args.omniglot_mirror, hyperparameters(args), seeds, args.device, args.logdir, iteration)
     record_result(args, {"meta_iteration": iteration, "checkpoint": checkpoint, "split": split["split"],
                          "repeats": lake.REPEATS, **errors, "seconds": round(time.time() - started, 1)}, training)
 

@@ -97,7 +97,7 @@ def test_the_example_scores_a_task_as_the_evaluator_does(data_dir, tmp_path):
     state = run_folder.load_checkpoint(str(ROOT / "runs/5way-exact-split/checkpoint/check-100000.pth"))
     test_characters = run_folder.load_split(ROOT / "runs/5way-exact-split", Path(data_dir), "paper", 0, "cpu")[1]
     (correct, _), = evaluate.evaluate_tasks(state["meta_net"], state["inner_optimizer"], test_characters,
-                                           reptile.Hyperparameters(shots=1), [0])
+                                            reptile.Hyperparameters(shots=1), [0])
     assert done.stdout == f"{correct} of 5 queries right\n"
 
 

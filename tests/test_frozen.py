@@ -26,7 +26,7 @@ RUNS = {  # five meta-iterations from the seeded start, a validation task of eac
                                                          "--weight-decay", "0.999", "--replacement"],
 }
 EVALUATIONS = {"1-shot": ["--shots", "1"], "5-shot": ["--shots", "5"], "1-shot transductive": ["--shots", "1",
-                                                                                                "--transductive"]}
+                                                                                               "--transductive"]}
 
 
 def digest(state: dict) -> str:
@@ -73,7 +73,7 @@ def scored_tasks(data_dir: Path) -> dict:
         hp = T.hyperparameters(args)
         found[name] = evaluate.evaluate_tasks(state["meta_net"], state["inner_optimizer"], sampler, hp, seeds)
         found[name + ", side by side"] = evaluate.evaluate_tasks_together(state["meta_net"], state["inner_optimizer"],
-                                                                         sampler, hp, seeds)
+                                                                          sampler, hp, seeds)
     return found
 
 

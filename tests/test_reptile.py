@@ -185,7 +185,7 @@ def test_the_validation_scorer_gives_the_evaluator_bit_for_bit():
     generator, evaluation_generator = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
     for _ in range(3):  # the scorer's learner and optimizer start afresh from the meta-model for each task
         correct, loss = evaluate.evaluate_tasks(meta_model.state_dict(), inner_optimizer.state_dict(), sampler, hp,
-                                               evaluate.task_seeds(1, evaluation_generator))[0]
+                                                evaluate.task_seeds(1, evaluation_generator))[0]
         assert scorer(generator) == (correct / hp.classes, loss)
     assert torch.equal(generator.get_state(), evaluation_generator.get_state())
 
@@ -246,11 +246,11 @@ def test_the_side_by_side_evaluator_agrees_with_sgd_weight_decay_and_replacement
     seeds = evaluate.task_seeds(50, torch.Generator().manual_seed(3))
     one_by_one = np.array(evaluate.evaluate_tasks(meta_model.state_dict(), sgd.state_dict(), sampler, hp, seeds))
     together = np.array(evaluate.evaluate_tasks_together(meta_model.state_dict(), sgd.state_dict(), sampler, hp,
-                                                        seeds))
+                                                         seeds))
     assert (together[:, 0] == one_by_one[:, 0]).mean() >= 0.98
     assert np.median(np.abs(together[:, 1] - one_by_one[:, 1]) / one_by_one[:, 1]) < 1e-4
     adam = np.array(evaluate.evaluate_tasks(meta_model.state_dict(), inner_optimizer.state_dict(), sampler,
-                                           dataclasses.replace(hp, inner_optimizer="adam"), seeds))
+                                            dataclasses.replace(hp, inner_optimizer="adam"), seeds))
     assert not np.allclose(adam[:, 1], one_by_one[:, 1])  # the inner optimizer applies at meta-test too
 
 
@@ -278,7 +278,7 @@ def test_evaluation_agrees_with_the_straightforward_loop(transductive):
     assert np.median(np.abs(ours[:, 1] - plain[:, 1]) / plain[:, 1]) < 0.01
     # The GPU's way, all tasks adapted side by side (vmapped), against the per-task evaluator on the first 50.
     together = np.array(evaluate.evaluate_tasks_together(meta_model.state_dict(), inner_optimizer.state_dict(),
-                                                        sampler, hp, seeds[:50]))
+                                                         sampler, hp, seeds[:50]))
     assert (together[:, 0] == ours[:50, 0]).mean() >= 0.98
     assert np.median(np.abs(together[:, 1] - ours[:50, 1]) / ours[:50, 1]) < 1e-3
 
@@ -290,7 +290,7 @@ def test_non_transductive_queries_do_not_share_batch_statistics():
     seeds = [3]
     alone = evaluate.evaluate_tasks(meta_model.state_dict(), inner_optimizer.state_dict(), sampler, hp, seeds)
     together = evaluate.evaluate_tasks(meta_model.state_dict(), inner_optimizer.state_dict(), sampler,
-                                      dataclasses.replace(hp, transductive=True), seeds)
+                                       dataclasses.replace(hp, transductive=True), seeds)
     assert alone != together
 
 

@@ -196,7 +196,7 @@ def test_results_and_checkpoints_say_what_produced_them(existing_run):
 
 
 def test_split_from_trains_on_another_runs_characters_and_refuses_others_on_resume(existing_run, data_dir, loaded,
-                                                                                     run_here, tmp_path):
+                                                                                   run_here, tmp_path):
     source = tmp_path / "random.json"
     source.write_text(json.dumps(omniglot.make_split(data_dir, loaded[0], "random-1200", seed=3)))
     logdir = tmp_path / "run"
@@ -665,7 +665,7 @@ def test_a_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(script,
 
 
 def test_a_killed_evaluation_resumes_and_records_what_an_uninterrupted_one_does(script, run_here, existing_run,
-                                                                                 tmp_path):
+                                                                                tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     for folder in (straight, killed):
         shutil.copytree(existing_run, folder)
