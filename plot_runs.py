@@ -134,18 +134,19 @@ def write_means(logdir: Path, every: int = MEANS_EVERY) -> Path:
     folder = logdir / MEANS
     shutil.rmtree(folder, ignore_errors=True)
     written = []
+    curve_tag = read_json(logdir / CURVE)["tag"] if (logdir / CURVE).is_file() else None
     with SummaryWriter(str(folder)) as writer:
         for name in SETS:
             tag = f"{name}/accuracy"
             steps, values = logged_points(logdir, tag, missing_ok=True)
             if len(steps):
                 means = moving_average(np.arange(len(values)), values, RECENT)  # over the last RECENT points
-            elif (logdir / CURVE).is_file() and read_json(logdir / CURVE)["tag"] == tag:
+                shown = (steps % every == 0) | (steps == steps[-1])
+            elif tag == curve_tag:  # every block: each is already the mean of its meta-iterations
                 steps, means = read_curve(logdir, tag)
-                every = 1
+                shown = np.ones(len(steps), dtype=bool)
             else:
                 continue
-            shown = (steps % every == 0) | (steps == steps[-1])
             for step, mean in zip(steps[shown], means[shown]):
                 writer.add_scalar(f"{tag}_mean{RECENT}", mean, int(step), walltime=0.0)
             written.append(name)
@@ -160,14 +161,14 @@ def training_hours(logdir: Path) -> tuple[float, int]:
     """(hours, event files) a run trained for: over each event file, the time from its first logged meta-test task to
     its last (a resumed run writes one file per start, so the pauses between starts are not counted)."""
     seconds, files = 0.0, sorted(logdir.glob("events.out.tfevents.*"))
+    if not files:
+        raise UserError(f"{logdir} holds no event files")
     for file in files:
         events = EventAccumulator(str(file), size_guidance={"scalars": 0})
         events.Reload()
         if TAG in events.Tags()["scalars"]:
             times = [point.wall_time for point in events.Scalars(TAG)]
             seconds += max(times) - min(times)
-    if not files:
-        raise UserError(f"{logdir} holds no event files")
     return seconds / 3600, len(files)
 
 
@@ -196,19 +197,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--hours", action="store_true",
                         help="instead of plotting, print how many hours each run trained, from its event files")
     args = parser.parse_args(argv)
-    if args.hours:
+    if args.hours or args.summarize or args.tensorboard_means:
         try:
             for run in args.runs:
-                hours, files = training_hours(Path(run))
-                print(f"{run}: {hours:.1f} hours of training in {files} event files")
-        except UserError as error:
-            print(f"plot_runs.py: error: {error}", file=sys.stderr)
-            return 2
-        return 0
-    if args.summarize or args.tensorboard_means:
-        try:
-            for run in args.runs:
-                print(f"wrote {summarize(Path(run), args.summarize) if args.summarize else write_means(Path(run))}")
+                if args.hours:
+                    hours, files = training_hours(Path(run))
+                    print(f"{run}: {hours:.1f} hours of training in {files} event files")
+                else:
+                    print(f"wrote {summarize(Path(run), args.summarize) if args.summarize else write_means(Path(run))}")
         except UserError as error:
             print(f"plot_runs.py: error: {error}", file=sys.stderr)
             return 2

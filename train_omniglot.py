@@ -42,10 +42,9 @@ TRAINING_FLAGS = tuple(field.name for field in dataclasses.fields(Hyperparameter
 # Flags that fix the model and its characters: evaluation must keep them too.
 MODEL_FLAGS = ("classes", "split")
 NOT_SAVED = ("logdir", "eval_only", "eval_lake", "checkpoint", "paper_setting")
-# Flags kept in args.json as a record of how the run began: a resumed run never takes them from there.
-RECORDED_ONLY = ("split_from",)
-# Flags that belong to the machine, not the run: recorded in args.json but never taken from it.
-MACHINE_FLAGS = ("device", "workers", "cuda_graphs")
+# Flags recorded in args.json but never taken from it: those of the machine, not the run, and --split-from, a record
+# of how the run began (its characters are in split.json).
+NOT_TAKEN_BACK = ("device", "workers", "cuda_graphs", "split_from")
 # The paper's four Omniglot settings (openai/supervised-reptile's README) in this script's flags; the flags not
 # named are the same in all four.
 TWENTY_WAY = {"batch": 20, "iterations": 10, "lr": 0.0005, "meta_iterations": 200000, "test_batch": 10}
@@ -152,7 +151,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         # A training flag missing from args.json came after the run was made, which trained with its default.
         saved = {**{name: parser.get_default(name) for name in fixed}, **saved}
         for name, value in saved.items():
-            if name in NOT_SAVED + MACHINE_FLAGS + RECORDED_ONLY or not hasattr(args, name):
+            if name in NOT_SAVED + NOT_TAKEN_BACK or not hasattr(args, name):
                 continue
             if name not in given:
                 setattr(args, name, value)

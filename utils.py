@@ -2,12 +2,12 @@
 group under torchrun."""
 import argparse
 import contextlib
+import datetime
 import fcntl
+import functools
 import io
 import json
 import math
-import datetime
-import functools
 import os
 import platform
 import re
@@ -188,14 +188,14 @@ def code_and_machine(device: str) -> dict:
             return None
         return done.stdout.strip() if done.returncode == 0 else None
     commit = git("rev-parse", "HEAD")
-    found = {"commit": commit, "uncommitted_changes": bool(git("status", "--porcelain")) if commit else None}
+    code = {} if commit is None else {"commit": commit, "uncommitted_changes": bool(git("status", "--porcelain"))}
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name(torch.device(device))
     else:
         cpuinfo = Path("/proc/cpuinfo")
         models = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M) if cpuinfo.is_file() else []
         name = f"{models[0]} ({len(os.sched_getaffinity(0))} cores)" if models else platform.processor() or "CPU"
-    return {**({} if commit is None else found), "torch": str(torch.__version__), "device": name}
+    return {**code, "torch": str(torch.__version__), "device": name}
 
 
 def provenance(device: str) -> dict:
