@@ -36,9 +36,9 @@ def baseline_meta_iteration(meta_model: OmniglotModel, adam_state: dict, sampler
         model = copy.deepcopy(meta_model)
         optimizer = torch.optim.Adam(model.parameters(), lr=hp.lr, betas=(0.0, 0.999))
         optimizer.load_state_dict(adam_state)  # the inner Adam state carries over from task to task
-        for indices in reptile.inner_batches(len(task.support_images), hp.batch, hp.iterations, generator):
+        for indices in reptile.inner_batches(len(task.support_inputs), hp.batch, hp.iterations, generator):
             optimizer.zero_grad()
-            F.nll_loss(model(task.support_images[indices]), task.support_labels[indices],
+            F.nll_loss(model(task.support_inputs[indices]), task.support_targets[indices],
                        reduction="sum").backward()
             optimizer.step()
         adam_state = copy.deepcopy(optimizer.state_dict())
@@ -60,20 +60,20 @@ def baseline_evaluate(meta_model: OmniglotModel, adam_state: dict, sampler: omni
         model = copy.deepcopy(meta_model)
         optimizer = torch.optim.Adam(model.parameters(), lr=hp.lr, betas=(0.0, 0.999))
         optimizer.load_state_dict(copy.deepcopy(adam_state))
-        for indices in reptile.inner_batches(len(task.support_images), hp.test_batch, hp.test_iterations,
+        for indices in reptile.inner_batches(len(task.support_inputs), hp.test_batch, hp.test_iterations,
                                              generator):
             optimizer.zero_grad()
-            F.nll_loss(model(task.support_images[indices]), task.support_labels[indices],
+            F.nll_loss(model(task.support_inputs[indices]), task.support_targets[indices],
                        reduction="sum").backward()
             optimizer.step()
         with torch.no_grad():
             if hp.transductive:
-                log_probs = model(task.query_images)
+                log_probs = model(task.query_inputs)
             else:
-                log_probs = torch.stack([model(torch.cat([task.support_images, query[None]]))[-1]
-                                         for query in task.query_images])
-        correct = (log_probs.argmax(dim=1) == task.query_labels).sum().item()
-        results.append((correct, F.nll_loss(log_probs, task.query_labels).item()))
+                log_probs = torch.stack([model(torch.cat([task.support_inputs, query[None]]))[-1]
+                                         for query in task.query_inputs])
+        correct = (log_probs.argmax(dim=1) == task.query_targets).sum().item()
+        results.append((correct, F.nll_loss(log_probs, task.query_targets).item()))
     return results
 
 
@@ -176,22 +176,21 @@ def main() -> None:
           f"baseline {train_ms['baseline']:.1f} ms/it, project {train_ms['project']:.1f} ms/it, "
           f"ratio {train_ratio:.2f}x; project {train_flops / train_ms['project'] / 1e6:.0f} GFLOP/s")
 
-    scorer = evaluate.TestTaskScorer(project_model, learner, inner_optimizer, samplers["meta-test"], hp,
-                                     bench.cuda_graphs)
+    scorer = evaluate.TestTaskScorer(project_model, inner_optimizer.state_dict(), hp, cuda_graphs=bench.cuda_graphs)
     generator = torch.Generator().manual_seed(3)
     for _ in range(3):  # warm-up (and, on CUDA, capture)
-        scorer(generator)
+        evaluate.score_new_task(scorer, samplers["meta-test"], generator)
     synchronize(device)
     started = time.perf_counter()
     for _ in range(bench.iterations):
-        scorer(generator)
+        evaluate.score_new_task(scorer, samplers["meta-test"], generator)
     validation_ms = 1000 * (time.perf_counter() - started) / bench.iterations
     validate_every = T.build_parser().get_default("validate_every")
     print(f"validation (one meta-train and one meta-test task every {validate_every} meta-iterations): "
           f"{validation_ms:.1f} ms a task, {2 * validation_ms / validate_every:.1f} ms per meta-iteration")
 
     workers = bench.workers if device == "cpu" else 0
-    eval_flops = flops_of(lambda: evaluate.evaluate_tasks(project_model.state_dict(), inner_optimizer.state_dict(),
+    eval_flops = flops_of(lambda: evaluate.evaluate_tasks(project_model, inner_optimizer.state_dict(),
                                                           samplers["meta-test"], hp, [0]))
     times, startup = {"baseline": 0.0, "project": 0.0}, 0.0
     generator = torch.Generator().manual_seed(2)

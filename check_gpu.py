@@ -67,9 +67,8 @@ def train_side(device: str, hp: Hyperparameters, iterations: int, graphs: bool, 
     for iteration in range(iterations):
         meta_iteration(reptile.meta_step_size(iteration, hp), generator)
         if (iteration + 1) % 2 == 0:
-            scorer = scorer or evaluate.TestTaskScorer(meta_model, learner, inner_optimizer, samplers["meta-test"],
-                                                       hp, graphs)
-            scores.append(scorer(validation))
+            scorer = scorer or evaluate.TestTaskScorer(meta_model, inner_optimizer.state_dict(), hp, cuda_graphs=graphs)
+            scores.append(evaluate.score_new_task(scorer, samplers["meta-test"], validation))
     bench.synchronize(device)
     return meta_model, scores, time.perf_counter() - started, meta_iteration.adapt.graph is not None
 
@@ -101,7 +100,7 @@ def nondeterministic_cudnn(device: str, hp: Hyperparameters, iterations: int) ->
 
 
 def vmapped_evaluator(device: str, tasks: int) -> None:
-    """evaluate_tasks_together (the GPU's final evaluation) against evaluate_tasks, on this device."""
+    """The test-task scorer side by side (the GPU's final evaluation) against one task at a time, on this device."""
     hp = Hyperparameters(classes=5, shots=1, meta_batch=1)
     samplers = bench.synthetic_samplers(device)
     torch.manual_seed(0)
@@ -112,14 +111,12 @@ def vmapped_evaluator(device: str, tasks: int) -> None:
     for iteration in range(3):  # an inner Adam state to start the test tasks from
         meta_iteration(1.0, torch.Generator().manual_seed(iteration))
     seeds = evaluate.task_seeds(tasks, torch.Generator().manual_seed(9))
-    state = {key: value.detach().clone() for key, value in meta_model.state_dict().items()}
-    one_by_one = np.array(evaluate.evaluate_tasks(state, inner_optimizer.state_dict(), samplers["meta-test"], hp,
-                                                  seeds))
-    together = np.array(evaluate.evaluate_tasks_together(state, inner_optimizer.state_dict(), samplers["meta-test"],
-                                                         hp, seeds))
+    one_by_one, together = (np.array(evaluate.evaluate_tasks(meta_model, inner_optimizer.state_dict(),
+                                                             samplers["meta-test"], hp, seeds, side_by_side))
+                            for side_by_side in (False, True))
     agreement = (together[:, 0] == one_by_one[:, 0]).mean()
     loss_difference = np.median(np.abs(together[:, 1] - one_by_one[:, 1]) / one_by_one[:, 1])
-    report("vmapped evaluator = per-task evaluator", agreement >= 0.98 and loss_difference < 1e-3,
+    report("side-by-side scorer = one task at a time", agreement >= 0.98 and loss_difference < 1e-3,
            f"{tasks} tasks: same correct count in {100 * agreement:.1f}%, median relative loss difference "
            f"{loss_difference:.1e}")
 

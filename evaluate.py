@@ -1,5 +1,6 @@
 """Evaluation on test tasks: adapting the meta-model to a task and scoring its queries, one task at a time (on the
-CPU, in worker processes) or many side by side (on a GPU), validation during training, and confidence intervals.
+CPU, in worker processes) or many side by side (on a GPU), for validation, the final evaluation and Lake's runs; and
+confidence intervals.
 """
 import contextlib
 import copy
@@ -8,17 +9,15 @@ import math
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-import omniglot
 import reptile
 import run_folder
-from models import OmniglotModel
-from reptile import Hyperparameters
+from reptile import Hyperparameters, Loss, TestTask
 from utils import gather, processes, rank
 
 TASKS_TOGETHER = 500  # evaluation tasks adapted side by side on a GPU (20-way 5-shot: about 20 GB)
@@ -31,152 +30,168 @@ def task_seeds(tasks: int, generator: torch.Generator) -> list[int]:
     return torch.randint(2 ** 62, (tasks,), generator=generator).tolist()
 
 
-def adapt_to_test_task(model: OmniglotModel, learner: OmniglotModel, optimizer: torch.optim.Optimizer,
-                       adam_state: dict, task: omniglot.Task, hp: Hyperparameters,
-                       generator: torch.Generator) -> None:
-    """Set `learner` to the meta-weights of `model`, then adapt it to a test task's support images."""
-    reptile.copy_weights(model, learner)
-    # Every test task starts from the training Adam state; load_state_dict would share its tensors.
-    optimizer.load_state_dict(copy.deepcopy(adam_state))
-    batches = reptile.inner_batches(len(task.support_images), hp.test_batch, hp.test_iterations, generator,
-                                    hp.replacement)
-    reptile.adapt(learner, optimizer, reptile.mini_batches(task.support_images, task.support_labels, batches),
-                  hp.weight_decay)
+def test_batches(hp: Hyperparameters, support: int, generator: torch.Generator) -> torch.Tensor:
+    """The order in which a test task's `support` examples form its inner mini-batches: (test_iterations,
+    test_batch) indices."""
+    return reptile.inner_batches(support, hp.test_batch, hp.test_iterations, generator, hp.replacement)
 
 
-def classify_queries(learner: OmniglotModel, task: omniglot.Task, transductive: bool) -> torch.Tensor:
-    """Log-probabilities of a task's queries: all in one batch (transductive), or each with the support images."""
-    # Evaluation workers turn oneDNN off for the small adaptation batches; on these larger ones it is faster
-    # (20-way 5-shot: 20 batches of 101 images). allow_tf32=None leaves that setting alone (setting it warns).
-    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=True, allow_tf32=None):
-        if transductive:
-            return learner(task.query_images)
-        # Each query in a batch with the support images: queries never share BatchNorm statistics.
-        return torch.cat([learner(torch.cat([task.support_images, query[None]]))[-1:] for query in task.query_images])
-
-
-def evaluate_tasks(meta_state: dict, adam_state: dict, sampler: omniglot.TaskSampler, hp: Hyperparameters,
-                   seeds: list[int]) -> list[tuple[int, float]]:
-    """(correct queries, mean query loss) of one test task per seed, each adapted from the meta-weights."""
-    model = reptile.prepare_model(OmniglotModel(hp.classes), sampler.images.device)
-    model.load_state_dict(meta_state)
-    learner, optimizer = reptile.make_learner(model, hp.lr, hp.inner_optimizer)
-    results = []
+def draw_test_tasks(source: reptile.Tasks, hp: Hyperparameters,
+                    seeds: list[int]) -> tuple[list[TestTask], torch.Tensor]:
+    """One hp.classes-way hp.shots-shot test task per seed (one query per class), and the order of each one's support
+    examples in its inner mini-batches: (tasks, steps, batch)."""
+    tasks, batches = [], []
     for seed in seeds:
         generator = torch.Generator().manual_seed(seed)
-        task = sampler.sample(hp.classes, hp.shots, 1, generator)
-        adapt_to_test_task(model, learner, optimizer, adam_state, task, hp, generator)
-        log_probs = classify_queries(learner, task, hp.transductive)
-        correct = (learner.predict(log_probs) == task.query_labels).sum().item()
-        results.append((correct, torch.nn.functional.nll_loss(log_probs, task.query_labels).item()))
-    return results
+        tasks.append(source.sample(hp.classes, hp.shots, 1, generator))
+        batches.append(test_batches(hp, hp.classes * hp.shots, generator))
+    return tasks, torch.stack(batches)
+
+
+class OneTask(torch.nn.Module):
+    """A model adapted to one task, in SideBySide's shapes: inputs (1, examples, ...) give outputs (1, examples, ...)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(inputs[0])[None]
+
+    def each(self, function: Callable) -> Callable:
+        """`function` of one task's tensors, applied to the task."""
+        return lambda *tensors: function(*(tensor[0] for tensor in tensors))[None]
+
+    def gradients(self, inputs: torch.Tensor, targets: torch.Tensor, loss: Loss) -> None:
+        """reptile.backpropagate on the task."""
+        reptile.backpropagate(self.model, inputs[0], targets[0], loss)
+
+
+class SideBySide(torch.nn.Module):
+    """`count` copies of a model's weights, each adapted to a task of its own: inputs (count, examples, ...) give
+    outputs (count, examples, ...), one computation vmapped over the tasks (for GPUs)."""
+
+    def __init__(self, model: torch.nn.Module, count: int):
+        super().__init__()
+        self.template = [model]  # a list, not a submodule: its structure is used, with these weights
+        self.names = [name for name, _ in model.named_parameters()]
+        # Contiguous, not channels-last: vmapped BatchNorm on CUDA does not support channels-last tensors.
+        self.weights = torch.nn.ParameterList(torch.empty(count, *param.shape, device=param.device)
+                                              for param in model.parameters())
+
+    def one(self, weights: tuple, inputs: torch.Tensor) -> torch.Tensor:
+        """The outputs of one task's weights."""
+        return torch.func.functional_call(self.template[0], dict(zip(self.names, weights)), (inputs,))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return torch.func.vmap(self.one)(tuple(self.weights), inputs)
+
+    def each(self, function: Callable) -> Callable:
+        """`function` of one task's tensors, applied to every task."""
+        return torch.func.vmap(function)
+
+    def gradients(self, inputs: torch.Tensor, targets: torch.Tensor, loss: Loss) -> None:
+        """Set each task's weights' .grad to the gradient of its own loss (torch.func.grad, vmapped)."""
+        def task_loss(weights: tuple, task_inputs: torch.Tensor, task_targets: torch.Tensor) -> torch.Tensor:
+            return loss(self.one(weights, task_inputs), task_targets)
+
+        detached = tuple(weight.detach() for weight in self.weights)
+        for weight, gradient in zip(self.weights, torch.func.vmap(torch.func.grad(task_loss))(detached, inputs,
+                                                                                               targets)):
+            weight.grad = gradient
 
 
 class TestTaskScorer:
-    """evaluate_tasks for one task at a time, from the meta-model and inner optimizer as they are while training;
-    on CUDA the adaptation and scoring are replayed as one captured graph (the training validation's way)."""
+    """Adapts copies of the meta-model to test tasks and scores their queries: one task at a time, or `together`
+    tasks side by side (SideBySide). Every task starts from the meta-model's weights and the inner optimizer's state
+    (`inner_state`, its state_dict()) as they are when it starts: during training, those being trained. On CUDA,
+    with cuda_graphs, a task's adaptation and scoring are replayed as one captured graph (validation's way)."""
 
-    def __init__(self, meta_model: OmniglotModel, learner: OmniglotModel, inner_optimizer: torch.optim.Optimizer,
-                 sampler: omniglot.TaskSampler, hp: Hyperparameters, cuda_graphs: bool = True,
-                 bank: Optional[torch.Tensor] = None):
-        self.meta_model, self.training_learner, self.training_optimizer = meta_model, learner, inner_optimizer
-        self.sampler, self.hp = sampler, hp
-        self.learner, self.optimizer = reptile.make_learner(meta_model, hp.lr, hp.inner_optimizer)
-        self.optimizer.load_state_dict(copy.deepcopy(inner_optimizer.state_dict()))  # its state tensors, to copy into
-        device = next(meta_model.parameters()).device
-        self.bank = sampler.bank().to(device) if bank is None else bank  # the meta-training one is 301 MB: shared
-        self.support_labels = torch.arange(hp.classes, device=device).repeat_interleave(hp.shots)
-        self.query_labels = torch.arange(hp.classes, device=device)
-        self.sizes = [hp.classes * hp.shots, hp.classes, hp.test_iterations * hp.test_batch]
-        self.drawn = torch.zeros(sum(self.sizes), dtype=torch.long, device=device)
-        self.score = reptile.Graphed(self.adapt_and_score, cuda_graphs and device.type == "cuda", (self.optimizer,))
+    def __init__(self, meta_model: torch.nn.Module, inner_state: dict, hp: Hyperparameters, together: int = 0,
+                 loss: Loss = reptile.summed_cross_entropy, cuda_graphs: bool = False):
+        self.meta_model, self.inner_state, self.hp, self.loss = meta_model, inner_state, hp, loss
+        self.learner = SideBySide(meta_model.clone(), together) if together else OneTask(meta_model.clone())
+        # The side-by-side form steps with PyTorch's other Adam, whose arithmetic its figures were computed with.
+        self.optimizer = reptile.make_inner_optimizer(self.learner.parameters(), hp.lr, hp.inner_optimizer,
+                                                      fused=not together)
+        for index, param in enumerate(self.learner.parameters()):  # tensors to copy the inner optimizer's state into
+            for key, value in inner_state["state"].get(index, {}).items():
+                if isinstance(value, torch.Tensor):  # Adam's step count stays on the CPU but when fused
+                    self.optimizer.state[param][key] = torch.empty_like(param) if value.dim() else \
+                        value.detach().to("cpu" if together else param.device, torch.float32).clone()
+        self.held = []  # the tasks to score: support inputs and targets, query inputs and targets, mini-batches
+        device = next(self.learner.parameters()).device
+        self.run = reptile.Graphed(lambda: (self.adapt(), self.score(hp.transductive))[1],
+                                   cuda_graphs and device.type == "cuda", (self.optimizer,))
 
-    def adapt_and_score(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(correct queries, mean query loss) of the task in self.drawn, adapted from the current meta-weights."""
-        reptile.copy_weights(self.meta_model, self.learner)
-        with torch.no_grad():  # every test task starts from the training state of the inner optimizer
-            for param, training_param in zip(self.learner.parameters(), self.training_learner.parameters()):
-                for key, value in self.optimizer.state[param].items():
-                    value.copy_(self.training_optimizer.state[training_param][key])
-        support_rows, query_rows, positions = self.drawn.split(self.sizes)
-        support = self.bank[support_rows]
-        batches = [(support[indices], self.support_labels[indices])
-                   for indices in positions.view(self.hp.test_iterations, self.hp.test_batch)]
-        reptile.adapt(self.learner, self.optimizer, batches, self.hp.weight_decay)
-        task = omniglot.Task(support, self.support_labels, self.bank[query_rows], self.query_labels)
-        log_probs = classify_queries(self.learner, task, self.hp.transductive)
-        return ((self.learner.predict(log_probs) == self.query_labels).sum(),
-                torch.nn.functional.nll_loss(log_probs, self.query_labels))
+    def hold(self, tasks: list[TestTask], batches: torch.Tensor) -> None:
+        """Take these tasks and their inner mini-batches (tasks, steps, batch) as the ones to adapt to and score."""
+        device = next(self.learner.parameters()).device
+        parts = [torch.stack(part).to(device) for part in zip(*tasks)] + [batches.to(device, copy=True)]
+        if [part.shape for part in parts] == [part.shape for part in self.held]:  # in place: a graph reads them
+            for held, part in zip(self.held, parts):
+                held.copy_(part)
+        else:
+            self.held = parts
 
-    def __call__(self, generator: torch.Generator) -> tuple[float, float]:
-        """The accuracy and mean query loss of a new test task, drawn as evaluate_tasks draws it."""
-        hp = self.hp
-        task_generator = torch.Generator().manual_seed(task_seeds(1, generator)[0])
-        chosen, drawers = self.sampler.draw(hp.classes, hp.shots, 1, task_generator)
-        rows = omniglot.bank_rows(chosen, drawers)
-        batches = reptile.inner_batches(hp.classes * hp.shots, hp.test_batch, hp.test_iterations, task_generator,
-                                        hp.replacement)
-        drawn = torch.cat([rows[:, :hp.shots].reshape(-1), rows[:, hp.shots], batches.reshape(-1)])
-        self.drawn.copy_(drawn.pin_memory() if self.drawn.is_cuda else drawn, non_blocking=True)
-        correct, loss = self.score()
-        return correct.item() / hp.classes, loss.item()
+    def adapt(self) -> None:
+        """Set the learners to the meta-weights and the inner optimizer to its state, then adapt them to the held
+        tasks' support sets."""
+        with torch.no_grad():
+            for param, meta_param in zip(self.learner.parameters(), self.meta_model.parameters()):
+                param.copy_(meta_param)
+            for index, param in enumerate(self.learner.parameters()):
+                state, start = self.optimizer.state[param], self.inner_state["state"].get(index, {})
+                for key in [key for key in state if key not in start]:  # made by the last task's steps
+                    del state[key]
+                for key, value in start.items():
+                    if isinstance(state.get(key), torch.Tensor):
+                        state[key].copy_(value)
+                    else:  # None: SGD's momentum buffer without momentum
+                        state[key] = value
+        support, targets, _, _, batches = self.held
+        rows = torch.arange(len(batches), device=batches.device)[:, None]
+        reptile.adapt(self.learner, self.optimizer, [(support[rows, step], targets[rows, step])
+                                                     for step in batches.unbind(1)],
+                      self.hp.weight_decay, self.loss, type(self.learner).gradients)
+
+    def score(self, transductive: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(correct queries, mean query loss) of each held task: its queries classified all in one batch
+        (transductive), or each in a batch with the support set, so that queries never share BatchNorm statistics."""
+        support, _, queries, targets, _ = self.held
+        # Evaluation workers turn oneDNN off for the small adaptation batches; on these larger ones it is faster
+        # (20-way 5-shot: 20 batches of 101 images). allow_tf32=None leaves that setting alone (setting it warns).
+        with torch.no_grad(), torch.backends.mkldnn.flags(enabled=True, allow_tf32=None):
+            if transductive:
+                outputs = self.learner(queries)
+            else:
+                outputs = torch.cat([self.learner(torch.cat([support, queries[:, query:query + 1]], dim=1))[:, -1:]
+                                     for query in range(queries.shape[1])], dim=1)
+            return ((outputs.argmax(dim=-1) == targets).sum(dim=-1),
+                    self.learner.each(self.loss)(outputs, targets) / targets.shape[1])
+
+    def __call__(self, tasks: list[TestTask], batches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(correct queries, mean query loss) of each task (hp.transductive), each adapted from the meta-weights."""
+        if isinstance(self.learner, OneTask) and len(tasks) > 1:
+            scores = [self([task], task_batches[None]) for task, task_batches in zip(tasks, batches)]
+            return tuple(torch.cat(part) for part in zip(*scores))
+        self.hold(tasks, batches)
+        return self.run()
 
 
-def evaluate_tasks_together(meta_state: dict, adam_state: dict, sampler: omniglot.TaskSampler, hp: Hyperparameters,
-                            seeds: list[int]) -> list[tuple[int, float]]:
-    """evaluate_tasks, with all the tasks adapted side by side as one computation vmapped over tasks (for GPUs)."""
-    device = sampler.images.device
-    model = OmniglotModel(hp.classes).to(device)
-    tasks, batches = [], []
-    for seed in seeds:  # the same draws, in the same order, as evaluate_tasks
-        generator = torch.Generator().manual_seed(seed)
-        tasks.append(sampler.sample(hp.classes, hp.shots, 1, generator))
-        batches.append(reptile.inner_batches(hp.classes * hp.shots, hp.test_batch, hp.test_iterations, generator,
-                                             hp.replacement))
-    support, support_labels, queries, query_labels = (torch.stack(part) for part in zip(*tasks))
-    batches = torch.stack(batches).to(device)  # (tasks, steps, batch)
-    count = len(seeds)
-    # Contiguous, not channels-last: vmapped BatchNorm on CUDA does not support channels-last tensors.
-    params = {name: value.to(device).expand(count, *value.shape).contiguous().requires_grad_()
-              for name, value in meta_state.items()}
-    # One inner optimizer over the weights of all the tasks stacked (Adam and SGD work element by element), each
-    # task starting from the training state of the inner optimizer.
-    group = adam_state["param_groups"][0]
-    optimizer = reptile.make_inner_optimizer(params.values(), group["lr"], hp.inner_optimizer, fused=False)
-    for index, param in enumerate(params.values()):
-        if index in adam_state["state"]:
-            # Adam's step count stays on the CPU: only its fused and capturable forms take it on the GPU.
-            optimizer.state[param] = {key: value.to(device).expand_as(param).contiguous() if value.dim() else
-                                      value.detach().cpu().clone() for key, value in adam_state["state"][index].items()}
-
-    def loss(task_params: dict, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return reptile.summed_cross_entropy(torch.func.functional_call(model, task_params, (images,)), labels)
-
-    task_gradients = torch.func.vmap(torch.func.grad(loss))
-    rows = torch.arange(count, device=device)[:, None]
-    for step in range(hp.test_iterations):
-        if hp.weight_decay != 1.0:
-            with torch.no_grad():
-                for param in params.values():
-                    param.mul_(hp.weight_decay)
-        indices = batches[:, step]
-        detached = {name: param.detach() for name, param in params.items()}
-        gradients = task_gradients(detached, support[rows, indices], support_labels[rows, indices])
-        for name, param in params.items():
-            param.grad = gradients[name]
-        optimizer.step()
-    params = {name: param.detach() for name, param in params.items()}
-
-    forward = torch.func.vmap(lambda task_params, images: torch.func.functional_call(model, task_params, (images,)))
-    with torch.no_grad():
-        if hp.transductive:
-            log_probs = forward(params, queries)  # (tasks, classes, classes)
-        else:  # each query in a batch with its task's support images, one query position at a time
-            log_probs = torch.stack([forward(params, torch.cat([support, queries[:, q:q + 1]], dim=1))[:, -1]
-                                     for q in range(queries.shape[1])], dim=1)
-        correct = (log_probs.argmax(dim=2) == query_labels).sum(dim=1)
-        losses = torch.nn.functional.nll_loss(log_probs.transpose(1, 2), query_labels, reduction="none").mean(dim=1)
+def evaluate_tasks(meta_model: torch.nn.Module, inner_state: dict, source: reptile.Tasks, hp: Hyperparameters,
+                   seeds: list[int], together: bool = False) -> list[tuple[int, float]]:
+    """(correct queries, mean query loss) of one test task per seed, each adapted from the meta-weights: one at a
+    time, or all side by side."""
+    tasks, batches = draw_test_tasks(source, hp, seeds)
+    correct, losses = TestTaskScorer(meta_model, inner_state, hp, len(seeds) if together else 0)(tasks, batches)
     return list(zip(correct.tolist(), losses.tolist()))
+
+
+def score_new_task(scorer: TestTaskScorer, source: reptile.Tasks, generator: torch.Generator) -> tuple[float, float]:
+    """The accuracy and mean query loss of a new test task of `source`, drawn as evaluate_tasks draws it."""
+    correct, loss = scorer(*draw_test_tasks(source, scorer.hp, task_seeds(1, generator)))
+    return correct.item() / scorer.hp.classes, loss.item()
 
 
 def confidence_interval(accuracies: np.ndarray) -> float:
@@ -198,22 +213,22 @@ def start_worker(samplers: dict) -> None:
     _worker_samplers.update(samplers)
 
 
-def evaluate_on_cpu(sampler: omniglot.TaskSampler, meta_state: dict, adam_state: dict, hp: Hyperparameters,
+def evaluate_on_cpu(source: reptile.Tasks, meta_model: torch.nn.Module, inner_state: dict, hp: Hyperparameters,
                     seeds: list[int]) -> list[tuple[int, float]]:
     """evaluate_tasks with the convolution kernels that are faster on one thread at --test-batch."""
     with torch.backends.mkldnn.flags(enabled=hp.test_batch >= ONEDNN_FROM_BATCH, allow_tf32=None):
-        return evaluate_tasks(meta_state, adam_state, sampler, hp, seeds)
+        return evaluate_tasks(meta_model, inner_state, source, hp, seeds)
 
 
-def evaluate_in_worker(name: str, meta_state: dict, adam_state: dict, hp: Hyperparameters,
+def evaluate_in_worker(name: str, meta_model: torch.nn.Module, inner_state: dict, hp: Hyperparameters,
                        seeds: list[int]) -> list[tuple[int, float]]:
     """evaluate_on_cpu on the worker's sampler called `name`."""
-    return evaluate_on_cpu(_worker_samplers[name], meta_state, adam_state, hp, seeds)
+    return evaluate_on_cpu(_worker_samplers[name], meta_model, inner_state, hp, seeds)
 
 
 def start_pool(samplers: dict, workers: int) -> Union[ProcessPoolExecutor, contextlib.nullcontext]:
-    """Evaluation worker processes, one thread each (small convolutions use a second thread poorly)."""
-    if workers <= 1 or any(sampler.images.is_cuda for sampler in samplers.values()):
+    """Evaluation worker processes, one thread each (small convolutions use a second thread poorly); none for 1."""
+    if workers <= 1:
         return contextlib.nullcontext()
     return ProcessPoolExecutor(workers, mp_context=torch.multiprocessing.get_context("spawn"),
                                initializer=start_worker, initargs=(samplers,))
@@ -229,7 +244,7 @@ def stop_pool(pool: ProcessPoolExecutor) -> None:
     pool.shutdown(wait=False, cancel_futures=True)
 
 
-def score_tasks(meta_model: OmniglotModel, inner_optimizer: torch.optim.Optimizer, samplers: dict, name: str,
+def score_tasks(meta_model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer, samplers: dict, name: str,
                 hp: Hyperparameters, tasks: int, generator: torch.Generator, pool: Optional[ProcessPoolExecutor] = None,
                 workers: int = 1, progress: bool = False, share: bool = False,
                 keep: Optional[Path] = None) -> tuple[np.ndarray, np.ndarray]:
@@ -240,27 +255,26 @@ def score_tasks(meta_model: OmniglotModel, inner_optimizer: torch.optim.Optimize
     """
     seeds = task_seeds(tasks, generator)
     # Copies: sending tensors to worker processes moves them into shared memory, and these must not be the model's.
-    meta_state = {key: value.detach().cpu().clone() for key, value in meta_model.state_dict().items()}
-    adam_state = copy.deepcopy(inner_optimizer.state_dict())
-    identity = run_folder.evaluation_identity(meta_state, adam_state, dataclasses.asdict(hp), seeds) if keep else ""
+    model, inner_state = meta_model.clone(), copy.deepcopy(inner_optimizer.state_dict())
+    identity = run_folder.evaluation_identity(model.state_dict(), inner_state, dataclasses.asdict(hp), seeds) \
+        if keep else ""
     finished, earlier_seconds = run_folder.finished_tasks(keep, identity) if keep else ({}, 0.0)
     started = time.time()
     if finished and progress:
         print(f"evaluating {name}: going on after the {len(finished)} of {tasks} tasks kept in {keep}")
     positions = [position for position in range(tasks) if position not in finished]
-    on_gpu = samplers[name].images.is_cuda
+    on_gpu = next(model.parameters()).is_cuda
     size = TASKS_TOGETHER if on_gpu else max(1, min(25, tasks // (4 * max(1, workers))))
     chunks = [positions[i:i + size] for i in range(0, len(positions), size)]
     if share:
         chunks = chunks[rank()::processes()]
     picked = [[seeds[position] for position in chunk] for chunk in chunks]
     if on_gpu:  # a GPU is fast only with large pieces of work: it adapts many tasks side by side
-        parts = (evaluate_tasks_together(meta_state, adam_state, samplers[name], hp, chunk)
-                 for chunk in picked)
+        parts = (evaluate_tasks(model, inner_state, samplers[name], hp, chunk, together=True) for chunk in picked)
     elif pool is None:
-        parts = (evaluate_on_cpu(samplers[name], meta_state, adam_state, hp, chunk) for chunk in picked)
+        parts = (evaluate_on_cpu(samplers[name], model, inner_state, hp, chunk) for chunk in picked)
     else:
-        futures = [pool.submit(evaluate_in_worker, name, meta_state, adam_state, hp, chunk) for chunk in picked]
+        futures = [pool.submit(evaluate_in_worker, name, model, inner_state, hp, chunk) for chunk in picked]
         parts = (future.result() for future in futures)
     with tqdm(total=tasks, initial=len(finished), desc=f"evaluating {name}", unit="task", disable=not progress,
               leave=False) as bar:

@@ -14,7 +14,7 @@ from tqdm import tqdm
 import evaluate
 import omniglot
 import reptile
-from models import OmniglotModel
+from reptile import TestTask
 from utils import UserError, read_json
 
 URL = omniglot.URL + "one-shot-classification/" + omniglot.LAKE_ARCHIVE
@@ -23,7 +23,7 @@ MODES = ("non-transductive", "transductive")
 REPEATS = 10  # adaptations to each run, each with its own mini-batch order
 
 
-def load_runs(data_dir: Path, mirror: Optional[str] = None) -> dict[str, omniglot.Task]:
+def load_runs(data_dir: Path, mirror: Optional[str] = None) -> dict[str, TestTask]:
     """Lake et al.'s one-shot runs as {'runNN': Task}, from the mirror's all_runs.zip or one downloaded to data_dir."""
     # Support images: one per class, labelled in file order (class01 is 0); queries: labelled by class_labels.txt.
     mirror = mirror or os.environ.get(omniglot.MIRROR_VARIABLE)
@@ -44,7 +44,7 @@ def load_runs(data_dir: Path, mirror: Optional[str] = None) -> dict[str, omniglo
                 if not classes or any(len(pair) != 2 or pair[0] not in names or pair[1] not in classes
                                       for pair in pairs):
                     raise UserError(f"{problem}: {run} does not match its class_labels.txt")
-                runs[run] = omniglot.Task(torch.stack([read(name) for name in classes]), torch.arange(len(classes)),
+                runs[run] = TestTask(torch.stack([read(name) for name in classes]), torch.arange(len(classes)),
                                           torch.stack([read(test) for test, _ in pairs]),
                                           torch.tensor([classes.index(label) for _, label in pairs]))
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError) as error:
@@ -54,8 +54,8 @@ def load_runs(data_dir: Path, mirror: Optional[str] = None) -> dict[str, omniglo
     return runs
 
 
-def benchmark(meta_model: OmniglotModel, adam_state: dict, split: dict, data_dir: Path, mirror: Optional[str],
-              hp: reptile.Hyperparameters, seeds: list[int], device: str, logdir: str, iteration: int) -> dict:
+def benchmark(meta_model: torch.nn.Module, inner_state: dict, split: dict, data_dir: Path, mirror: Optional[str],
+              hp: reptile.Hyperparameters, seeds: list[int], logdir: str, iteration: int) -> dict:
     """Check that the run may be scored, score it, print the table and return its figures for results.json."""
     evaluation_alphabets = set(read_json(data_dir / omniglot.MARKER)["images_evaluation"])
     seen = [c for c in split["train"] if c.split("/")[0] in evaluation_alphabets]
@@ -64,33 +64,33 @@ def benchmark(meta_model: OmniglotModel, adam_state: dict, split: dict, data_dir
                         f"alphabets (such as {seen[0]}), where Lake's benchmark tests; evaluate a run trained with "
                         f"--split background")
     runs = load_runs(data_dir, mirror)
-    sizes = {len(task.support_labels) for task in runs.values()}
+    sizes = {len(task.support_targets) for task in runs.values()}
     if sizes != {hp.classes}:
         raise UserError(f"--eval-lake: the benchmark's runs are {'/'.join(map(str, sizes))}-way and {logdir} "
                         f"is {hp.classes}-way; evaluate a run trained with --classes {min(sizes)}")
-    return report(error_rates(meta_model, adam_state, runs, hp, seeds, device), runs, iteration)
+    return report(error_rates(meta_model, inner_state, runs, hp, seeds), runs, iteration)
 
 
-def error_rates(meta_model: OmniglotModel, adam_state: dict, runs: dict[str, omniglot.Task],
-                hp: reptile.Hyperparameters, seeds: list[int], device: str) -> dict[str, np.ndarray]:
+def error_rates(meta_model: torch.nn.Module, inner_state: dict, runs: dict[str, TestTask],
+                hp: reptile.Hyperparameters, seeds: list[int]) -> dict[str, np.ndarray]:
     """{mode: error rate in % of each run (rows) after each adaptation (columns, one per seed)}."""
-    learner, optimizer = reptile.make_learner(meta_model, hp.lr, hp.inner_optimizer)
+    scorer = evaluate.TestTaskScorer(meta_model, inner_state, hp)
     errors = {mode: np.zeros((len(runs), len(seeds))) for mode in MODES}
     with tqdm(total=len(runs) * len(seeds), desc="Lake's runs", unit="task", leave=False) as bar:
         for index, task in enumerate(runs.values()):
-            task = omniglot.Task(*(part.to(device) for part in task))
+            queries = len(task.query_targets)
             for repeat, seed in enumerate(seeds):
-                evaluate.adapt_to_test_task(meta_model, learner, optimizer, adam_state, task, hp,
-                                            torch.Generator().manual_seed(seed))
+                generator = torch.Generator().manual_seed(seed)
+                scorer.hold([task], evaluate.test_batches(hp, len(task.support_targets), generator)[None])
+                scorer.adapt()
                 for mode in errors:
-                    log_probs = evaluate.classify_queries(learner, task, mode == "transductive")
-                    wrong = learner.predict(log_probs) != task.query_labels
-                    errors[mode][index, repeat] = 100 * wrong.sum().item() / len(wrong)
+                    correct, _ = scorer.score(mode == "transductive")
+                    errors[mode][index, repeat] = 100 * (queries - correct.item()) / queries
                 bar.update()
     return errors
 
 
-def report(errors: dict[str, np.ndarray], runs: dict[str, omniglot.Task], iteration: int) -> dict:
+def report(errors: dict[str, np.ndarray], runs: dict[str, TestTask], iteration: int) -> dict:
     """Print each run's error rate (+- its standard deviation over adaptations) and their mean with its 95% interval
     over the runs; return them."""
     repeats = len(next(iter(errors.values()))[0])

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from reptile import TestTask
 from utils import UserError, locked, read_json, reason, save_atomically, write_json
 
 URL = "https://github.com/brendenlake/omniglot/raw/master/python/"
@@ -258,15 +259,8 @@ def make_split(data_dir: Path, characters: list[str], split: str, seed: int) -> 
     return {"split": split, "seed": seed, "train_rotations": list(ROTATIONS), "train": train, "test": test}
 
 
-class Task(NamedTuple):
-    support_images: torch.Tensor  # (classes * shots, 1, 28, 28)
-    support_labels: torch.Tensor  # (classes * shots,) in 0..classes-1
-    query_images: torch.Tensor  # (classes * queries, 1, 28, 28)
-    query_labels: torch.Tensor
-
-
 class TaskSampler:
-    """Draws N-way tasks from a set of characters, each rotation of a character being a class of its own."""
+    """Draws N-way tasks (reptile.Tasks) from a set of characters, each rotation of a character a class of its own."""
 
     def __init__(self, images: torch.Tensor, rotations: Sequence[int] = (0,)):
         self.images = images
@@ -285,11 +279,11 @@ class TaskSampler:
 
     def draw_rows(self, classes: int, shots: int, queries: int,
                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """`draw` as rows of bank() and their labels 0..N-1, each (classes, shots + queries): reptile.Tasks."""
+        """`draw` as rows of bank() and their labels 0..N-1, each (classes, shots + queries)."""
         rows = bank_rows(*self.draw(classes, shots, queries, generator))
         return rows, torch.arange(classes)[:, None].expand_as(rows)
 
-    def sample(self, classes: int, shots: int, queries: int, generator: torch.Generator) -> Task:
+    def sample(self, classes: int, shots: int, queries: int, generator: torch.Generator) -> TestTask:
         """N random classes labelled 0..N-1 in random order, with `shots` support and `queries` query images each."""
         chosen, drawers = self.draw(classes, shots, queries, generator)
         characters, turns = chosen // len(self.quarter_turns), chosen % len(self.quarter_turns)
@@ -298,8 +292,8 @@ class TaskSampler:
                               for class_images, turn in zip(images, turns.tolist())])
         images = images.unsqueeze(2)  # (classes, shots + queries, 1, 28, 28)
         labels = torch.arange(classes, device=images.device)[:, None].expand(classes, shots + queries)
-        return Task(images[:, :shots].reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE), labels[:, :shots].reshape(-1),
-                    images[:, shots:].reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE), labels[:, shots:].reshape(-1))
+        return TestTask(images[:, :shots].reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE), labels[:, :shots].reshape(-1),
+                        images[:, shots:].reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE), labels[:, shots:].reshape(-1))
 
     def bank(self) -> torch.Tensor:
         """Every image of every class, rotated, as (classes * 20, 1, 28, 28): image d of class c is row c * 20 + d."""

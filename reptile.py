@@ -7,7 +7,7 @@ evaluate.py, the command line, run folders and checkpoints in train_omniglot.py.
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Protocol
+from typing import Callable, Iterable, NamedTuple, Optional, Protocol
 
 import torch
 
@@ -27,9 +27,18 @@ def summed_cross_entropy(log_probs: torch.Tensor, labels: torch.Tensor) -> torch
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (model outputs, targets) -> a scalar to minimise
 
 
+class TestTask(NamedTuple):
+    """A test task: the support set a model adapts to, and the queries it is then scored on."""
+    support_inputs: torch.Tensor  # (support examples, ...)
+    support_targets: torch.Tensor  # (support examples,): class labels 0..N-1
+    query_inputs: torch.Tensor  # (queries, ...)
+    query_targets: torch.Tensor
+
+
 class Tasks(Protocol):
-    """Where meta-training tasks come from (omniglot.TaskSampler is one): a bank of every example's input, kept on
-    the model's device, and tasks drawn on the CPU as rows of it, so that a task is one gather there."""
+    """Where tasks come from (omniglot.TaskSampler is one). Meta-training draws a task on the CPU as rows of a bank
+    of every example's input, kept on the model's device, so that a task is one gather there; a test task is drawn
+    whole."""
 
     def bank(self) -> torch.Tensor:
         """Every example's input, stacked along the first dimension."""
@@ -38,6 +47,10 @@ class Tasks(Protocol):
                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """A new task: the bank rows of its examples and their class labels, each (classes, shots + queries): per
         class, `shots` examples and `queries` others, all distinct."""
+
+    def sample(self, classes: int, shots: int, queries: int, generator: torch.Generator) -> TestTask:
+        """A new test task: `shots` support examples and `queries` queries of each of `classes` classes, labelled
+        0..classes-1, on the device of the bank's source."""
 
 
 def setting(default, help: str, group: str, type: Optional[Callable] = None, choices: Optional[tuple] = None,
@@ -98,22 +111,23 @@ def inner_batches(num_images: int, batch: int, steps: int, generator: torch.Gene
     return order[:batch * steps].view(steps, batch)
 
 
-def mini_batches(images: torch.Tensor, labels: torch.Tensor,
-                 batches: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(images, labels) of each row of image indices in `batches`."""
-    return [(images[indices], labels[indices]) for indices in batches.to(images.device)]
+def backpropagate(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss: Loss) -> None:
+    """Add the gradient of loss(model(inputs), targets) to each parameter's .grad."""
+    loss(model(inputs), targets).backward()
 
 
-def adapt(model: ReptileModel, optimizer: torch.optim.Optimizer, batches: list[tuple[torch.Tensor, torch.Tensor]],
-          weight_decay: float = 1.0, loss: Loss = summed_cross_entropy) -> None:
-    """Train `model` with one optimizer step on each mini-batch (inputs, targets) in turn."""
-    for images, labels in batches:
+def adapt(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list[tuple[torch.Tensor, torch.Tensor]],
+          weight_decay: float = 1.0, loss: Loss = summed_cross_entropy,
+          gradients: Callable[..., None] = backpropagate) -> None:
+    """Train `model` with one optimizer step on each mini-batch (inputs, targets) in turn; `gradients(model, inputs,
+    targets, loss)` sets the parameters' .grad (evaluate.SideBySide brings its own)."""
+    for inputs, targets in batches:
         if weight_decay != 1.0:
             with torch.no_grad():
                 for param in model.parameters():
                     param.mul_(weight_decay)
         optimizer.zero_grad()
-        loss(model(images), labels).backward()
+        gradients(model, inputs, targets, loss)
         optimizer.step()
 
 

@@ -270,7 +270,7 @@ def final_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Opt
     result = {"shots": hp.shots, "mode": mode, "meta_iteration": iteration, "checkpoint": checkpoint,
               "split": split["split"], "tasks": args.eval_tasks}
     names = ["meta-test"] if args.meta_test_only else list(samplers)
-    workers = args.workers if processes() == 1 else 0
+    workers = args.workers if processes() == 1 and args.device == "cpu" else 0
     # A stopped evaluation goes on from the tasks it finished (under torchrun it starts again).
     kept = {name: run_folder.unfinished_evaluation(Path(args.logdir), cell(args), name, iteration, args.seed,
                                                    args.eval_tasks) if processes() == 1 else None for name in names}
@@ -312,7 +312,7 @@ def lake_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Opti
     started = time.time()
     seeds = evaluate.task_seeds(lake.REPEATS, stream(args.seed, EVALUATION_STREAM))
     errors = lake.benchmark(meta_model, copy.deepcopy(inner_optimizer.state_dict()), split, data_dir,
-                            args.omniglot_mirror, hyperparameters(args), seeds, args.device, args.logdir, iteration)
+                            args.omniglot_mirror, hyperparameters(args), seeds, args.logdir, iteration)
     record_result(args, {"meta_iteration": iteration, "checkpoint": checkpoint, "split": split["split"],
                          "repeats": lake.REPEATS, **errors, "seconds": round(time.time() - started, 1)}, training)
 
@@ -450,11 +450,11 @@ def check_finite(done: int, meta_model: OmniglotModel, inner_optimizer: torch.op
                         f"({run_folder.kept(logdir)}); train with smaller values in a new logdir")
 
 
-def validate(scorers: dict, generator: torch.Generator, recent: dict, writer: SummaryWriter, done: int,
-             step_size: float) -> None:
+def validate(scorer: evaluate.TestTaskScorer, samplers: dict, generator: torch.Generator, recent: dict,
+             writer: SummaryWriter, done: int, step_size: float) -> None:
     """Score one new test task of each character set and log it, the mean of the recent ones, and the meta-step."""
-    for name, scorer in scorers.items():
-        accuracy, loss = scorer(generator)
+    for name, sampler in samplers.items():
+        accuracy, loss = evaluate.score_new_task(scorer, sampler, generator)
         recent[name] = (recent[name] + [accuracy])[-RECENT_TASKS:]
         writer.add_scalar(f"{name}/accuracy", accuracy, done)
         writer.add_scalar(f"{name}/loss", loss, done)
@@ -491,7 +491,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
     share = len(range(rank(), hp.meta_batch, processes()))
     meta_iteration = reptile.MetaIteration(meta_model, learner, inner_optimizer, meta_optimizer,
                                            samplers["meta-train"], hp, share, args.cuda_graphs)
-    scorers = {}  # one per character set, made at the first validation (when the inner optimizer has a state)
+    scorer = None  # made at the first validation, when the inner optimizer has a state
     all_reduce = torch.distributed.all_reduce if processes() > 1 else None
     progress = tqdm(initial=start, total=hp.meta_iterations, desc="meta-training", unit="it", dynamic_ncols=True,
                     disable=rank() != 0)
@@ -511,10 +511,9 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
                 if done % args.validate_every == 0 or saving:
                     check_finite(done, meta_model, inner_optimizer, hp, logdir)
                 if done % args.validate_every == 0 and rank() == 0:
-                    scorers = scorers or {name: evaluate.TestTaskScorer(
-                        meta_model, learner, inner_optimizer, sampler, hp, args.cuda_graphs,
-                        meta_iteration.bank if name == "meta-train" else None) for name, sampler in samplers.items()}
-                    validate(scorers, generators["validation"], recent, writer, done, step_size)
+                    scorer = scorer or evaluate.TestTaskScorer(meta_model, inner_optimizer.state_dict(), hp,
+                                                               cuda_graphs=args.cuda_graphs)
+                    validate(scorer, samplers, generators["validation"], recent, writer, done, step_size)
                     progress.set_postfix({f"{name} acc": f"{np.mean(accs):.3f}" for name, accs in recent.items()})
                 if saving:
                     if writer:

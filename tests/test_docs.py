@@ -12,6 +12,7 @@ import lake
 import plot_runs
 import reptile
 import run_folder
+from models import OmniglotModel
 from conftest import ROOT
 from utils import read_json
 
@@ -96,7 +97,9 @@ def test_the_example_scores_a_task_as_the_evaluator_does(data_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     state = run_folder.load_checkpoint(str(ROOT / "runs/5way-exact-split/checkpoint/check-100000.pth"))
     test_characters = run_folder.load_split(ROOT / "runs/5way-exact-split", Path(data_dir), "paper", 0, "cpu")[1]
-    (correct, _), = evaluate.evaluate_tasks(state["meta_net"], state["inner_optimizer"], test_characters,
+    meta_model = reptile.prepare_model(OmniglotModel(5), "cpu")
+    meta_model.load_state_dict(state["meta_net"])
+    (correct, _), = evaluate.evaluate_tasks(meta_model, state["inner_optimizer"], test_characters,
                                             reptile.Hyperparameters(shots=1), [0])
     assert done.stdout == f"{correct} of 5 queries right\n"
 

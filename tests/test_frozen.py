@@ -68,12 +68,15 @@ def scored_tasks(data_dir: Path) -> dict:
     sampler = run_folder.load_split(ROOT / "runs/5way-exact-split", data_dir, "paper", 0, "cpu")[1]
     found = {}
     for name, flags in EVALUATIONS.items():
-        args = T.parse_args([str(ROOT / "runs/5way-exact-split"), "--eval-only", "--data", str(data_dir), *flags])
+        args = T.parse_args([str(ROOT / "runs/5way-exact-split"), "--eval-only", "--data", str(data_dir), "--device",
+                             "cpu", *flags])
+        meta_model = T.new_model(args)[0]
+        meta_model.load_state_dict(state["meta_net"])
         seeds = evaluate.task_seeds(50, T.stream(0, T.EVALUATION_STREAM))
         hp = T.hyperparameters(args)
-        found[name] = evaluate.evaluate_tasks(state["meta_net"], state["inner_optimizer"], sampler, hp, seeds)
-        found[name + ", side by side"] = evaluate.evaluate_tasks_together(state["meta_net"], state["inner_optimizer"],
-                                                                          sampler, hp, seeds)
+        for form, together in (("", False), (", side by side", True)):
+            found[name + form] = evaluate.evaluate_tasks(meta_model, state["inner_optimizer"], sampler, hp, seeds,
+                                                         together)
     return found
 
 
@@ -87,7 +90,7 @@ def lake_run(data_dir: Path, mirror: Path) -> dict:
     runs = lake.load_runs(data_dir, str(mirror))
     seeds = evaluate.task_seeds(lake.REPEATS, T.stream(0, T.EVALUATION_STREAM))
     errors = lake.error_rates(meta_model, state["inner_optimizer"], {"run01": runs["run01"]}, T.hyperparameters(args),
-                              seeds, "cpu")
+                              seeds)
     return {mode: table.tolist() for mode, table in errors.items()}
 
 

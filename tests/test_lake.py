@@ -41,18 +41,18 @@ def test_lake_runs_are_read_with_their_labels(tmp_path):
     runs = lake.load_runs(tmp_path / "data", str(mirror))
     assert list(runs) == ["run01", "run02"]
     for task, truth in zip(runs.values(), truths):
-        assert task.support_images.shape == task.query_images.shape == (5, 1, 28, 28)
-        assert task.support_labels.tolist() == list(range(5)) and task.query_labels.tolist() == truth
-        assert torch.equal(task.query_images, task.support_images[truth])  # each item is its class's image
-        assert set(task.support_images.unique().tolist()) == {0.0, 1.0}
+        assert task.support_inputs.shape == task.query_inputs.shape == (5, 1, 28, 28)
+        assert task.support_targets.tolist() == list(range(5)) and task.query_targets.tolist() == truth
+        assert torch.equal(task.query_inputs, task.support_inputs[truth])  # each item is its class's image
+        assert set(task.support_inputs.unique().tolist()) == {0.0, 1.0}
 
 
 def test_the_real_lake_benchmark_has_20_runs_of_20_classes(mirror):
     runs = lake.load_runs(mirror, str(mirror))
     assert len(runs) == 20
     for task in runs.values():
-        assert task.support_images.shape == task.query_images.shape == (20, 1, 28, 28)
-        assert sorted(task.query_labels.tolist()) == list(range(20))
+        assert task.support_inputs.shape == task.query_inputs.shape == (20, 1, 28, 28)
+        assert sorted(task.query_targets.tolist()) == list(range(20))
 
 
 def test_a_lake_archive_that_contradicts_its_labels_is_named(tmp_path):

@@ -25,16 +25,16 @@ def numbered_images(characters: int) -> torch.Tensor:
 def test_task_labels_and_disjoint_support_and_query():
     sampler = omniglot.TaskSampler(numbered_images(12))
     task = sampler.sample(5, 3, 2, torch.Generator().manual_seed(0))
-    assert task.support_images.shape == (15, 1, 28, 28) and task.query_images.shape == (10, 1, 28, 28)
-    assert sorted(task.support_labels.tolist()) == sorted(list(range(5)) * 3)
-    assert sorted(task.query_labels.tolist()) == sorted(list(range(5)) * 2)
-    support_ids = task.support_images[:, 0, 0, 0].long()
-    query_ids = task.query_images[:, 0, 0, 0].long()
+    assert task.support_inputs.shape == (15, 1, 28, 28) and task.query_inputs.shape == (10, 1, 28, 28)
+    assert sorted(task.support_targets.tolist()) == sorted(list(range(5)) * 3)
+    assert sorted(task.query_targets.tolist()) == sorted(list(range(5)) * 2)
+    support_ids = task.support_inputs[:, 0, 0, 0].long()
+    query_ids = task.query_inputs[:, 0, 0, 0].long()
     assert not set(support_ids.tolist()) & set(query_ids.tolist())
     # All images of a label come from one character, and labels are distinct characters.
     character_of = {}
     for image_id, label in zip(torch.cat([support_ids, query_ids]).tolist(),
-                               torch.cat([task.support_labels, task.query_labels]).tolist()):
+                               torch.cat([task.support_targets, task.query_targets]).tolist()):
         assert character_of.setdefault(label, image_id // omniglot.DRAWERS) == image_id // omniglot.DRAWERS
     assert len(set(character_of.values())) == 5
 
@@ -45,12 +45,12 @@ def test_a_seed_reproduces_a_task_and_labels_are_shuffled():
     again = sampler.sample(5, 1, 1, torch.Generator().manual_seed(3))
     other = sampler.sample(5, 1, 1, torch.Generator().manual_seed(4))
     assert all(torch.equal(a, b) for a, b in zip(first, again))
-    assert not torch.equal(first.support_images, other.support_images)
+    assert not torch.equal(first.support_inputs, other.support_inputs)
     # Label 0 is not always the lowest-numbered character.
     lowest_is_zero = []
     for seed in range(20):
         task = sampler.sample(5, 1, 0, torch.Generator().manual_seed(seed))
-        lowest_is_zero.append(task.support_images[:, 0, 0, 0].argmin().item() == 0)
+        lowest_is_zero.append(task.support_inputs[:, 0, 0, 0].argmin().item() == 0)
     assert not all(lowest_is_zero)
 
 
@@ -60,7 +60,7 @@ def test_rotations_are_classes_of_their_own():
     sampler = omniglot.TaskSampler(images, omniglot.ROTATIONS)
     assert sampler.num_classes == 4
     task = sampler.sample(4, 1, 0, torch.Generator().manual_seed(0))
-    by_label = {label: image[0] for label, image in zip(task.support_labels.tolist(), task.support_images)}
+    by_label = {label: image[0] for label, image in zip(task.support_targets.tolist(), task.support_inputs)}
     seen = {tuple(image.nonzero()[0].tolist()) for image in by_label.values()}
     assert len(seen) == 4  # four different orientations
     turned = {tuple(torch.rot90(images[0, 0], k).nonzero()[0].tolist()) for k in range(4)}
@@ -75,8 +75,8 @@ def test_the_bank_holds_each_drawn_image_turned_as_its_class_is():
     for seed in range(5):
         task = sampler.sample(4, 2, 1, torch.Generator().manual_seed(seed))
         rows = omniglot.bank_rows(*sampler.draw(4, 2, 1, torch.Generator().manual_seed(seed)))
-        assert torch.equal(bank[rows[:, :2].reshape(-1)], task.support_images)
-        assert torch.equal(bank[rows[:, 2]], task.query_images)
+        assert torch.equal(bank[rows[:, :2].reshape(-1)], task.support_inputs)
+        assert torch.equal(bank[rows[:, 2]], task.query_inputs)
 
 
 def test_sampling_refuses_impossible_tasks():

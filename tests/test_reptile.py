@@ -122,7 +122,7 @@ def test_a_meta_iteration_equals_the_straightforward_loop():
         if is_conv_bias(meta_model, name):
             continue  # see is_conv_bias
         torch.testing.assert_close(param.detach(), plain_params[name].detach(), rtol=1e-4, atol=1e-5, msg=name)
-    images = sampler.sample(3, 5, 0, torch.Generator().manual_seed(0)).support_images
+    images = sampler.sample(3, 5, 0, torch.Generator().manual_seed(0)).support_inputs
     torch.testing.assert_close(meta_model(images), plain_model(images), rtol=1e-4, atol=1e-5)
     assert not torch.equal(meta_model.features[0][0].weight, OmniglotModel(3).features[0][0].weight)
     assert torch.equal(generator.get_state(), plain_generator.get_state())
@@ -149,10 +149,10 @@ def per_step_task(sampler: omniglot.TaskSampler, hp: Hyperparameters,
     sampled (and rotated) on their own, then indexed step by step; with first-order MAML's tail, the queries last."""
     tail = hp.fomaml_tail or 0
     task = sampler.sample(hp.classes, hp.train_shots - tail, tail, generator)
-    batches = reptile.inner_batches(len(task.support_images), hp.batch, hp.iterations - (1 if tail else 0),
+    batches = reptile.inner_batches(len(task.support_inputs), hp.batch, hp.iterations - (1 if tail else 0),
                                     generator, hp.replacement)
-    return reptile.mini_batches(task.support_images, task.support_labels, batches) + (
-        [(task.query_images, task.query_labels)] if tail else [])
+    return [(task.support_inputs[indices], task.support_targets[indices]) for indices in batches] + (
+        [(task.query_inputs, task.query_targets)] if tail else [])
 
 
 @pytest.mark.parametrize("settings", [{}, {"algorithm": "fomaml", "fomaml_tail": 2, "replacement": True,
@@ -177,17 +177,35 @@ def test_the_image_bank_path_gives_the_per_step_path_bit_for_bit(settings):
     assert torch.equal(generators[0].get_state(), generators[1].get_state())
 
 
-def test_the_validation_scorer_gives_the_evaluator_bit_for_bit():
+def test_the_validation_scorer_follows_the_training_and_gives_the_evaluator_bit_for_bit():
     hp = Hyperparameters(classes=5, shots=2, test_iterations=7, meta_batch=1)
     sampler = random_sampler()
-    meta_model, learner, inner_optimizer, meta_optimizer = trained_side(hp, sampler)
-    scorer = evaluate.TestTaskScorer(meta_model, learner, inner_optimizer, sampler, hp)
+    meta_model, learner, inner_optimizer, meta_optimizer = project_side(hp.classes, hp.lr)
+    meta_iteration = reptile.MetaIteration(meta_model, learner, inner_optimizer, meta_optimizer, sampler, hp)
+    meta_iteration(1.0, torch.Generator().manual_seed(0))
+    scorer = evaluate.TestTaskScorer(meta_model, inner_optimizer.state_dict(), hp)
     generator, evaluation_generator = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
-    for _ in range(3):  # the scorer's learner and optimizer start afresh from the meta-model for each task
-        correct, loss = evaluate.evaluate_tasks(meta_model.state_dict(), inner_optimizer.state_dict(), sampler, hp,
+    scores = []
+    for iteration in range(3):  # each task starts afresh from the meta-model and inner state as they are now
+        correct, loss = evaluate.evaluate_tasks(meta_model, inner_optimizer.state_dict(), sampler, hp,
                                                 evaluate.task_seeds(1, evaluation_generator))[0]
-        assert scorer(generator) == (correct / hp.classes, loss)
+        scores.append(evaluate.score_new_task(scorer, sampler, generator))
+        assert scores[-1] == (correct / hp.classes, loss)
+        meta_iteration(1.0, torch.Generator().manual_seed(iteration + 1))
     assert torch.equal(generator.get_state(), evaluation_generator.get_state())
+    assert len(set(scores)) == 3
+
+
+@pytest.mark.parametrize("together", [False, True])
+def test_every_test_task_starts_from_the_inner_state_given_even_an_empty_one(together):
+    hp = Hyperparameters(classes=5, shots=1, test_iterations=3, meta_batch=1)
+    meta_model, _, fresh_adam, _ = project_side(hp.classes, hp.lr)
+    tasks, batches = evaluate.draw_test_tasks(random_sampler(), hp, [7, 7, 8])
+    scorer = evaluate.TestTaskScorer(meta_model, fresh_adam.state_dict(), hp, 3 if together else 0)
+    _, losses = scorer(tasks, batches)
+    assert torch.equal(scorer(tasks, batches)[1], losses) and not fresh_adam.state  # nothing kept from call to call
+    if not together:  # nor from task to task (side by side, a task's place changes the last bits)
+        assert losses[0] == losses[1] != losses[2]
 
 
 def test_first_order_maml_steps_along_the_change_of_the_last_inner_step():
@@ -244,12 +262,11 @@ def test_the_side_by_side_evaluator_agrees_with_sgd_weight_decay_and_replacement
     meta_model, learner, inner_optimizer, meta_optimizer = project_side(5, hp.lr)
     _, sgd = reptile.make_learner(meta_model, hp.lr, "sgd")
     seeds = evaluate.task_seeds(50, torch.Generator().manual_seed(3))
-    one_by_one = np.array(evaluate.evaluate_tasks(meta_model.state_dict(), sgd.state_dict(), sampler, hp, seeds))
-    together = np.array(evaluate.evaluate_tasks_together(meta_model.state_dict(), sgd.state_dict(), sampler, hp,
-                                                         seeds))
+    one_by_one, together = (np.array(evaluate.evaluate_tasks(meta_model, sgd.state_dict(), sampler, hp, seeds,
+                                                             side_by_side)) for side_by_side in (False, True))
     assert (together[:, 0] == one_by_one[:, 0]).mean() >= 0.98
     assert np.median(np.abs(together[:, 1] - one_by_one[:, 1]) / one_by_one[:, 1]) < 1e-4
-    adam = np.array(evaluate.evaluate_tasks(meta_model.state_dict(), inner_optimizer.state_dict(), sampler,
+    adam = np.array(evaluate.evaluate_tasks(meta_model, inner_optimizer.state_dict(), sampler,
                                             dataclasses.replace(hp, inner_optimizer="adam"), seeds))
     assert not np.allclose(adam[:, 1], one_by_one[:, 1])  # the inner optimizer applies at meta-test too
 
@@ -270,15 +287,15 @@ def test_evaluation_agrees_with_the_straightforward_loop(transductive):
     plain_model.load_state_dict(meta_model.state_dict())
     seeds = evaluate.task_seeds(100, torch.Generator().manual_seed(9))
     plain = np.array(bench.baseline_evaluate(plain_model, inner_optimizer.state_dict(), sampler, hp, seeds))
-    ours = np.array(evaluate.evaluate_tasks(meta_model.state_dict(), inner_optimizer.state_dict(), sampler, hp, seeds))
+    ours = np.array(evaluate.evaluate_tasks(meta_model, inner_optimizer.state_dict(), sampler, hp, seeds))
     # The same correct count but for near-ties (these random tasks are all near-ties): 95% of tasks here; starting
     # each task from a fresh Adam instead of the training state gives 85%, the other mode 63%.
     assert (ours[:, 0] == plain[:, 0]).mean() >= 0.93
     # Adam turns rounding differences in near-zero gradients into full-size steps, so losses drift slightly.
     assert np.median(np.abs(ours[:, 1] - plain[:, 1]) / plain[:, 1]) < 0.01
     # The GPU's way, all tasks adapted side by side (vmapped), against the per-task evaluator on the first 50.
-    together = np.array(evaluate.evaluate_tasks_together(meta_model.state_dict(), inner_optimizer.state_dict(),
-                                                         sampler, hp, seeds[:50]))
+    together = np.array(evaluate.evaluate_tasks(meta_model, inner_optimizer.state_dict(), sampler, hp, seeds[:50],
+                                                together=True))
     assert (together[:, 0] == ours[:50, 0]).mean() >= 0.98
     assert np.median(np.abs(together[:, 1] - ours[:50, 1]) / ours[:50, 1]) < 1e-3
 
@@ -288,8 +305,8 @@ def test_non_transductive_queries_do_not_share_batch_statistics():
     sampler = random_sampler()
     meta_model, _, inner_optimizer, *_ = trained_side(hp, sampler)
     seeds = [3]
-    alone = evaluate.evaluate_tasks(meta_model.state_dict(), inner_optimizer.state_dict(), sampler, hp, seeds)
-    together = evaluate.evaluate_tasks(meta_model.state_dict(), inner_optimizer.state_dict(), sampler,
+    alone = evaluate.evaluate_tasks(meta_model, inner_optimizer.state_dict(), sampler, hp, seeds)
+    together = evaluate.evaluate_tasks(meta_model, inner_optimizer.state_dict(), sampler,
                                        dataclasses.replace(hp, transductive=True), seeds)
     assert alone != together
 
@@ -301,7 +318,7 @@ def test_confidence_interval():
 
 @pytest.mark.parametrize("inner_optimizer", ["adam", "sgd"])
 def test_both_evaluators_step_with_the_same_inner_optimizer_settings(inner_optimizer, monkeypatch):
-    """The per-task evaluator and the side-by-side one (the GPU's) take one inner optimizer each from
+    """The scorer one task at a time and side by side (the GPU's) takes one inner optimizer each time from
     make_inner_optimizer; learning rate, betas, epsilon and weight decay must be the same."""
     hp = Hyperparameters(classes=5, shots=1, test_iterations=2, meta_batch=1, inner_optimizer=inner_optimizer)
     sampler = random_sampler()
@@ -317,10 +334,9 @@ def test_both_evaluators_step_with_the_same_inner_optimizer_settings(inner_optim
     seeds = evaluate.task_seeds(2, torch.Generator().manual_seed(3))
     if inner_optimizer == "sgd":  # trained_side's inner loop is Adam's; SGD keeps no state
         inner_optimizer_state = reptile.make_learner(meta_model, hp.lr, "sgd")[1]
-    state, adam_state = meta_model.state_dict(), inner_optimizer_state.state_dict()
     made.clear()
-    evaluate.evaluate_tasks(state, adam_state, sampler, hp, seeds)
-    evaluate.evaluate_tasks_together(state, adam_state, sampler, hp, seeds)
+    for side_by_side in (False, True):
+        evaluate.evaluate_tasks(meta_model, inner_optimizer_state.state_dict(), sampler, hp, seeds, side_by_side)
     one_by_one, side_by_side = made
 
     def settings(optimizer):

@@ -79,11 +79,11 @@ def test_a_stopped_evaluation_goes_on_from_its_finished_tasks_and_ends_the_same(
     evaluated, evaluate_tasks = [], evaluate.evaluate_tasks
 
     def stopping_after(chunks: int):
-        def counted(meta_state, adam_state, sampler, hp, seeds):
+        def counted(meta_model, inner_state, sampler, hp, seeds):
             if len(evaluated) == chunks:
                 raise KeyboardInterrupt
             evaluated.append(len(seeds))
-            return evaluate_tasks(meta_state, adam_state, sampler, hp, seeds)
+            return evaluate_tasks(meta_model, inner_state, sampler, hp, seeds)
         return counted
 
     monkeypatch.setattr(evaluate, "evaluate_tasks", stopping_after(2))  # chunks of 3 tasks: 6 of 12 finished
