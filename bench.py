@@ -18,8 +18,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import evaluate
 import omniglot
+import options
 import reptile
-import train_omniglot as T
 from models import OmniglotModel
 from reptile import Hyperparameters
 from utils import HelpFormatter, non_negative_int, positive_int
@@ -125,10 +125,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=positive_int, default=3, help="rounds, each timing both sides in turn")
     parser.add_argument("--iterations", type=positive_int, default=10, help="meta-iterations per side and round")
     parser.add_argument("--tasks", type=positive_int, default=40, help="evaluation tasks per side and round")
-    parser.add_argument("--workers", type=non_negative_int, default=T.build_parser().get_default("workers"),
+    parser.add_argument("--workers", type=non_negative_int, default=options.build_parser().get_default("workers"),
                         help="the project's evaluation worker processes (CPU)")
     bench = parser.parse_args()
-    hp = Hyperparameters(**T.PAPER_SETTINGS[f"{bench.classes}way{bench.shots}shot"])
+    hp = Hyperparameters(**options.PAPER_SETTINGS[f"{bench.classes}way{bench.shots}shot"])
     device = bench.device
     samplers = synthetic_samplers(device)
     print(f"bench: {hp.classes}-way {hp.shots}-shot, paper settings, {device}"
@@ -185,7 +185,7 @@ def main() -> None:
     for _ in range(bench.iterations):
         evaluate.score_new_task(scorer, samplers["meta-test"], generator)
     validation_ms = 1000 * (time.perf_counter() - started) / bench.iterations
-    validate_every = T.build_parser().get_default("validate_every")
+    validate_every = options.build_parser().get_default("validate_every")
     print(f"validation (one meta-train and one meta-test task every {validate_every} meta-iterations): "
           f"{validation_ms:.1f} ms a task, {2 * validation_ms / validate_every:.1f} ms per meta-iteration")
 

@@ -22,6 +22,7 @@ import torch
 
 import bench
 import evaluate
+import options
 import reptile
 import train_omniglot as T
 from models import OmniglotModel
@@ -224,8 +225,8 @@ def main() -> None:
     device = args.device
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"check_gpu.py on {name}, PyTorch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M %Z')}", flush=True)
-    five_way = Hyperparameters(**T.PAPER_SETTINGS["5way1shot"])
-    twenty_way = Hyperparameters(**T.PAPER_SETTINGS["20way1shot"])
+    five_way = Hyperparameters(**options.PAPER_SETTINGS["5way1shot"])
+    twenty_way = Hyperparameters(**options.PAPER_SETTINGS["20way1shot"])
     iterations = 10 if args.quick else 50
     fomaml = dataclasses.replace(five_way, algorithm="fomaml", fomaml_tail=5, inner_optimizer="sgd",
                                  weight_decay=0.999, replacement=True, train_shots=15, iterations=3)

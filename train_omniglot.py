@@ -4,13 +4,13 @@
     python train_omniglot.py --paper-setting 20way1shot
     python train_omniglot.py runs/x --eval-only   # evaluate the latest checkpoint of runs/x
 
-Running the same command again resumes from the latest checkpoint of the logdir. The algorithm is in reptile.py;
-this script is the command line, the run folder, checkpoints, TensorBoard, evaluation workers and torchrun.
+Running the same command again resumes from the latest checkpoint of the logdir. The algorithm is in reptile.py, the
+scoring of test tasks in evaluate.py and the flags in options.py; this script is the training loop, checkpoints,
+TensorBoard, the final evaluation and torchrun.
 """
 import argparse
 import contextlib
 import copy
-import dataclasses
 import os
 import shlex
 import signal
@@ -28,184 +28,20 @@ from tqdm import tqdm
 import evaluate
 import lake
 import omniglot
+import options
 import reptile
 import run_folder
 from models import OmniglotModel
 from reptile import Hyperparameters
-from utils import (HelpFormatter, OneLineParser, UserError, any_process, checkpoint_iteration, find_latest_file,
-                   non_negative_int, positive_int, processes, provenance, rank, read_json, reason, write_json,
-                   WriteError)
+from utils import (UserError, WriteError, any_process, find_latest_file, processes, provenance, rank, reason,
+                   write_json)
 
-# Flags that fix what a run learns: a resumed run must keep them (--meta-iterations may grow).
-TRAINING_FLAGS = tuple(field.name for field in dataclasses.fields(Hyperparameters)
-                       if field.metadata["training"]) + ("split", "seed")
-# Flags that fix the model and its characters: evaluation must keep them too.
-MODEL_FLAGS = ("classes", "split")
-NOT_SAVED = ("logdir", "eval_only", "eval_lake", "checkpoint", "paper_setting")
-# Flags recorded in args.json but never taken from it: those of the machine, not the run, and --split-from, a record
-# of how the run began (its characters are in split.json).
-NOT_TAKEN_BACK = ("device", "workers", "cuda_graphs", "split_from")
-# The paper's four Omniglot settings (openai/supervised-reptile's README) in this script's flags; the flags not
-# named are the same in all four.
-TWENTY_WAY = {"batch": 20, "iterations": 10, "lr": 0.0005, "meta_iterations": 200000, "test_batch": 10}
-FIVE_WAY = {name: getattr(Hyperparameters, name) for name in TWENTY_WAY}
-PAPER_SETTINGS = {f"{classes}way{shots}shot": {"classes": classes, "shots": shots, **flags}
-                  for classes, flags in ((5, FIVE_WAY), (20, TWENTY_WAY)) for shots in (1, 5)}
 RECENT_TASKS = 100  # the validation tasks that the logged mean accuracy and the progress bar average over
 # Independent random streams, so that validation or evaluation never changes what training samples.
 TRAIN_STREAM, VALIDATION_STREAM, EVALUATION_STREAM = 0, 1, 2
 # torchrun's process group on each device: on CUDA the stop flag (a CPU tensor) goes through gloo, so that checking
 # it each meta-iteration does not wait for the GPU.
 BACKENDS = {"cpu": "gloo", "cuda": "cpu:gloo,cuda:nccl"}
-
-
-# ----------------------------------------------------------------------------- configuration
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command line; the defaults are the paper's 5-way 5-shot Omniglot setting."""
-    parser = OneLineParser(prog="train_omniglot.py", description=__doc__.split("\n")[0], allow_abbrev=False,
-                           formatter_class=HelpFormatter)
-    parser.add_argument("logdir", nargs="?", help="run folder for TensorBoard events, checkpoints and results "
-                        "(default: runs/<classes>way<shots>shot)")
-    parser.add_argument("--paper-setting", choices=PAPER_SETTINGS,
-                        help="one of the paper's four settings: fills in the flags not given (" + "; ".join(
-                            f"{name}: " + " ".join(f"--{flag.replace('_', '-')} {value}"
-                                                   for flag, value in flags.items())
-                            for name, flags in PAPER_SETTINGS.items()) + ")")
-    groups = {name: parser.add_argument_group(name) for name in ("task", "meta-training", "evaluation")}
-    for field in dataclasses.fields(Hyperparameters):  # each hyperparameter's flag, as Hyperparameters declares it
-        about = field.metadata
-        if field.type is bool:
-            groups[about["group"]].add_argument(flag(field.name), action="store_true", help=about["help"])
-        else:
-            groups[about["group"]].add_argument(flag(field.name), type=about["type"], choices=about["choices"],
-                                                default=field.default, help=about["help"])
-    task, evaluation = groups["task"], groups["evaluation"]
-    task.add_argument("--split", choices=omniglot.SPLITS, default="paper",
-                      help="paper: 1,200 characters train, 423 test, shuffled as the paper's code does (with --seed 0 "
-                      "the paper's own); random-1200: as many, drawn by this project's first procedure (runs/5way, "
-                      "runs/20way); background: background alphabets train, evaluation alphabets test")
-    task.add_argument("--split-from", metavar="RUN_OR_SPLIT_JSON",
-                      help="train on the characters of another run (its folder or its split.json) instead of "
-                      "drawing them; --split takes that run's")
-    evaluation.add_argument("--eval-tasks", type=positive_int, default=10000, help="tasks in the final evaluation")
-    evaluation.add_argument("--meta-test-only", action="store_true",
-                            help="final evaluation on meta-test tasks only, in half the time (default: meta-train "
-                            "tasks too)")
-    evaluation.add_argument("--eval-only", action="store_true", help="evaluate a checkpoint of the logdir, no training")
-    evaluation.add_argument("--eval-lake", action="store_true",
-                            help="evaluate a checkpoint on Lake et al.'s one-shot benchmark instead (20 runs of 20-way "
-                            "one-shot tasks within an evaluation alphabet; needs a 20-way --split background run)")
-    evaluation.add_argument("--checkpoint", help="with --eval-only or --eval-lake: the checkpoint file "
-                            "(default: the latest)")
-    run = parser.add_argument_group("run")
-    run.add_argument("--validate-every", type=positive_int, default=10,
-                     help="log one meta-train and one meta-test task every this many meta-iterations")
-    run.add_argument("--check-every", type=positive_int, default=1000,
-                     help="checkpoint every this many meta-iterations")
-    run.add_argument("--keep", type=positive_int, default=3,
-                     help="checkpoints kept (the newest), besides those that results.json reports on")
-    run.add_argument("--workers", type=non_negative_int, default=len(os.sched_getaffinity(0)),
-                     help="evaluation worker processes on CPU, one thread each (ignored on CUDA)")
-    run.add_argument("--seed", type=int, default=0, help="seed of the split, the initial weights and every task")
-    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
-    run.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                     help="on CUDA, launch every kernel of a meta-iteration and a validation one by one instead of "
-                     "replaying them as captured CUDA graphs (slower; for debugging and comparison)")
-    run.add_argument("--data", default="omniglot", help="Omniglot folder (downloaded and extracted when missing)")
-    run.add_argument("--omniglot-mirror", help=f"folder holding the two Omniglot zips, used instead of the network "
-                     f"(default: ${omniglot.MIRROR_VARIABLE})")
-    return parser
-
-
-def flags_given(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
-    """The destinations of the options written on the command line."""
-    written = {arg.split("=", 1)[0] for arg in argv if arg.startswith("--")}
-    return {action.dest for action in parser._actions if written & set(action.option_strings)}
-
-
-def flag(name: str) -> str:
-    """The command-line spelling of an argument's destination."""
-    return "--" + name.replace("_", "-")
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    """Flags from the command line (--paper-setting fills in those not given); args.json fills in the rest."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.eval_only = args.eval_only or args.eval_lake
-    given = flags_given(parser, argv)
-    for name, value in PAPER_SETTINGS.get(args.paper_setting, {}).items():
-        if name not in given:
-            setattr(args, name, value)
-            given.add(name)
-    args.logdir = args.logdir or f"runs/{args.classes}way{args.shots}shot"
-    if Path(args.logdir).exists() and not Path(args.logdir).is_dir():
-        raise UserError(f"the run folder {args.logdir} is a file; give a folder (a new one, or an earlier run's)")
-    if args.split_from is not None:
-        take_split_from(args, given)
-    saved_path = Path(args.logdir) / "args.json"
-    if saved_path.is_file():
-        saved = read_json(saved_path)
-        fixed = MODEL_FLAGS if args.eval_only else TRAINING_FLAGS
-        # A training flag missing from args.json came after the run was made, which trained with its default.
-        saved = {**{name: parser.get_default(name) for name in fixed}, **saved}
-        for name, value in saved.items():
-            if name in NOT_SAVED + NOT_TAKEN_BACK or not hasattr(args, name):
-                continue
-            if name not in given:
-                setattr(args, name, value)
-            elif name in fixed and getattr(args, name) != value:
-                raise UserError(f"{flag(name)} {getattr(args, name)} differs from {value} in {saved_path}; "
-                                f"leave it out to continue this run, or choose a new logdir")
-    if args.shots + 1 > omniglot.DRAWERS:
-        raise UserError(f"--shots {args.shots} leaves no query image: a character has {omniglot.DRAWERS} drawings, "
-                        f"so --shots can be at most {omniglot.DRAWERS - 1}")
-    if args.train_shots > omniglot.DRAWERS:
-        raise UserError(f"--train-shots {args.train_shots} exceeds the {omniglot.DRAWERS} drawings of a character")
-    if args.fomaml_tail is not None and args.algorithm != "fomaml":
-        raise UserError("--fomaml-tail needs --algorithm fomaml")
-    if args.fomaml_tail is not None and args.fomaml_tail >= args.train_shots:
-        raise UserError(f"--fomaml-tail {args.fomaml_tail} leaves no image per class for the earlier inner steps; "
-                        f"it must be below --train-shots {args.train_shots}")
-    for images, batch, name in ((args.classes * (args.train_shots - (args.fomaml_tail or 0)), args.batch, "--batch"),
-                                (args.classes * args.shots, args.test_batch, "--test-batch")):
-        if args.replacement and batch > images:
-            raise UserError(f"{name} {batch} exceeds the {images} images a mini-batch is drawn from; with "
-                            f"--replacement no image appears twice in one, so use at most {images}")
-    train_classes, test_classes = run_folder.split_classes(Path(args.logdir), args.split, args.split_from)
-    for classes, name in ((train_classes, "meta-train"), (test_classes, "meta-test")):
-        if args.classes > classes:
-            raise UserError(f"--classes {args.classes} exceeds the {classes} {name} classes of the {args.split} split")
-    latest = find_latest_file(Path(args.logdir) / "checkpoint")
-    if latest and not args.eval_only and checkpoint_iteration(latest) > args.meta_iterations:
-        raise UserError(f"--meta-iterations {args.meta_iterations} is below the {checkpoint_iteration(latest)} this "
-                        f"run has done; use --eval-only --checkpoint to evaluate an earlier checkpoint")
-    if args.checkpoint and not args.eval_only:
-        raise UserError("--checkpoint needs --eval-only or --eval-lake (training always resumes from the latest "
-                        "checkpoint)")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: CUDA is not available here; use --device cpu")
-    return args
-
-
-def take_split_from(args: argparse.Namespace, given: set[str]) -> None:
-    """--split-from: the run takes the other run's split name; a run that has characters must have the same ones."""
-    source = run_folder.read_split(args.split_from)
-    if "split" in given and args.split != source["split"]:
-        raise UserError(f"--split {args.split} differs from the {source['split']} split of --split-from "
-                        f"{args.split_from}; leave --split out")
-    args.split = source["split"]
-    given.add("split")
-    own = Path(args.logdir) / "split.json"
-    if own.is_file() and not run_folder.same_characters(read_json(own), source):
-        raise UserError(f"{args.logdir} was trained on other characters than those of --split-from "
-                        f"{args.split_from}; leave --split-from out to continue this run, or choose a new logdir")
-
-
-def hyperparameters(args: argparse.Namespace) -> Hyperparameters:
-    """The run's hyperparameters, for reptile.py."""
-    return Hyperparameters(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Hyperparameters)})
 
 
 def stream(seed: int, purpose: int, process: Optional[int] = None) -> torch.Generator:
@@ -234,26 +70,11 @@ def join_torchrun(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------- the run folder
 
-def saved_args(args: argparse.Namespace) -> dict:
-    """The settings of a run, as written to args.json."""
-    return {name: value for name, value in vars(args).items() if name not in NOT_SAVED}
-
-
-def evaluation_mode(args: argparse.Namespace) -> str:
-    """How queries are classified: "transductive" or "non-transductive"."""
-    return "transductive" if args.transductive else "non-transductive"
-
-
-def cell(args: argparse.Namespace) -> str:
-    """What an evaluation with these settings measures, e.g. "5-shot non-transductive"."""
-    return f"{args.shots}-shot {evaluation_mode(args)}"
-
-
 def record_result(args: argparse.Namespace, result: dict, training: list[dict]) -> str:
     """Add an entry to the run's results.json (see run_folder.record_result), with the settings, the seed of its
     tasks, what evaluated it and what trained the checkpoint (`training`: its segments; empty for checkpoints written
     before they were recorded); return its key."""
-    return run_folder.record_result(Path(args.logdir), {**result, "seed": args.seed, "settings": saved_args(args),
+    return run_folder.record_result(Path(args.logdir), {**result, "seed": args.seed, "settings": options.saved_args(args),
                                                         "provenance": provenance(args.device),
                                                         "training": training})
 
@@ -264,15 +85,15 @@ def final_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Opt
                      args: argparse.Namespace, iteration: int, checkpoint: str, split: dict,
                      training: list[dict]) -> None:
     """Evaluate on --eval-tasks tasks of each character set (or meta-test only); print and record the accuracies."""
-    hp = hyperparameters(args)
-    mode = evaluation_mode(args)
+    hp = options.hyperparameters(args)
+    mode = options.evaluation_mode(args)
     seconds = 0.0
     result = {"shots": hp.shots, "mode": mode, "meta_iteration": iteration, "checkpoint": checkpoint,
               "split": split["split"], "tasks": args.eval_tasks}
     names = ["meta-test"] if args.meta_test_only else list(samplers)
     workers = args.workers if processes() == 1 and args.device == "cpu" else 0
     # A stopped evaluation goes on from the tasks it finished (under torchrun it starts again).
-    kept = {name: run_folder.unfinished_evaluation(Path(args.logdir), cell(args), name, iteration, args.seed,
+    kept = {name: run_folder.unfinished_evaluation(Path(args.logdir), options.cell(args), name, iteration, args.seed,
                                                    args.eval_tasks) if processes() == 1 else None for name in names}
     with evaluate.start_pool(samplers, workers) as pool:
         for name in names:
@@ -312,7 +133,7 @@ def lake_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Opti
     started = time.time()
     seeds = evaluate.task_seeds(lake.REPEATS, stream(args.seed, EVALUATION_STREAM))
     errors = lake.benchmark(meta_model, copy.deepcopy(inner_optimizer.state_dict()), split, data_dir,
-                            args.omniglot_mirror, hyperparameters(args), seeds, args.logdir, iteration)
+                            args.omniglot_mirror, options.hyperparameters(args), seeds, args.logdir, iteration)
     record_result(args, {"meta_iteration": iteration, "checkpoint": checkpoint, "split": split["split"],
                          "repeats": lake.REPEATS, **errors, "seconds": round(time.time() - started, 1)}, training)
 
@@ -320,7 +141,7 @@ def lake_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Opti
 # ----------------------------------------------------------------------------- the program
 
 def main(argv: list[str]) -> int:
-    args = parse_args(argv)
+    args = options.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     join_torchrun(args)  # under torchrun, only the first process (rank 0) writes logs, checkpoints and results
@@ -405,11 +226,11 @@ def resume(logdir: Path, meta_model: OmniglotModel, meta_optimizer: torch.optim.
 
 def already_evaluated(args: argparse.Namespace, iteration: int) -> bool:
     """Whether results.json holds this finished run's evaluation (said when it does)."""
-    result = run_folder.find_result(run_folder.read_results(Path(args.logdir)), args.shots, evaluation_mode(args),
+    result = run_folder.find_result(run_folder.read_results(Path(args.logdir)), args.shots, options.evaluation_mode(args),
                                     iteration, args.eval_tasks, args.seed)
     if result is not None and rank() == 0:
         accuracy = result["meta-test"]
-        print(f"training is complete and {Path(args.logdir) / 'results.json'} holds its {cell(args)} evaluation "
+        print(f"training is complete and {Path(args.logdir) / 'results.json'} holds its {options.cell(args)} evaluation "
               f"(meta-test accuracy {accuracy['accuracy']:.2f}% +- {accuracy['ci95']:.2f}%); "
               f"use --eval-only to evaluate again")
     return result is not None
@@ -464,7 +285,7 @@ def validate(scorer: evaluate.TestTaskScorer, samplers: dict, generator: torch.G
 
 def train(args: argparse.Namespace, argv: list[str]) -> int:
     """Meta-train from the run's newest checkpoint (or the start) to --meta-iterations, then evaluate."""
-    hp = hyperparameters(args)
+    hp = options.hyperparameters(args)
     logdir = Path(args.logdir)
     samplers, split, _ = load_samplers(args)
     meta_model, learner, inner_optimizer = new_model(args)
@@ -479,7 +300,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
     if start >= hp.meta_iterations and already_evaluated(args, start):
         return 0
     if rank() == 0:
-        write_json(logdir / "args.json", saved_args(args))
+        write_json(logdir / "args.json", options.saved_args(args))
         write_json(logdir / "split.json", split)
     segment = {"from": start, "to": start, "processes": processes(), **provenance(args.device)}
     segments = segments + [segment]  # the parts of the training so far, each with what trained it
@@ -521,7 +342,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
                     segment["to"] = done
                     checkpoint_path = str(run_folder.save_checkpoint(
                         logdir, done, meta_model, meta_optimizer, inner_optimizer, generators, recent,
-                        saved_args(args), args.keep, segments, args.device))
+                        options.saved_args(args), args.keep, segments, args.device))
                 if stop:
                     progress.close()
                     if rank() == 0:

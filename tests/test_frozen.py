@@ -13,6 +13,7 @@ sys.path.insert(0, str(ROOT))
 
 import evaluate  # noqa: E402
 import lake  # noqa: E402
+import options  # noqa: E402
 import run_folder  # noqa: E402
 import train_omniglot as T  # noqa: E402
 
@@ -68,12 +69,12 @@ def scored_tasks(data_dir: Path) -> dict:
     sampler = run_folder.load_split(ROOT / "runs/5way-exact-split", data_dir, "paper", 0, "cpu")[1]
     found = {}
     for name, flags in EVALUATIONS.items():
-        args = T.parse_args([str(ROOT / "runs/5way-exact-split"), "--eval-only", "--data", str(data_dir), "--device",
+        args = options.parse_args([str(ROOT / "runs/5way-exact-split"), "--eval-only", "--data", str(data_dir), "--device",
                              "cpu", *flags])
         meta_model = T.new_model(args)[0]
         meta_model.load_state_dict(state["meta_net"])
         seeds = evaluate.task_seeds(50, T.stream(0, T.EVALUATION_STREAM))
-        hp = T.hyperparameters(args)
+        hp = options.hyperparameters(args)
         for form, together in (("", False), (", side by side", True)):
             found[name + form] = evaluate.evaluate_tasks(meta_model, state["inner_optimizer"], sampler, hp, seeds,
                                                          together)
@@ -83,13 +84,13 @@ def scored_tasks(data_dir: Path) -> dict:
 def lake_run(data_dir: Path, mirror: Path) -> dict:
     """The error rates of runs/20way-background on Lake's run01, after each of its 10 adaptations."""
     state = run_folder.load_checkpoint(str(LAKE_CHECKPOINT))
-    args = T.parse_args([str(ROOT / "runs/20way-background"), "--eval-lake", "--data", str(data_dir),
+    args = options.parse_args([str(ROOT / "runs/20way-background"), "--eval-lake", "--data", str(data_dir),
                          "--device", "cpu"])
     meta_model, _, inner_optimizer = T.new_model(args)
     meta_model.load_state_dict(state["meta_net"])
     runs = lake.load_runs(data_dir, str(mirror))
     seeds = evaluate.task_seeds(lake.REPEATS, T.stream(0, T.EVALUATION_STREAM))
-    errors = lake.error_rates(meta_model, state["inner_optimizer"], {"run01": runs["run01"]}, T.hyperparameters(args),
+    errors = lake.error_rates(meta_model, state["inner_optimizer"], {"run01": runs["run01"]}, options.hyperparameters(args),
                               seeds)
     return {mode: table.tolist() for mode, table in errors.items()}
 

@@ -28,6 +28,7 @@ from test_reptile import is_conv_bias, random_sampler, trained_side
 import evaluate
 import lake
 import omniglot
+import options
 import reptile
 import run_folder
 import train_omniglot as T
@@ -381,12 +382,12 @@ def test_a_run_older_than_a_training_flag_keeps_that_flag_at_its_default(existin
     saved = json.loads((existing_run / "args.json").read_text())
     del saved["algorithm"], saved["inner_optimizer"]
     (logdir / "args.json").write_text(json.dumps(saved))
-    assert T.parse_args([str(logdir)]).algorithm == "reptile"
+    assert options.parse_args([str(logdir)]).algorithm == "reptile"
     with pytest.raises(T.UserError, match="--algorithm fomaml differs from reptile"):
-        T.parse_args([str(logdir), "--algorithm", "fomaml"])
+        options.parse_args([str(logdir), "--algorithm", "fomaml"])
     with pytest.raises(T.UserError, match="--inner-optimizer sgd differs from adam"):
-        T.parse_args([str(logdir), "--inner-optimizer", "sgd"])
-    assert T.parse_args([str(logdir), "--eval-only", "--inner-optimizer", "sgd"]).inner_optimizer == "sgd"
+        options.parse_args([str(logdir), "--inner-optimizer", "sgd"])
+    assert options.parse_args([str(logdir), "--eval-only", "--inner-optimizer", "sgd"]).inner_optimizer == "sgd"
 
 
 def test_paths_of_the_wrong_kind_are_named_in_one_line(run_here, tmp_path):
@@ -530,13 +531,13 @@ def test_eval_lake_scores_a_background_run_and_refuses_others(run_here, existing
 
 
 def test_a_paper_setting_fills_in_the_flags_not_given(tmp_path):
-    args = T.parse_args(["--paper-setting", "20way1shot", "--lr", "0.001"])
+    args = options.parse_args(["--paper-setting", "20way1shot", "--lr", "0.001"])
     assert (args.classes, args.shots, args.batch, args.iterations, args.meta_iterations, args.test_batch) == (
         20, 1, 20, 10, 200000, 10)
     assert args.lr == 0.001 and args.logdir == "runs/20way1shot"  # a flag given wins
-    five_shot = T.parse_args([str(tmp_path / "run"), "--paper-setting", "5way5shot"])
-    assert vars(five_shot) == {**vars(T.parse_args([str(tmp_path / "run")])), "paper_setting": "5way5shot"}
-    assert "paper_setting" not in T.saved_args(args)
+    five_shot = options.parse_args([str(tmp_path / "run"), "--paper-setting", "5way5shot"])
+    assert vars(five_shot) == {**vars(options.parse_args([str(tmp_path / "run")])), "paper_setting": "5way5shot"}
+    assert "paper_setting" not in options.saved_args(args)
 
 
 def test_first_order_maml_with_sgd_trains_and_keeps_its_settings(run_here, tmp_path):
@@ -556,7 +557,7 @@ def test_first_order_maml_with_sgd_trains_and_keeps_its_settings(run_here, tmp_p
 
 
 def test_help_shows_every_default_but_none_and_on_off_switches():
-    help_text = " ".join(T.build_parser().format_help().split())  # one line, as the wrapping falls
+    help_text = " ".join(options.build_parser().format_help().split())  # one line, as the wrapping falls
     assert "--seed SEED seed of the split, the initial weights and every task (default: 0)" in help_text
     assert "meta-step size at the end (annealed linearly) (default: 0.0)" in help_text
     assert "(default: False)" not in help_text and "(default: None)" not in help_text
@@ -745,13 +746,13 @@ def test_torchrun_splits_the_meta_batch_and_changes_no_mathematics(script, data_
 
     # The same arithmetic in one process, on one thread as under torchrun: each process's tasks adapted in its
     # own inner Adam chain (the meta-batch of 5: 3 tasks and 2), the two shares summed, one meta-step.
-    args = T.parse_args([str(logdir), "--data", str(data_dir), "--device", "cpu"])
+    args = options.parse_args([str(logdir), "--data", str(data_dir), "--device", "cpu"])
     sampler = run_folder.load_split(Path(args.logdir), data_dir, args.split, args.seed, "cpu")[0]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(args.seed)
-        hp = T.hyperparameters(args)
+        hp = options.hyperparameters(args)
         meta_model = reptile.prepare_model(OmniglotModel(hp.classes), "cpu")
         mean_model, meta_optimizer = meta_model.clone(), torch.optim.SGD(meta_model.parameters(), lr=1)
         processes = [(*reptile.make_learner(meta_model, hp.lr), meta_model.clone(),
