@@ -17,6 +17,7 @@ from conftest import ROOT
 from utils import read_json
 
 README = (ROOT / "README.md").read_text()
+GUIDE = (ROOT / "GUIDE.md").read_text()
 MODES = {"ours": "non-transductive", "ours, transductive": "transductive"}
 
 
@@ -88,8 +89,27 @@ def test_the_training_times_are_those_of_the_committed_event_files():
         assert f"{plot_runs.training_hours(ROOT / runs[row['row']])[0]:.1f}" == f"{hours:.1f}", row["row"]
 
 
-def test_the_example_scores_a_task_as_the_evaluator_does(data_dir, tmp_path):
-    example = re.search(r"```python\n(.*?)```", README, re.S).group(1)
+def python_block(text: str, heading: str) -> str:
+    """The first ```python block after `heading` in a markdown text."""
+    return re.search(r"```python\n(.*?)```", text[text.index(heading):], re.S).group(1)
+
+
+def test_the_own_problem_example_meta_learns_and_prints_what_readme_says(tmp_path):
+    heading = "## Reptile on your own problem"
+    done = subprocess.run([sys.executable, "-c", python_block(README, heading)], cwd=tmp_path, capture_output=True,
+                          text=True, env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    printed = re.search(r"```python\n.*?```.*?```\n(.*?)```", README[README.index(heading):], re.S).group(1)
+    percent = r"(\w[\w-]*) weights: ([\d.]+)% of the queries right"
+    said, got = (dict(re.findall(percent, text)) for text in (printed, done.stdout))
+    assert set(said) == set(got) == {"initial", "meta-learned"}
+    for name in said:  # a query or two may go the other way on another CPU's floating point
+        assert abs(float(got[name]) - float(said[name])) <= 0.2, (name, got[name], said[name])
+    assert float(got["meta-learned"]) > float(got["initial"]) + 20
+
+
+def test_the_guides_example_scores_a_task_as_the_evaluator_does(data_dir, tmp_path):
+    example = python_block(GUIDE, "### In your own code")
     (tmp_path / "omniglot").symlink_to(data_dir)  # the example's data folder, prepared
     (tmp_path / "runs").symlink_to(ROOT / "runs")
     done = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, capture_output=True, text=True,
