@@ -49,7 +49,8 @@ def draw_test_tasks(source: reptile.Tasks, hp: Hyperparameters,
 
 
 class OneTask(torch.nn.Module):
-    """A model adapted to one task, in SideBySide's shapes: inputs (1, examples, ...) give outputs (1, examples, ...)."""
+    """A model adapted to one task, in SideBySide's shapes: inputs (1, examples, ...) give outputs (1, examples,
+    ...)."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -95,9 +96,9 @@ class SideBySide(torch.nn.Module):
         def task_loss(weights: tuple, task_inputs: torch.Tensor, task_targets: torch.Tensor) -> torch.Tensor:
             return loss(self.one(weights, task_inputs), task_targets)
 
-        detached = tuple(weight.detach() for weight in self.weights)
-        for weight, gradient in zip(self.weights, torch.func.vmap(torch.func.grad(task_loss))(detached, inputs,
-                                                                                               targets)):
+        gradients = torch.func.vmap(torch.func.grad(task_loss))(tuple(weight.detach() for weight in self.weights),
+                                                                inputs, targets)
+        for weight, gradient in zip(self.weights, gradients):
             weight.grad = gradient
 
 

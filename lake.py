@@ -45,8 +45,8 @@ def load_runs(data_dir: Path, mirror: Optional[str] = None) -> dict[str, TestTas
                                       for pair in pairs):
                     raise UserError(f"{problem}: {run} does not match its class_labels.txt")
                 runs[run] = TestTask(torch.stack([read(name) for name in classes]), torch.arange(len(classes)),
-                                          torch.stack([read(test) for test, _ in pairs]),
-                                          torch.tensor([classes.index(label) for _, label in pairs]))
+                                     torch.stack([read(test) for test, _ in pairs]),
+                                     torch.tensor([classes.index(label) for _, label in pairs]))
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError) as error:
         raise UserError(f"{archive} is damaged ({error}); replace it with a good copy of {URL}") from None
     if not runs:

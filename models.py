@@ -15,10 +15,6 @@ class ReptileModel(nn.Module):
                 param.grad = torch.zeros_like(param)
             torch.sub(param.detach(), target_param.detach().to(param.device, param.dtype), out=param.grad)
 
-    def is_cuda(self) -> bool:
-        """Whether the parameters live on a CUDA device."""
-        return next(self.parameters()).is_cuda
-
     def clone(self) -> "ReptileModel":
         """An independent copy on the same device."""
         return copy.deepcopy(self)
@@ -53,8 +49,3 @@ class OmniglotModel(ReptileModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Log-probabilities (B, num_classes) of images given as (B, 784) or (B, 1, 28, 28)."""
         return self.log_softmax(self.classifier(self.features(x.view(-1, 1, 28, 28))))
-
-    @staticmethod
-    def predict(log_probs: torch.Tensor) -> torch.Tensor:
-        """The most likely class of each row."""
-        return log_probs.argmax(dim=1)

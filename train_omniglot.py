@@ -74,7 +74,8 @@ def record_result(args: argparse.Namespace, result: dict, training: list[dict]) 
     """Add an entry to the run's results.json (see run_folder.record_result), with the settings, the seed of its
     tasks, what evaluated it and what trained the checkpoint (`training`: its segments; empty for checkpoints written
     before they were recorded); return its key."""
-    return run_folder.record_result(Path(args.logdir), {**result, "seed": args.seed, "settings": options.saved_args(args),
+    return run_folder.record_result(Path(args.logdir), {**result, "seed": args.seed,
+                                                        "settings": options.saved_args(args),
                                                         "provenance": provenance(args.device),
                                                         "training": training})
 
@@ -226,12 +227,12 @@ def resume(logdir: Path, meta_model: OmniglotModel, meta_optimizer: torch.optim.
 
 def already_evaluated(args: argparse.Namespace, iteration: int) -> bool:
     """Whether results.json holds this finished run's evaluation (said when it does)."""
-    result = run_folder.find_result(run_folder.read_results(Path(args.logdir)), args.shots, options.evaluation_mode(args),
-                                    iteration, args.eval_tasks, args.seed)
+    result = run_folder.find_result(run_folder.read_results(Path(args.logdir)), args.shots,
+                                    options.evaluation_mode(args), iteration, args.eval_tasks, args.seed)
     if result is not None and rank() == 0:
         accuracy = result["meta-test"]
-        print(f"training is complete and {Path(args.logdir) / 'results.json'} holds its {options.cell(args)} evaluation "
-              f"(meta-test accuracy {accuracy['accuracy']:.2f}% +- {accuracy['ci95']:.2f}%); "
+        print(f"training is complete and {Path(args.logdir) / 'results.json'} holds its {options.cell(args)} "
+              f"evaluation (meta-test accuracy {accuracy['accuracy']:.2f}% +- {accuracy['ci95']:.2f}%); "
               f"use --eval-only to evaluate again")
     return result is not None
 

@@ -69,8 +69,8 @@ def scored_tasks(data_dir: Path) -> dict:
     sampler = run_folder.load_split(ROOT / "runs/5way-exact-split", data_dir, "paper", 0, "cpu")[1]
     found = {}
     for name, flags in EVALUATIONS.items():
-        args = options.parse_args([str(ROOT / "runs/5way-exact-split"), "--eval-only", "--data", str(data_dir), "--device",
-                             "cpu", *flags])
+        args = options.parse_args([str(ROOT / "runs/5way-exact-split"), "--eval-only", "--data", str(data_dir),
+                                   "--device", "cpu", *flags])
         meta_model = T.new_model(args)[0]
         meta_model.load_state_dict(state["meta_net"])
         seeds = evaluate.task_seeds(50, T.stream(0, T.EVALUATION_STREAM))
@@ -85,13 +85,13 @@ def lake_run(data_dir: Path, mirror: Path) -> dict:
     """The error rates of runs/20way-background on Lake's run01, after each of its 10 adaptations."""
     state = run_folder.load_checkpoint(str(LAKE_CHECKPOINT))
     args = options.parse_args([str(ROOT / "runs/20way-background"), "--eval-lake", "--data", str(data_dir),
-                         "--device", "cpu"])
+                               "--device", "cpu"])
     meta_model, _, inner_optimizer = T.new_model(args)
     meta_model.load_state_dict(state["meta_net"])
     runs = lake.load_runs(data_dir, str(mirror))
     seeds = evaluate.task_seeds(lake.REPEATS, T.stream(0, T.EVALUATION_STREAM))
-    errors = lake.error_rates(meta_model, state["inner_optimizer"], {"run01": runs["run01"]}, options.hyperparameters(args),
-                              seeds)
+    errors = lake.error_rates(meta_model, state["inner_optimizer"], {"run01": runs["run01"]},
+                              options.hyperparameters(args), seeds)
     return {mode: table.tolist() for mode, table in errors.items()}
 
 
