@@ -10,7 +10,6 @@ TensorBoard, the final evaluation and torchrun.
 """
 import argparse
 import contextlib
-import copy
 import os
 import shlex
 import signal
@@ -133,7 +132,7 @@ def lake_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Opti
     """Error rates on Lake et al.'s one-shot runs, both ways of classifying; printed and recorded in results.json."""
     started = time.time()
     seeds = evaluate.task_seeds(lake.REPEATS, stream(args.seed, EVALUATION_STREAM))
-    errors = lake.benchmark(meta_model, copy.deepcopy(inner_optimizer.state_dict()), split, data_dir,
+    errors = lake.benchmark(meta_model, inner_optimizer.state_dict(), split, data_dir,
                             args.omniglot_mirror, options.hyperparameters(args), seeds, args.logdir, iteration)
     record_result(args, {"meta_iteration": iteration, "checkpoint": checkpoint, "split": split["split"],
                          "repeats": lake.REPEATS, **errors, "seconds": round(time.time() - started, 1)}, training)
