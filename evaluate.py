@@ -5,7 +5,6 @@ confidence intervals.
 import contextlib
 import copy
 import dataclasses
-import math
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -193,11 +192,6 @@ def score_new_task(scorer: TestTaskScorer, source: reptile.Tasks, generator: tor
     """The accuracy and mean query loss of a new test task of `source`, drawn as evaluate_tasks draws it."""
     correct, loss = scorer(*draw_test_tasks(source, scorer.hp, task_seeds(1, generator)))
     return correct.item() / scorer.hp.classes, loss.item()
-
-
-def confidence_interval(accuracies: np.ndarray) -> float:
-    """Half-width of the normal-approximation 95% confidence interval of the mean of per-task accuracies."""
-    return 1.96 * accuracies.std(ddof=1) / math.sqrt(len(accuracies)) if len(accuracies) > 1 else float("nan")
 
 
 # ----------------------------------------------------------------------------- evaluation workers

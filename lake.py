@@ -15,7 +15,7 @@ import evaluate
 import omniglot
 import reptile
 from reptile import TestTask
-from utils import UserError, read_json
+from utils import UserError, confidence_interval, read_json
 
 URL = omniglot.URL + "one-shot-classification/" + omniglot.LAKE_ARCHIVE
 MD5 = "e8996daecdf12afeeb4a53a179f06b19"
@@ -100,7 +100,7 @@ def report(errors: dict[str, np.ndarray], runs: dict[str, TestTask], iteration: 
     for index, run in enumerate(runs):
         print(f"{run:8}" + "".join(f"{errors[mode][index].mean():>12.1f} +- {errors[mode][index].std():4.1f}"
                                    for mode in MODES))
-    figures = {mode: {"error": table.mean(), "ci95": evaluate.confidence_interval(table.mean(axis=1)),
+    figures = {mode: {"error": table.mean(), "ci95": confidence_interval(table.mean(axis=1)),
                       "std": table.mean(axis=0).std(), "runs": dict(zip(runs, table.mean(axis=1).tolist()))}
                for mode, table in errors.items()}
     print(f"{'mean':8}" + "".join(f"{figures[mode]['error']:>12.2f} +- {figures[mode]['ci95']:4.2f}" for mode in MODES))

@@ -1,54 +1,17 @@
-"""A run folder: its characters (split.json), checkpoints (checkpoint/check-<meta-iteration>.pth) and results.json,
-written atomically, and the lock that lets one training process at a time write it."""
-import contextlib
+"""An Omniglot run folder: its characters (split.json), checkpoints (checkpoint/check-<meta-iteration>.pth) and
+results.json, written atomically (utils.py holds what train_sine.py shares: the training lock, results entries)."""
 import hashlib
 import json
-import os
-import sys
-import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 import omniglot
-from utils import (UserError, find_latest_file, gather, list_checkpoints, locked, rank, read_json, reason,
-                   provenance, save_atomically, write_json)
+from utils import (UserError, add_result, find_latest_file, gather, list_checkpoints, newest_good_checkpoint, rank,
+                   read_checkpoint, read_json, read_results, provenance, save_atomically, write_json)
 
 PROGRAM = "reptile-omniglot"  # marks checkpoints written by train_omniglot.py
-LOCK = ".lock"  # held by the process that trains the run; it holds that process's id while it does
-RESULTS_LOCK = ".results.lock"  # held while results.json is read, changed and written back
-
-
-@contextlib.contextmanager
-def training_lock(logdir: Path):
-    """Hold the run folder for one training process; another one is refused at once with a UserError.
-
-    The operating system releases the lock when the process ends, however it ends (kill -9 included).
-    """
-    try:
-        logdir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"cannot use {logdir} as the run folder ({reason(error)}); give a folder you can write "
-                        f"to") from None
-    with contextlib.ExitStack() as stack:
-        try:
-            descriptor = stack.enter_context(locked(logdir / LOCK, wait=False))
-        except BlockingIOError:
-            holder = (logdir / LOCK).read_text(errors="replace").strip()
-            raise UserError(f"{logdir} is being trained by another process{f' (pid {holder})' if holder else ''}; "
-                            f"wait for it to end or stop it, or choose another logdir") from None
-        os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, str(os.getpid()).encode(), 0)
-        try:
-            yield
-        finally:
-            os.ftruncate(descriptor, 0)  # the process id goes; the file stays, so that no two locks exist at once
-
-
-def results_lock(logdir: Path):
-    """Wait for, then hold, the run's results.json for one read-change-write (trainer and --eval-only alike)."""
-    return locked(logdir / RESULTS_LOCK)
 
 
 def save_checkpoint(logdir: Path, iteration: int, meta_model: torch.nn.Module, meta_optimizer: torch.optim.Optimizer,
@@ -92,38 +55,14 @@ def evaluated_checkpoints(logdir: Path) -> set[str]:
     return {Path(entry["checkpoint"]).name for entry in read_results(logdir).values() if "checkpoint" in entry}
 
 
-def read_results(logdir: Path) -> dict:
-    """The run's results.json, or {} if it has none yet."""
-    results_path = logdir / "results.json"
-    return read_json(results_path) if results_path.is_file() else {}
-
-
 def load_checkpoint(path: str) -> dict:
-    """A checkpoint written by this script, or a UserError that says what is wrong with the file."""
-    if Path(path).is_dir():
-        raise UserError(f"checkpoint {path} is a folder; give a checkpoint file, such as LOGDIR/checkpoint/"
-                        f"check-1000.pth")
-    if not Path(path).is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        with warnings.catch_warnings():  # a damaged file may first trigger warnings about its contents
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch.load raises many kinds of error on damaged files
-        raise UserError(f"checkpoint {path} is unreadable ({reason(error)[:120]})") from None
-    if not isinstance(state, dict) or state.get("program") != PROGRAM:
-        raise UserError(f"{path} is not a checkpoint of train_omniglot.py")
-    return state
+    """A checkpoint written by train_omniglot.py, or a UserError that says what is wrong with the file."""
+    return read_checkpoint(path, PROGRAM, "train_omniglot.py")
 
 
 def latest_good_checkpoint(logdir: Path) -> Optional[dict]:
     """The newest readable checkpoint of the run, skipping (and reporting) damaged ones; None if there is none."""
-    for path in reversed(list_checkpoints(logdir / "checkpoint")):
-        try:
-            return load_checkpoint(path)
-        except UserError as error:
-            print(f"warning: {error}; trying the previous checkpoint", file=sys.stderr)
-    return None
+    return newest_good_checkpoint(logdir / "checkpoint", PROGRAM, "train_omniglot.py")
 
 
 def measured(entry: dict) -> tuple:
@@ -153,18 +92,9 @@ def find_result(results: dict, shots: Optional[int], mode: Optional[str], iterat
 
 
 def record_result(logdir: Path, result: dict) -> str:
-    """Add an entry to the run's results.json and return its key; every other entry stays as it was, those that other
-    processes write meanwhile included. The same measurement made again (on another device, say) is kept beside
-    the first, as "... #2"; find_result gives the first."""
-    with results_lock(logdir):
-        results = read_results(logdir)
-        key, repeat = result_name(result), 1
-        while key in results:
-            repeat += 1
-            key = f"{result_name(result)} #{repeat}"
-        results[key] = result
-        write_json(logdir / "results.json", results)
-    return key
+    """Add an entry to the run's results.json under a key that says what it measured (utils.add_result); return the
+    key."""
+    return add_result(logdir, result_name(result), result)
 
 
 def unfinished_evaluation(logdir: Path, key: str, name: str, iteration: int, seed: int, tasks: int) -> Path:

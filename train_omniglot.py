@@ -14,10 +14,8 @@ import os
 import shlex
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -32,8 +30,8 @@ import reptile
 import run_folder
 from models import OmniglotModel
 from reptile import Hyperparameters
-from utils import (UserError, WriteError, any_process, find_latest_file, processes, provenance, rank, reason,
-                   write_json)
+from utils import (UserError, WriteError, any_process, confidence_interval, find_latest_file, processes, provenance,
+                   rank, read_results, reason, stop_signals, stream, training_lock, write_json)
 
 RECENT_TASKS = 100  # the validation tasks that the logged mean accuracy and the progress bar average over
 # Independent random streams, so that validation or evaluation never changes what training samples.
@@ -41,12 +39,6 @@ TRAIN_STREAM, VALIDATION_STREAM, EVALUATION_STREAM = 0, 1, 2
 # torchrun's process group on each device: on CUDA the stop flag (a CPU tensor) goes through gloo, so that checking
 # it each meta-iteration does not wait for the GPU.
 BACKENDS = {"cpu": "gloo", "cuda": "cpu:gloo,cuda:nccl"}
-
-
-def stream(seed: int, purpose: int, process: Optional[int] = None) -> torch.Generator:
-    """A torch generator for one independent random stream of the run (of one process, under torchrun)."""
-    entropy = [seed, purpose] + ([] if process is None else [process])
-    return torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
 
 
 # ----------------------------------------------------------------------------- torchrun
@@ -111,7 +103,7 @@ def final_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Opt
                 raise
             # A resumed evaluation counts the seconds of its earlier parts too.
             seconds += run_folder.kept_seconds(kept[name]) if kept[name] is not None else time.time() - started
-            accuracy, interval = 100 * accuracies.mean(), 100 * evaluate.confidence_interval(accuracies)
+            accuracy, interval = 100 * accuracies.mean(), 100 * confidence_interval(accuracies)
             result[name] = {"accuracy": accuracy, "ci95": interval}
             if rank() == 0:
                 print(f"{name} accuracy: {accuracy:.2f}% +- {interval:.2f}% "
@@ -149,7 +141,7 @@ def main(argv: list[str]) -> int:
         if args.eval_only:
             return evaluate_checkpoint(args)
         # One training process per run folder: under torchrun the first process holds it for all of them.
-        with run_folder.training_lock(Path(args.logdir)) if rank() == 0 else contextlib.nullcontext():
+        with training_lock(Path(args.logdir)) if rank() == 0 else contextlib.nullcontext():
             return train(args, argv)
     finally:
         # Left to the interpreter's exit, gloo's worker threads sometimes abort the process (SIGABRT).
@@ -226,7 +218,7 @@ def resume(logdir: Path, meta_model: OmniglotModel, meta_optimizer: torch.optim.
 
 def already_evaluated(args: argparse.Namespace, iteration: int) -> bool:
     """Whether results.json holds this finished run's evaluation (said when it does)."""
-    result = run_folder.find_result(run_folder.read_results(Path(args.logdir)), args.shots,
+    result = run_folder.find_result(read_results(Path(args.logdir)), args.shots,
                                     options.evaluation_mode(args), iteration, args.eval_tasks, args.seed)
     if result is not None and rank() == 0:
         accuracy = result["meta-test"]
@@ -234,30 +226,6 @@ def already_evaluated(args: argparse.Namespace, iteration: int) -> bool:
               f"evaluation (meta-test accuracy {accuracy['accuracy']:.2f}% +- {accuracy['ci95']:.2f}%); "
               f"use --eval-only to evaluate again")
     return result is not None
-
-
-@contextlib.contextmanager
-def stop_signals():
-    """Ctrl-C or SIGTERM asks the run to stop after the current meta-iteration (yields the list of such signals); a
-    second one stops at once."""
-    interrupted = []
-
-    def on_interrupt(signum, frame):
-        if interrupted:
-            raise KeyboardInterrupt
-        interrupted.append(signum)
-
-    previous_handlers = {signum: signal.signal(signum, on_interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
-    # TensorBoard's writer thread reports a failed write (OSError) to this thread, which says it in one line; the
-    # thread's own traceback would only repeat it.
-    previous_hook = threading.excepthook
-    threading.excepthook = lambda hook: None if issubclass(hook.exc_type, OSError) else previous_hook(hook)
-    try:
-        yield interrupted
-    finally:
-        for signum, handler in previous_handlers.items():
-            signal.signal(signum, handler)
-        threading.excepthook = previous_hook
 
 
 def check_finite(done: int, meta_model: OmniglotModel, inner_optimizer: torch.optim.Optimizer,

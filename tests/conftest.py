@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT))
 
 import omniglot  # noqa: E402
 import run_folder  # noqa: E402
-from utils import UserError  # noqa: E402
+from utils import UserError, read_results  # noqa: E402
 
 # One thread, here and in the scripts the tests start: the tests' tensors are tiny, so a second thread gains
 # nothing, and when other work holds the cores (a training run beside the suite) threads that wait for each other
@@ -123,7 +123,7 @@ def run_script(script):
 
 def result_of(logdir: Path, shots, mode, iteration: int, tasks: int, seed: int = 0) -> dict:
     """The entry of a run's results.json that measured this (Lake's: shots and mode None, tasks its repeats)."""
-    entry = run_folder.find_result(run_folder.read_results(Path(logdir)), shots, mode, iteration, tasks, seed)
+    entry = run_folder.find_result(read_results(Path(logdir)), shots, mode, iteration, tasks, seed)
     assert entry is not None, f"no {shots}-shot {mode} entry at {iteration}, {tasks} tasks, seed {seed} in {logdir}"
     return entry
 

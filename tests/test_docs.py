@@ -14,7 +14,8 @@ import reptile
 import run_folder
 from models import OmniglotModel
 from conftest import ROOT
-from utils import read_json
+import utils
+from utils import read_json, read_results
 
 README = (ROOT / "README.md").read_text()
 GUIDE = (ROOT / "GUIDE.md").read_text()
@@ -29,7 +30,7 @@ def figure(entry: dict) -> str:
 def the_cell(run: str, shots, mode, tasks: int) -> dict:
     """The run's entry at its final checkpoint with its own seed: what a table cell reports."""
     settings = read_json(ROOT / run / "args.json")
-    entry = run_folder.find_result(run_folder.read_results(ROOT / run), shots, mode, settings["meta_iterations"],
+    entry = run_folder.find_result(read_results(ROOT / run), shots, mode, settings["meta_iterations"],
                                    tasks, settings["seed"])
     assert entry is not None, f"{run} has no {shots}-shot {mode} entry at its end with {tasks} tasks"
     return entry
@@ -69,7 +70,7 @@ def test_the_lake_row_is_the_committed_one_with_its_interval_over_the_runs():
     for mode in ("non-transductive", "transductive"):
         errors = np.array(list(entry[mode]["runs"].values()))
         assert len(errors) == 20 and np.mean(errors) == entry[mode]["error"]
-        figures[mode] = figure({"accuracy": entry[mode]["error"], "ci95": evaluate.confidence_interval(errors)})
+        figures[mode] = figure({"accuracy": entry[mode]["error"], "ci95": utils.confidence_interval(errors)})
     assert shown == f"{figures['non-transductive']} (transductive: {figures['transductive']})"
 
 
@@ -77,7 +78,7 @@ def test_the_re_check_shown_is_the_committed_one():
     command, result = re.search(r"```\n(python train_omniglot.py runs/5way-exact-split --eval-only [^\n]+)\n```\n\n"
                                 r"[^`]*?it gave ([\d.]+ \+- [\d.]+)", README).groups()
     assert command.endswith("--shots 1 --seed 1 --eval-tasks 2000 --meta-test-only")
-    entry = run_folder.find_result(run_folder.read_results(ROOT / "runs/5way-exact-split"), 1, "non-transductive",
+    entry = run_folder.find_result(read_results(ROOT / "runs/5way-exact-split"), 1, "non-transductive",
                                    100000, 2000, 1)
     assert entry is not None and figure(entry["meta-test"]) == result
 

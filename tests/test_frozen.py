@@ -16,6 +16,7 @@ import lake  # noqa: E402
 import options  # noqa: E402
 import run_folder  # noqa: E402
 import train_omniglot as T  # noqa: E402
+import utils  # noqa: E402
 
 FROZEN = Path(__file__).resolve().parent / "frozen" / "values.json"
 CHECKPOINT = ROOT / "runs/5way-exact-split/checkpoint/check-100000.pth"
@@ -73,7 +74,7 @@ def scored_tasks(data_dir: Path) -> dict:
                                    "--device", "cpu", *flags])
         meta_model = T.new_model(args)[0]
         meta_model.load_state_dict(state["meta_net"])
-        seeds = evaluate.task_seeds(50, T.stream(0, T.EVALUATION_STREAM))
+        seeds = evaluate.task_seeds(50, utils.stream(0, T.EVALUATION_STREAM))
         hp = options.hyperparameters(args)
         for form, together in (("", False), (", side by side", True)):
             found[name + form] = evaluate.evaluate_tasks(meta_model, state["inner_optimizer"], sampler, hp, seeds,
@@ -89,7 +90,7 @@ def lake_run(data_dir: Path, mirror: Path) -> dict:
     meta_model, _, inner_optimizer = T.new_model(args)
     meta_model.load_state_dict(state["meta_net"])
     runs = lake.load_runs(data_dir, str(mirror))
-    seeds = evaluate.task_seeds(lake.REPEATS, T.stream(0, T.EVALUATION_STREAM))
+    seeds = evaluate.task_seeds(lake.REPEATS, utils.stream(0, T.EVALUATION_STREAM))
     errors = lake.error_rates(meta_model, state["inner_optimizer"], {"run01": runs["run01"]},
                               options.hyperparameters(args), seeds)
     return {mode: table.tolist() for mode, table in errors.items()}

@@ -8,6 +8,7 @@ import bench
 import evaluate
 import omniglot
 import reptile
+import utils
 from models import OmniglotModel
 from reptile import Hyperparameters
 
@@ -313,7 +314,7 @@ def test_non_transductive_queries_do_not_share_batch_statistics():
 
 def test_confidence_interval():
     accuracies = np.array([1.0, 0.0] * 50)
-    assert evaluate.confidence_interval(accuracies) == pytest.approx(1.96 * accuracies.std(ddof=1) / 10)
+    assert utils.confidence_interval(accuracies) == pytest.approx(1.96 * accuracies.std(ddof=1) / 10)
 
 
 @pytest.mark.parametrize("inner_optimizer", ["adam", "sgd"])

@@ -34,6 +34,8 @@ import run_folder
 import train_omniglot as T
 from models import OmniglotModel
 from reptile import Hyperparameters
+import utils
+from utils import read_results
 
 # Few tasks and steps, and one evaluation worker (no pool to start) unless a test is about them.
 TINY = ["--meta-iterations", "6", "--meta-batch", "2", "--iterations", "2", "--eval-tasks", "4",
@@ -158,7 +160,7 @@ def test_a_tiny_run_writes_everything_then_resumes(run_script, run_here, tmp_pat
                          "--workers", "1")
     assert five_shot.returncode == 0, five_shot.stderr
     assert "meta-test accuracy: " in five_shot.stdout and "meta-train accuracy" not in five_shot.stdout
-    assert len(run_folder.read_results(logdir)) == 4
+    assert len(read_results(logdir)) == 4
     transductive, five_shot = result_of(logdir, 1, "transductive", 9, 3), result_of(logdir, 5, "non-transductive", 9, 3)
     assert "meta-train" in transductive and "meta-train" not in five_shot
     assert transductive["settings"]["test_iterations"] == 2  # taken from the run's args.json
@@ -173,13 +175,13 @@ def test_a_re_check_adds_an_entry_and_changes_no_other_file(existing_run, run_he
     logdir = tmp_path / "run"
     shutil.copytree(existing_run, logdir)
     before = snapshot(logdir)
-    earlier = run_folder.read_results(logdir)
+    earlier = read_results(logdir)
     check = run_here(str(logdir), "--eval-only", "--seed", "1", "--eval-tasks", "3", "--meta-test-only")
     assert check.returncode == 0, check.stderr
     assert run_here(str(logdir), *TINY).returncode == 0  # "training is complete"
     after = snapshot(logdir)
     assert {name for name in before if before[name] != after.get(name)} == {"results.json"}
-    results = run_folder.read_results(logdir)
+    results = read_results(logdir)
     assert {key: results[key] for key in earlier} == earlier and len(results) == len(earlier) + 1
     added = result_of(logdir, 1, "non-transductive", 6, 3, seed=1)
     assert added["seed"] == 1 and added["settings"]["seed"] == 1
@@ -756,7 +758,7 @@ def test_torchrun_splits_the_meta_batch_and_changes_no_mathematics(script, data_
         meta_model = reptile.prepare_model(OmniglotModel(hp.classes), "cpu")
         mean_model, meta_optimizer = meta_model.clone(), torch.optim.SGD(meta_model.parameters(), lr=1)
         processes = [(*reptile.make_learner(meta_model, hp.lr), meta_model.clone(),
-                      T.stream(args.seed, T.TRAIN_STREAM, process)) for process in (0, 1)]
+                      utils.stream(args.seed, T.TRAIN_STREAM, process)) for process in (0, 1)]
         bank, sizes = sampler.bank(), reptile.inner_step_sizes(hp)
         for iteration, total in ((0, 2), (1, 2), (2, 3)):  # the schedule of each launch's --meta-iterations
             for (learner, optimizer, share, generator), tasks in zip(processes, (3, 2)):

@@ -1,0 +1,415 @@
+"""Few-shot sine-wave regression, the Reptile paper's Figure 1: meta-learn the initialization of a small network so
+that a few steps of SGD on 10 points of a new sine wave fit the whole wave.
+
+    python train_sine.py                          # Reptile, logged to runs/sine-reptile
+    python train_sine.py --algorithm maml         # also fomaml, joint and random; each logs to runs/sine-ALGORITHM
+    python train_sine.py runs/sine-reptile --eval-only
+    python train_sine.py runs/sine-maml runs/sine-fomaml runs/sine-reptile --figure runs/sine.png
+
+Reptile and first-order MAML run through reptile.py (the Omniglot runs' code); MAML differentiates through the inner
+steps with torch.func. Running the same command again resumes from the run's latest checkpoint. CPU only: the network
+is too small for a GPU to help.
+"""
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+import reptile
+from models import ReptileModel
+from reptile import Hyperparameters, TestTask
+from utils import (HelpFormatter, OneLineParser, UserError, WriteError, add_result, confidence_interval,
+                   find_latest_file, list_checkpoints, newest_good_checkpoint, non_negative_int, positive_float,
+                   positive_int, provenance, read_checkpoint, read_json, read_results, reason, save_atomically,
+                   stop_signals, stream, training_lock, write_json)
+
+PROGRAM = "reptile-sine"  # marks checkpoints written by this script
+AMPLITUDES, PHASES, X_RANGE = (0.1, 5.0), (0.0, 2 * math.pi), (-5.0, 5.0)  # the task distribution
+GRID = torch.linspace(*X_RANGE, 1000).unsqueeze(1)  # where a held-out wave's error is measured
+REPORTED_STEPS = (0, 1, 8, 32)  # SGD steps on a held-out wave after which its error is recorded
+FIGURE_STEPS = (0, 1, 32)
+VALIDATION_WAVES = 20  # waves scored after 32 steps every --validate-every meta-iterations, for TensorBoard
+TRAIN_STREAM, VALIDATION_STREAM, HELD_OUT_STREAM = 0, 1, 2
+KEEP_CHECKPOINTS = 2
+# What a run learns: a resumed run keeps these (the others say how it is scored or logged).
+TRAINING_FLAGS = ("algorithm", "activation", "hidden", "meta_iterations", "meta_batch", "meta_lr", "lr", "points",
+                  "batch", "inner_steps", "seed")
+mse = nn.functional.mse_loss
+
+
+class SineModel(ReptileModel):
+    """1 -> hidden -> hidden -> 1 with tanh (the authors' demonstration) or ReLU (the paper's figure)."""
+
+    def __init__(self, activation: str = "tanh", hidden: int = 64):
+        super().__init__()
+        layer = {"tanh": nn.Tanh, "relu": nn.ReLU}[activation]
+        self.net = nn.Sequential(nn.Linear(1, hidden), layer(), nn.Linear(hidden, hidden), layer(),
+                                 nn.Linear(hidden, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Predictions (B, 1) at inputs (B, 1)."""
+        return self.net(x)
+
+
+# ----------------------------------------------------------------------------- tasks
+
+def draw_waves(count: int, generator: torch.Generator) -> torch.Tensor:
+    """(count, 2) amplitudes and phases of new sine waves y = amplitude * sin(x + phase)."""
+    uniform = torch.rand(count, 2, generator=generator)
+    low = torch.tensor([AMPLITUDES[0], PHASES[0]])
+    return low + uniform * torch.tensor([AMPLITUDES[1] - AMPLITUDES[0], PHASES[1] - PHASES[0]])
+
+
+def wave_values(wave: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The wave (amplitude, phase) at the inputs x."""
+    return wave[0] * torch.sin(x + wave[1])
+
+
+def draw_inputs(count: int, generator: torch.Generator) -> torch.Tensor:
+    """(count, 1) inputs drawn uniformly from X_RANGE."""
+    return X_RANGE[0] + (X_RANGE[1] - X_RANGE[0]) * torch.rand(count, 1, generator=generator)
+
+
+def draw_training_task(hp: Hyperparameters, points: int,
+                       generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A meta-training task: `points` points of a new wave, as the inner loop's mini-batches (shuffled passes)."""
+    wave = draw_waves(1, generator)[0]
+    x = draw_inputs(points, generator)
+    y = wave_values(wave, x)
+    return [(x[rows], y[rows]) for rows in reptile.inner_batches(points, hp.batch, hp.iterations, generator)]
+
+
+def draw_held_out(count: int, shots: int, generator: torch.Generator) -> list[TestTask]:
+    """Held-out waves: `shots` points of each to fit, and the dense GRID to measure the fit on."""
+    tasks = []
+    for wave in draw_waves(count, generator):
+        x = draw_inputs(shots, generator)
+        tasks.append(TestTask(x, wave_values(wave, x), GRID, wave_values(wave, GRID)))
+    return tasks
+
+
+# ----------------------------------------------------------------------------- MAML
+
+def maml_gradient(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float,
+                  loss=mse) -> dict[str, torch.Tensor]:
+    """MAML's meta-gradient: the gradient with respect to the model's weights of the loss on the last mini-batch
+    after SGD steps of size lr on the others, differentiated through those steps (second order)."""
+    def last_batch_loss(weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        for inputs, targets in batches[:-1]:
+            step = grad(lambda w: loss(functional_call(model, w, (inputs,)), targets))(weights)
+            weights = {name: weight - lr * step[name] for name, weight in weights.items()}
+        inputs, targets = batches[-1]
+        return loss(functional_call(model, weights, (inputs,)), targets)
+    return grad(last_batch_loss)({name: param.detach() for name, param in model.named_parameters()})
+
+
+def maml_targets(meta_model: ReptileModel, mean_model: ReptileModel,
+                 tasks: list[list[tuple[torch.Tensor, torch.Tensor]]], lr: float) -> None:
+    """Set mean_model to the mean over the tasks of the meta-weights minus lr x MAML's meta-gradient: where
+    reptile.meta_step then moves the meta-weights. First-order MAML's target is the same with the last step's
+    gradient taken at the adapted weights, so the two share the meta-step size."""
+    with torch.no_grad():
+        for mean in mean_model.parameters():
+            mean.zero_()
+    for batches in tasks:
+        meta_gradient = maml_gradient(meta_model, batches, lr)
+        with torch.no_grad():
+            for (name, param), mean in zip(meta_model.named_parameters(), mean_model.parameters()):
+                mean.add_(param - lr * meta_gradient[name], alpha=1 / len(tasks))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def errors_after_steps(model: nn.Module, tasks: list[TestTask], lr: float, steps: tuple[int, ...] = REPORTED_STEPS,
+                       progress: bool = False) -> np.ndarray:
+    """(tasks, len(steps)) mean squared error on each task's queries after each count of SGD steps (full batches
+    of its support points) from the model's weights."""
+    learner = model.clone()
+    optimizer = torch.optim.SGD(learner.parameters(), lr=lr)  # stateless: nothing carries from task to task
+    errors = np.zeros((len(tasks), len(steps)))
+    for row, task in enumerate(tqdm(tasks, desc="held-out waves", unit="wave", disable=not progress, leave=False)):
+        reptile.copy_weights(model, learner)
+        done = 0
+        for column, count in enumerate(steps):
+            reptile.adapt(learner, optimizer, [(task.support_inputs, task.support_targets)] * (count - done),
+                          loss=mse)
+            done = count
+            with torch.no_grad():
+                errors[row, column] = mse(learner(task.query_inputs), task.query_targets).item()
+    return errors
+
+
+def evaluation_key(args: argparse.Namespace, iteration: int) -> str:
+    """The results.json key of an evaluation (a repeat of it gets " #2" and so on)."""
+    return f"{args.eval_waves} waves, {args.shots} points, at {iteration}, eval seed {args.eval_seed}"
+
+
+def evaluate(model: nn.Module, state: dict, args: argparse.Namespace, checkpoint: str, logdir: Path) -> dict:
+    """Score the model on --eval-waves held-out waves; print the errors and record them in results.json."""
+    started = time.time()
+    tasks = draw_held_out(args.eval_waves, args.shots, stream(args.eval_seed, HELD_OUT_STREAM))
+    errors = errors_after_steps(model, tasks, state["args"]["lr"], progress=True)
+    result = {"meta_iteration": state["meta_iteration"], "checkpoint": checkpoint, "waves": args.eval_waves,
+              "eval_seed": args.eval_seed, "shots": args.shots,
+              "mse": {str(steps): {"mean": errors[:, column].mean(), "ci95": confidence_interval(errors[:, column])}
+                      for column, steps in enumerate(REPORTED_STEPS)},
+              "seconds": round(time.time() - started, 1), "settings": state["args"], "provenance": provenance("cpu"),
+              "training": state["segments"]}
+    for steps, error in result["mse"].items():
+        print(f"after {steps:>2} steps: mean squared error {error['mean']:.3f} +- {error['ci95']:.3f} (95% CI, "
+              f"{args.eval_waves} held-out waves, {args.shots} points each)")
+    key = add_result(logdir, evaluation_key(args, state["meta_iteration"]), result)
+    print(f"recorded in {logdir / 'results.json'} as \"{key}\"")
+    return result
+
+
+def draw_figure(logdirs: list[Path], path: str, seed: int) -> None:
+    """The paper's Figure 1 from each run's latest checkpoint: a held-out wave, its points, and the predictions
+    after 0, 1 and 32 steps."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--figure needs matplotlib: pip install matplotlib") from None
+    task = draw_held_out(1, 10, stream(seed, HELD_OUT_STREAM))[0]
+    figure, axes = plt.subplots(1, len(logdirs), figsize=(4.5 * len(logdirs), 3.6), sharey=True, squeeze=False)
+    for axis, logdir in zip(axes[0], logdirs):
+        model, state = load_model(logdir, None)
+        learner = model.clone()
+        optimizer = torch.optim.SGD(learner.parameters(), lr=state["args"]["lr"])
+        axis.plot(GRID, task.query_targets, color="green", label="true")
+        done = 0
+        for steps in FIGURE_STEPS:
+            reptile.adapt(learner, optimizer, [(task.support_inputs, task.support_targets)] * (steps - done), loss=mse)
+            done = steps
+            with torch.no_grad():
+                fraction = steps / FIGURE_STEPS[-1]
+                axis.plot(GRID, learner(GRID), color=(fraction, 0, 1 - fraction), label=f"after {steps}")
+        axis.plot(task.support_inputs, task.support_targets, "x", color="black", label="points fitted")
+        axis.set_title(f"{state['args']['algorithm']} ({state['args']['activation']}), {logdir.name}")
+        axis.set_xlabel("x")
+    axes[0][0].legend(loc="lower right", fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------- the run folder
+
+def hyperparameters(settings: dict) -> Hyperparameters:
+    """reptile.py's settings for this run (its fields about classes and shots do not apply)."""
+    algorithm = settings["algorithm"] if settings["algorithm"] in ("reptile", "fomaml") else "reptile"
+    return Hyperparameters(meta_batch=settings["meta_batch"], meta_iterations=settings["meta_iterations"],
+                           iterations=settings["inner_steps"], batch=settings["batch"], lr=settings["lr"],
+                           meta_lr=settings["meta_lr"], meta_lr_final=0.0, algorithm=algorithm,
+                           inner_optimizer="sgd")
+
+
+def new_model(settings: dict) -> SineModel:
+    """The network at the run's seeded initialization (PyTorch's default for Linear layers)."""
+    torch.manual_seed(settings["seed"])
+    return SineModel(settings["activation"], settings["hidden"])
+
+
+def load_model(logdir: Path, checkpoint: Optional[str]) -> tuple[SineModel, dict]:
+    """The network of a checkpoint (default: the run's latest) and the checkpoint."""
+    path = checkpoint or find_latest_file(logdir / "checkpoint")
+    if path is None:
+        raise UserError(f"{logdir} holds no checkpoint; train first, or give --checkpoint FILE")
+    state = read_checkpoint(path, PROGRAM, "train_sine.py")
+    state["path"] = str(path)
+    model = SineModel(state["args"]["activation"], state["args"]["hidden"])
+    model.load_state_dict(state["model"])
+    return model, state
+
+
+def save_checkpoint(logdir: Path, iteration: int, model: nn.Module, generator: torch.Generator, settings: dict,
+                    segments: list[dict]) -> str:
+    """Write checkpoint/check-<iteration>.pth atomically; keep the newest KEEP_CHECKPOINTS."""
+    folder = logdir / "checkpoint"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"check-{iteration}.pth"
+    save_atomically(path, {"program": PROGRAM, "meta_iteration": iteration, "model": model.state_dict(),
+                           "generator": generator.get_state(), "args": settings, "segments": segments,
+                           "provenance": provenance("cpu")})
+    for old in list_checkpoints(folder)[:-KEEP_CHECKPOINTS]:
+        Path(old).unlink()
+    return str(path)
+
+
+def training_settings(args: argparse.Namespace) -> dict:
+    """The flags that fix what a run learns."""
+    return {name: getattr(args, name) for name in TRAINING_FLAGS}
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(args: argparse.Namespace, argv: list[str]) -> int:
+    """Meta-train (or, for the baselines, train or not) from the run's latest checkpoint to --meta-iterations, then
+    evaluate on held-out waves."""
+    logdir = Path(args.logdir)
+    settings = training_settings(args)
+    saved_args = logdir / "args.json"
+    if saved_args.is_file() and (saved := read_json(saved_args)) != settings:
+        changed = ", ".join(f"--{name.replace('_', '-')} {saved[name]}" for name in TRAINING_FLAGS
+                            if saved.get(name) != settings[name])
+        raise UserError(f"{logdir} was trained with {changed}; resume it with the same, or choose another logdir")
+    hp = hyperparameters(settings)
+    total = 0 if args.algorithm == "random" else args.meta_iterations
+    model = new_model(settings)
+    generator = stream(args.seed, TRAIN_STREAM)
+    state = newest_good_checkpoint(logdir / "checkpoint", PROGRAM, "train_sine.py")
+    start, segments = 0, []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        generator.set_state(state["generator"])
+        start, segments = state["meta_iteration"], state["segments"]
+        if start >= total and (key := evaluation_key(args, start)) in read_results(logdir):
+            print(f"training is complete and {logdir / 'results.json'} holds \"{key}\"; use --eval-only to "
+                  f"evaluate again")
+            return 0
+        print(f"resumed {logdir} at meta-iteration {start} of {total}")
+    write_json(saved_args, settings)
+    learner, mean_model = model.clone(), model.clone()
+    inner_optimizer = torch.optim.SGD(learner.parameters(), lr=args.lr)
+    meta_optimizer = torch.optim.SGD(model.parameters(), lr=args.meta_lr)  # its step size is set each iteration
+    joint_optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
+    validation = draw_held_out(VALIDATION_WAVES, args.shots, stream(args.seed, VALIDATION_STREAM))
+    segment = {"from": start, "to": start, **provenance("cpu")}
+    segments = segments + [segment]
+    checkpoint = str(logdir / "checkpoint" / f"check-{start}.pth")
+    if state is None:
+        checkpoint = save_checkpoint(logdir, 0, model, generator, settings, segments)
+    progress = tqdm(initial=start, total=total, desc=f"{args.algorithm}", unit="it", dynamic_ncols=True)
+    try:
+        with stop_signals() as interrupted, SummaryWriter(str(logdir), purge_step=start + 1) as writer:
+            for iteration in range(start, total):
+                tasks = [draw_training_task(hp, args.points, generator) for _ in range(args.meta_batch)]
+                step_size = reptile.meta_step_size(iteration, hp)
+                if args.algorithm == "joint":  # no meta-step: plain SGD on the points of every training wave
+                    for batches in tasks:
+                        reptile.adapt(model, joint_optimizer, batches, loss=mse)
+                else:
+                    if args.algorithm == "maml":
+                        maml_targets(model, mean_model, tasks, args.lr)
+                    else:
+                        reptile.adapt_to_tasks(model, learner, inner_optimizer, mean_model, tasks, hp, mse)
+                    reptile.meta_step(model, mean_model, meta_optimizer, step_size)
+                done = iteration + 1
+                progress.update()
+                if done % args.validate_every == 0:
+                    error = errors_after_steps(model, validation, args.lr, (32,)).mean()
+                    if not math.isfinite(error):
+                        raise UserError(f"by meta-iteration {done} the network's predictions are no longer finite; "
+                                        f"train with a smaller --lr or --meta-lr in a new logdir")
+                    writer.add_scalar("validation/mse_after_32_steps", error, done)
+                    writer.add_scalar("meta-step", step_size, done)
+                    progress.set_postfix({"validation mse": f"{error:.3f}"})
+                if done % args.check_every == 0 or done == total or interrupted:
+                    writer.flush()
+                    segment["to"] = done
+                    checkpoint = save_checkpoint(logdir, done, model, generator, settings, segments)
+                if interrupted:
+                    progress.close()
+                    print(f"interrupted at meta-iteration {done}; checkpoint saved to {checkpoint}\nresume with: "
+                          f"python train_sine.py {' '.join(argv)}", file=sys.stderr)
+                    return 128 + interrupted[0]
+    except WriteError as error:
+        raise UserError(f"{error}; resume with the same command once the cause is fixed") from None
+    except OSError as error:  # TensorBoard's writer could not write its events
+        raise UserError(f"cannot write the TensorBoard events in {logdir} ({reason(error)})") from None
+    finally:
+        progress.close()
+    model, state = load_model(logdir, checkpoint)
+    evaluate(model, state, args, checkpoint, logdir)
+    return 0
+
+
+# ----------------------------------------------------------------------------- the program
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("logdir", nargs="*", help="the run folder (default: runs/sine-ALGORITHM, with -relu for "
+                        "--activation relu); several with --figure")
+    task = parser.add_argument_group("training")
+    task.add_argument("--algorithm", default="reptile", choices=("reptile", "fomaml", "maml", "joint", "random"),
+                      help="reptile; fomaml: first-order MAML (as on Omniglot: the change made by the last inner "
+                      "step); maml: its meta-gradient through the inner steps (second order); joint: one network "
+                      "trained by SGD on the points of all training waves, a baseline; random: no training, a "
+                      "baseline")
+    task.add_argument("--activation", default="tanh", choices=("tanh", "relu"),
+                      help="tanh (the authors' demonstration) or ReLU (the paper's figure)")
+    task.add_argument("--hidden", type=positive_int, default=64, help="units in each of the two hidden layers")
+    task.add_argument("--meta-iterations", type=positive_int, default=30000, help="meta-iterations in all")
+    task.add_argument("--meta-batch", type=positive_int, default=1, help="waves per meta-iteration")
+    task.add_argument("--meta-lr", type=positive_float, default=0.1,
+                      help="meta-step size at the start, annealed linearly to 0")
+    task.add_argument("--lr", type=positive_float, default=0.02, help="SGD step size of the inner loop, at training "
+                      "and on held-out waves (and of joint training)")
+    task.add_argument("--points", type=positive_int, default=50, help="points of each training wave")
+    task.add_argument("--batch", type=positive_int, default=10, help="inner mini-batch size")
+    task.add_argument("--inner-steps", type=positive_int, default=5, help="inner steps per training wave (shuffled "
+                      "passes over its points); MAML and first-order MAML take the last one's batch as their query")
+    task.add_argument("--seed", type=non_negative_int, default=0, help="seed of the initialization and training waves")
+    scoring = parser.add_argument_group("evaluation and logging")
+    scoring.add_argument("--shots", type=positive_int, default=10, help="points of a held-out wave to fit")
+    scoring.add_argument("--eval-waves", type=positive_int, default=1000, help="held-out waves to score")
+    scoring.add_argument("--eval-seed", type=non_negative_int, default=0, help="seed of the held-out waves")
+    scoring.add_argument("--validate-every", type=positive_int, default=500, help="meta-iterations between two "
+                         f"logged validation errors (mean over {VALIDATION_WAVES} waves after 32 steps)")
+    scoring.add_argument("--check-every", type=positive_int, default=1000, help="meta-iterations between checkpoints")
+    scoring.add_argument("--eval-only", action="store_true", help="evaluate the run's latest checkpoint (or "
+                         "--checkpoint) and record it in results.json")
+    scoring.add_argument("--checkpoint", help="with --eval-only: the checkpoint file to evaluate")
+    scoring.add_argument("--figure", metavar="PNG", help="draw the paper's Figure 1 from the runs given as logdirs "
+                         "(a held-out wave of --eval-seed) and stop")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(1)  # the network is small: one thread is fastest, and leaves the other cores to other runs
+    if args.figure:
+        if not args.logdir:
+            raise UserError("--figure: name the runs to draw, e.g. runs/sine-maml runs/sine-reptile")
+        draw_figure([Path(logdir) for logdir in args.logdir], args.figure, args.eval_seed)
+        return 0
+    if len(args.logdir) > 1:
+        raise UserError("give one logdir (several only with --figure)")
+    args.logdir = args.logdir[0] if args.logdir else \
+        f"runs/sine-{args.algorithm}{'-relu' if args.activation == 'relu' else ''}"
+    if args.eval_only:
+        model, state = load_model(Path(args.logdir), args.checkpoint)
+        print(f"evaluating {state['path']} (meta-iteration {state['meta_iteration']})")
+        evaluate(model, state, args, state["path"], Path(args.logdir))
+        return 0
+    if args.checkpoint:
+        raise UserError("--checkpoint goes with --eval-only")
+    with training_lock(Path(args.logdir)):
+        return train(args, argv)
+
+
+def run(argv: list[str]) -> int:
+    """main(), with a problem the user can fix reported in one line (status 2) and Ctrl-C as status 130."""
+    try:
+        return main(argv)
+    except UserError as error:
+        print(f"train_sine.py: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("train_sine.py: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))
