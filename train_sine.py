@@ -36,7 +36,9 @@ PROGRAM = "reptile-sine"  # marks checkpoints written by this script
 AMPLITUDES, PHASES, X_RANGE = (0.1, 5.0), (0.0, 2 * math.pi), (-5.0, 5.0)  # the task distribution
 GRID = torch.linspace(*X_RANGE, 1000).unsqueeze(1)  # where a held-out wave's error is measured
 REPORTED_STEPS = (0, 1, 8, 32)  # SGD steps on a held-out wave after which its error is recorded
-FIGURE_STEPS = (0, 1, 32)
+FIGURE_STEPS = {0: "blue", 1: "darkviolet", 32: "red"}  # steps drawn in the figure, and their colours
+NAMES = {"reptile": "Reptile", "fomaml": "first-order MAML", "maml": "MAML", "joint": "joint training",
+         "random": "random initialization"}
 VALIDATION_WAVES = 20  # waves scored after 32 steps every --validate-every meta-iterations, for TensorBoard
 TRAIN_STREAM, VALIDATION_STREAM, HELD_OUT_STREAM = 0, 1, 2
 KEEP_CHECKPOINTS = 2
@@ -127,6 +129,31 @@ def maml_targets(meta_model: ReptileModel, mean_model: ReptileModel,
                 mean.add_(param - lr * meta_gradient[name], alpha=1 / len(tasks))
 
 
+class MetaIteration:
+    """One meta-iteration of the run's algorithm on given tasks (lists of mini-batches), in place on the model."""
+
+    def __init__(self, model: ReptileModel, settings: dict):
+        self.model, self.algorithm, self.hp = model, settings["algorithm"], hyperparameters(settings)
+        self.learner, self.mean_model = model.clone(), model.clone()
+        self.inner_optimizer = torch.optim.SGD(self.learner.parameters(), lr=self.hp.lr)
+        self.meta_optimizer = torch.optim.SGD(model.parameters(), lr=self.hp.meta_lr)  # reptile.meta_step sets lr
+        self.joint_optimizer = torch.optim.SGD(model.parameters(), lr=self.hp.lr)
+
+    def __call__(self, tasks: list[list[tuple[torch.Tensor, torch.Tensor]]], step_size: float) -> None:
+        if self.algorithm == "random":
+            return
+        if self.algorithm == "joint":  # no meta-step: plain SGD on the points of every training wave
+            for batches in tasks:
+                reptile.adapt(self.model, self.joint_optimizer, batches, loss=mse)
+            return
+        if self.algorithm == "maml":
+            maml_targets(self.model, self.mean_model, tasks, self.hp.lr)
+        else:
+            reptile.adapt_to_tasks(self.model, self.learner, self.inner_optimizer, self.mean_model, tasks, self.hp,
+                                   mse)
+        reptile.meta_step(self.model, self.mean_model, self.meta_optimizer, step_size)
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 def errors_after_steps(model: nn.Module, tasks: list[TestTask], lr: float, steps: tuple[int, ...] = REPORTED_STEPS,
@@ -182,24 +209,23 @@ def draw_figure(logdirs: list[Path], path: str, seed: int) -> None:
     except ImportError:
         raise UserError("--figure needs matplotlib: pip install matplotlib") from None
     task = draw_held_out(1, 10, stream(seed, HELD_OUT_STREAM))[0]
-    figure, axes = plt.subplots(1, len(logdirs), figsize=(4.5 * len(logdirs), 3.6), sharey=True, squeeze=False)
+    figure, axes = plt.subplots(1, len(logdirs), figsize=(4.5 * len(logdirs), 3.9), sharey=True, squeeze=False)
     for axis, logdir in zip(axes[0], logdirs):
         model, state = load_model(logdir, None)
         learner = model.clone()
         optimizer = torch.optim.SGD(learner.parameters(), lr=state["args"]["lr"])
         axis.plot(GRID, task.query_targets, color="green", label="true")
         done = 0
-        for steps in FIGURE_STEPS:
+        for steps, colour in FIGURE_STEPS.items():
             reptile.adapt(learner, optimizer, [(task.support_inputs, task.support_targets)] * (steps - done), loss=mse)
             done = steps
             with torch.no_grad():
-                fraction = steps / FIGURE_STEPS[-1]
-                axis.plot(GRID, learner(GRID), color=(fraction, 0, 1 - fraction), label=f"after {steps}")
-        axis.plot(task.support_inputs, task.support_targets, "x", color="black", label="points fitted")
-        axis.set_title(f"{state['args']['algorithm']} ({state['args']['activation']}), {logdir.name}")
+                axis.plot(GRID, learner(GRID), color=colour, label=f"after {steps} step{'' if steps == 1 else 's'}")
+        axis.plot(task.support_inputs, task.support_targets, "x", color="black", label="the 10 points fitted")
+        axis.set_title(f"{NAMES[state['args']['algorithm']]} ({state['args']['activation']}, {logdir.name})")
         axis.set_xlabel("x")
-    axes[0][0].legend(loc="lower right", fontsize="small")
-    figure.tight_layout()
+    figure.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=len(FIGURE_STEPS) + 2)
+    figure.tight_layout(rect=(0, 0.08, 1, 1))
     figure.savefig(path, dpi=110)
     print(f"wrote {path}")
 
@@ -280,10 +306,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
             return 0
         print(f"resumed {logdir} at meta-iteration {start} of {total}")
     write_json(saved_args, settings)
-    learner, mean_model = model.clone(), model.clone()
-    inner_optimizer = torch.optim.SGD(learner.parameters(), lr=args.lr)
-    meta_optimizer = torch.optim.SGD(model.parameters(), lr=args.meta_lr)  # its step size is set each iteration
-    joint_optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
+    meta_iteration = MetaIteration(model, settings)
     validation = draw_held_out(VALIDATION_WAVES, args.shots, stream(args.seed, VALIDATION_STREAM))
     segment = {"from": start, "to": start, **provenance("cpu")}
     segments = segments + [segment]
@@ -296,15 +319,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
             for iteration in range(start, total):
                 tasks = [draw_training_task(hp, args.points, generator) for _ in range(args.meta_batch)]
                 step_size = reptile.meta_step_size(iteration, hp)
-                if args.algorithm == "joint":  # no meta-step: plain SGD on the points of every training wave
-                    for batches in tasks:
-                        reptile.adapt(model, joint_optimizer, batches, loss=mse)
-                else:
-                    if args.algorithm == "maml":
-                        maml_targets(model, mean_model, tasks, args.lr)
-                    else:
-                        reptile.adapt_to_tasks(model, learner, inner_optimizer, mean_model, tasks, hp, mse)
-                    reptile.meta_step(model, mean_model, meta_optimizer, step_size)
+                meta_iteration(tasks, step_size)
                 done = iteration + 1
                 progress.update()
                 if done % args.validate_every == 0:
