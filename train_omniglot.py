@@ -31,7 +31,7 @@ import run_folder
 from models import OmniglotModel
 from reptile import Hyperparameters
 from utils import (UserError, WriteError, any_process, confidence_interval, find_latest_file, processes, provenance,
-                   rank, read_results, reason, stop_signals, stream, training_lock, write_json)
+                   rank, read_results, reason, run_script, stop_signals, stream, training_lock, write_json)
 
 RECENT_TASKS = 100  # the validation tasks that the logged mean accuracy and the progress bar average over
 # Independent random streams, so that validation or evaluation never changes what training samples.
@@ -337,14 +337,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
 
 def run(argv: list[str]) -> int:
     """main(), with a problem the user can fix reported in one line (status 2) and Ctrl-C as status 130."""
-    try:
-        return main(argv)
-    except UserError as error:
-        print(f"train_omniglot.py: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("train_omniglot.py: interrupted", file=sys.stderr)
-        return 130
+    return run_script(main, argv, "train_omniglot.py")
 
 
 if __name__ == "__main__":

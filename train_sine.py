@@ -29,8 +29,8 @@ from models import ReptileModel
 from reptile import Hyperparameters, TestTask
 from utils import (HelpFormatter, OneLineParser, UserError, WriteError, add_result, confidence_interval,
                    find_latest_file, list_checkpoints, newest_good_checkpoint, non_negative_int, positive_float,
-                   positive_int, provenance, read_checkpoint, read_json, read_results, reason, save_atomically,
-                   stop_signals, stream, training_lock, write_json)
+                   positive_int, provenance, read_checkpoint, read_json, read_results, reason, run_script,
+                   save_atomically, stop_signals, stream, training_lock, write_json)
 
 PROGRAM = "reptile-sine"  # marks checkpoints written by this script
 AMPLITUDES, PHASES, X_RANGE = (0.1, 5.0), (0.0, 2 * math.pi), (-5.0, 5.0)  # the task distribution
@@ -416,14 +416,7 @@ def main(argv: list[str]) -> int:
 
 def run(argv: list[str]) -> int:
     """main(), with a problem the user can fix reported in one line (status 2) and Ctrl-C as status 130."""
-    try:
-        return main(argv)
-    except UserError as error:
-        print(f"train_sine.py: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("train_sine.py: interrupted", file=sys.stderr)
-        return 130
+    return run_script(main, argv, "train_sine.py")
 
 
 if __name__ == "__main__":

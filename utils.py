@@ -26,7 +26,7 @@ __all__ = [
     "checkpoint_iteration", "list_checkpoints", "find_latest_file",
     "UserError", "WriteError", "write_atomically", "save_atomically", "reason", "locked", "write_json", "read_json",
     "training_lock", "results_lock", "read_results", "add_result", "read_checkpoint", "newest_good_checkpoint",
-    "stop_signals", "stream", "confidence_interval",
+    "stop_signals", "stream", "confidence_interval", "run_script",
     "number", "positive_int", "non_negative_int", "positive_float", "non_negative_float", "OneLineParser",
     "HelpFormatter", "processes", "rank", "any_process", "gather", "provenance",
 ]
@@ -243,6 +243,18 @@ def confidence_interval(values: np.ndarray) -> float:
     return 1.96 * values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
 
 
+def run_script(main: Callable[[list[str]], int], argv: list[str], script: str) -> int:
+    """main(argv), with a UserError reported in one line (status 2) and Ctrl-C as status 130."""
+    try:
+        return main(argv)
+    except UserError as error:
+        print(f"{script}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{script}: interrupted", file=sys.stderr)
+        return 130
+
+
 def number(kind: type, minimum: float, strict: bool = False):
     """An argparse type: a finite number of `kind` at least `minimum` (above it, if strict)."""
     def parse(text: str):
@@ -305,18 +317,30 @@ def gather(value) -> list:
     return values
 
 
+def git(*args: str, folder: Path = Path(__file__).resolve().parent) -> Optional[str]:
+    """The output of a git command run in `folder` (default: this checkout), or None where git or a checkout is
+    missing."""
+    try:
+        done = subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):  # no git here
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def code_commit(folder: Path = Path(__file__).resolve().parent) -> dict:
+    """The checkout's commit, and whether it has uncommitted changes outside runs/ (whose results and checkpoints
+    are not code: recording a result there must not mark the next one); {} outside a git checkout."""
+    commit = git("rev-parse", "HEAD", folder=folder)
+    if commit is None:
+        return {}
+    return {"commit": commit,
+            "uncommitted_changes": bool(git("status", "--porcelain", "--", ".", ":(exclude)runs", folder=folder))}
+
+
 @functools.cache
 def code_and_machine(device: str) -> dict:
-    """The code's commit (and whether the checkout had uncommitted changes), the PyTorch version and the device."""
-    def git(*args: str) -> Optional[str]:
-        try:
-            done = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
-                                  timeout=30)
-        except (OSError, subprocess.SubprocessError):  # no git here
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-    commit = git("rev-parse", "HEAD")
-    code = {} if commit is None else {"commit": commit, "uncommitted_changes": bool(git("status", "--porcelain"))}
+    """The code's commit (code_commit), the PyTorch version and the device."""
+    code = code_commit()
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name(torch.device(device))
     else:

@@ -126,8 +126,9 @@ def test_the_guides_example_scores_a_task_as_the_evaluator_does(data_dir, tmp_pa
 
 
 def test_tensorboard_finds_the_mean_accuracy_of_every_committed_run():
-    """README: `runs/<run>/mean100` holds the mean of the last 100 logged tasks of each committed run, to its end."""
-    runs = sorted(path.parent for path in ROOT.glob("runs/**/results.json"))
+    """README: `runs/<run>/mean100` holds the mean of the last 100 logged tasks of each committed Omniglot run (the
+    runs with a split.json), to its end."""
+    runs = sorted(path.parent for path in ROOT.glob("runs/**/split.json"))
     assert len(runs) == 16
     for run in runs:
         steps, means = plot_runs.logged_points(run / plot_runs.MEANS, "meta-test/accuracy_mean100")

@@ -1,7 +1,10 @@
 import argparse
+import subprocess
+from pathlib import Path
 
 import pytest
 
+import utils
 from utils import (UserError, find_latest_file, list_checkpoints, non_negative_float,
                    non_negative_int, positive_float, positive_int, read_json, write_json)
 
@@ -39,3 +42,22 @@ def test_number_flags_refuse_what_is_out_of_range():
                         (positive_float, "nan"), (positive_float, "inf"), (non_negative_float, "Infinity")):
         with pytest.raises(argparse.ArgumentTypeError, match=f"got {text}"):
             parse(text)
+
+
+def test_results_written_under_runs_do_not_count_as_uncommitted_code(tmp_path):
+    def run_git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+    run_git("init", "-q")
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "results.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    run_git("add", "-A")
+    run_git("commit", "-qm", "first")
+    assert utils.code_commit(tmp_path)["uncommitted_changes"] is False
+    (tmp_path / "runs" / "a" / "results.json").write_text('{"new": 1}')
+    (tmp_path / "runs" / "b").mkdir()
+    assert utils.code_commit(tmp_path)["uncommitted_changes"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert utils.code_commit(tmp_path)["uncommitted_changes"] is True
+    assert utils.code_commit(Path("/")) == {}  # not a checkout
