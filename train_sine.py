@@ -15,7 +15,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -102,7 +102,7 @@ def draw_held_out(count: int, shots: int, generator: torch.Generator) -> list[Te
 # ----------------------------------------------------------------------------- MAML
 
 def maml_gradient(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float,
-                  loss=mse) -> dict[str, torch.Tensor]:
+                  loss: reptile.Loss = mse) -> dict[str, torch.Tensor]:
     """MAML's meta-gradient: the gradient with respect to the model's weights of the loss on the last mini-batch
     after SGD steps of size lr on the others, differentiated through those steps (second order)."""
     def last_batch_loss(weights: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -134,8 +134,8 @@ class MetaIteration:
 
     def __init__(self, model: ReptileModel, settings: dict):
         self.model, self.algorithm, self.hp = model, settings["algorithm"], hyperparameters(settings)
-        self.learner, self.mean_model = model.clone(), model.clone()
-        self.inner_optimizer = torch.optim.SGD(self.learner.parameters(), lr=self.hp.lr)
+        self.learner, self.inner_optimizer = reptile.make_learner(model, self.hp.lr, "sgd")
+        self.mean_model = model.clone()
         self.meta_optimizer = torch.optim.SGD(model.parameters(), lr=self.hp.meta_lr)  # reptile.meta_step sets lr
         self.joint_optimizer = torch.optim.SGD(model.parameters(), lr=self.hp.lr)
 
@@ -156,20 +156,24 @@ class MetaIteration:
 
 # ----------------------------------------------------------------------------- evaluation
 
-def errors_after_steps(model: nn.Module, tasks: list[TestTask], lr: float, steps: tuple[int, ...] = REPORTED_STEPS,
-                       progress: bool = False) -> np.ndarray:
-    """(tasks, len(steps)) mean squared error on each task's queries after each count of SGD steps (full batches
-    of its support points) from the model's weights."""
-    learner = model.clone()
-    optimizer = torch.optim.SGD(learner.parameters(), lr=lr)  # stateless: nothing carries from task to task
+def adapted(model: ReptileModel, task: TestTask, lr: float, steps: Iterable[int]) -> Iterator[ReptileModel]:
+    """A copy of the model after each count of SGD steps in `steps` (increasing) on the task's support points, all
+    of them in each step: one learner, trained on between the counts."""
+    learner, optimizer = reptile.make_learner(model, lr, "sgd")
+    done = 0
+    for count in steps:
+        reptile.adapt(learner, optimizer, [(task.support_inputs, task.support_targets)] * (count - done), loss=mse)
+        done = count
+        yield learner
+
+
+def errors_after_steps(model: ReptileModel, tasks: list[TestTask], lr: float,
+                       steps: tuple[int, ...] = REPORTED_STEPS, progress: bool = False) -> np.ndarray:
+    """(tasks, len(steps)) mean squared error on each task's queries after each count of SGD steps from the model's
+    weights (`adapted`)."""
     errors = np.zeros((len(tasks), len(steps)))
     for row, task in enumerate(tqdm(tasks, desc="held-out waves", unit="wave", disable=not progress, leave=False)):
-        reptile.copy_weights(model, learner)
-        done = 0
-        for column, count in enumerate(steps):
-            reptile.adapt(learner, optimizer, [(task.support_inputs, task.support_targets)] * (count - done),
-                          loss=mse)
-            done = count
+        for column, learner in enumerate(adapted(model, task, lr, steps)):
             with torch.no_grad():
                 errors[row, column] = mse(learner(task.query_inputs), task.query_targets).item()
     return errors
@@ -212,13 +216,9 @@ def draw_figure(logdirs: list[Path], path: str, seed: int) -> None:
     figure, axes = plt.subplots(1, len(logdirs), figsize=(4.5 * len(logdirs), 3.9), sharey=True, squeeze=False)
     for axis, logdir in zip(axes[0], logdirs):
         model, state = load_model(logdir, None)
-        learner = model.clone()
-        optimizer = torch.optim.SGD(learner.parameters(), lr=state["args"]["lr"])
         axis.plot(GRID, task.query_targets, color="green", label="true")
-        done = 0
-        for steps, colour in FIGURE_STEPS.items():
-            reptile.adapt(learner, optimizer, [(task.support_inputs, task.support_targets)] * (steps - done), loss=mse)
-            done = steps
+        for learner, (steps, colour) in zip(adapted(model, task, state["args"]["lr"], FIGURE_STEPS),
+                                            FIGURE_STEPS.items()):
             with torch.no_grad():
                 axis.plot(GRID, learner(GRID), color=colour, label=f"after {steps} step{'' if steps == 1 else 's'}")
         axis.plot(task.support_inputs, task.support_targets, "x", color="black", label="the 10 points fitted")
