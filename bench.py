@@ -139,7 +139,7 @@ def main() -> None:
     baseline_model = OmniglotModel(hp.classes).to(device)
     project_model = reptile.prepare_model(OmniglotModel(hp.classes), device)
     project_model.load_state_dict(baseline_model.state_dict())
-    learner, inner_optimizer = reptile.make_learner(project_model, hp.lr)
+    learner, inner_optimizer = reptile.make_learner(project_model, hp.lr, hp.inner_optimizer)
     meta_optimizer = torch.optim.SGD(project_model.parameters(), lr=1.0)
     meta_iteration = reptile.MetaIteration(project_model, learner, inner_optimizer, meta_optimizer,
                                            samplers["meta-train"], hp, cuda_graphs=bench.cuda_graphs)

@@ -106,7 +106,7 @@ def vmapped_evaluator(device: str, tasks: int) -> None:
     samplers = bench.synthetic_samplers(device)
     torch.manual_seed(0)
     meta_model = reptile.prepare_model(OmniglotModel(hp.classes), device)
-    learner, inner_optimizer = reptile.make_learner(meta_model, hp.lr)
+    learner, inner_optimizer = reptile.make_learner(meta_model, hp.lr, hp.inner_optimizer)
     meta_iteration = reptile.MetaIteration(meta_model, learner, inner_optimizer,
                                            torch.optim.SGD(meta_model.parameters(), lr=1.0), samplers["meta-train"], hp)
     for iteration in range(3):  # an inner Adam state to start the test tasks from

@@ -142,7 +142,7 @@ def prepare_model(model: ReptileModel, device: str) -> ReptileModel:
     return model.to(device, memory_format=torch.channels_last)
 
 
-def make_inner_optimizer(params: Iterable[torch.Tensor], lr: float, inner_optimizer: str = "adam",
+def make_inner_optimizer(params: Iterable[torch.Tensor], lr: float, inner_optimizer: str,
                          fused: bool = True) -> torch.optim.Optimizer:
     """The inner loop's optimizer over `params`: Adam (beta1 = 0, as in the paper) or SGD.
 
@@ -154,9 +154,9 @@ def make_inner_optimizer(params: Iterable[torch.Tensor], lr: float, inner_optimi
     return torch.optim.Adam(params, lr=lr, betas=(0.0, 0.999), **({"fused": True} if fused else {"foreach": False}))
 
 
-def make_learner(model: ReptileModel, lr: float,
-                 inner_optimizer: str = "adam") -> tuple[ReptileModel, torch.optim.Optimizer]:
-    """A copy of `model` to adapt to tasks, and its inner optimizer (make_inner_optimizer)."""
+def make_learner(model: ReptileModel, lr: float, inner_optimizer: str) -> tuple[ReptileModel, torch.optim.Optimizer]:
+    """A copy of `model` to adapt to tasks, and its inner optimizer (make_inner_optimizer): "adam" or "sgd", as
+    the run's Hyperparameters.inner_optimizer says (no default, so that meta-training and test tasks agree)."""
     learner = model.clone()
     return learner, make_inner_optimizer(learner.parameters(), lr, inner_optimizer)
 

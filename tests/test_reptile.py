@@ -216,7 +216,7 @@ def test_first_order_maml_steps_along_the_change_of_the_last_inner_step():
     start = [param.detach().clone() for param in meta_model.parameters()]
     # Straightforward: each task adapted in turn from the meta-weights (the inner Adam state carried on), the
     # change made by its last step kept, the mean change scaled by the meta-step.
-    plain_learner, plain_optimizer = reptile.make_learner(meta_model, hp.lr)
+    plain_learner, plain_optimizer = reptile.make_learner(meta_model, hp.lr, hp.inner_optimizer)
     generator = torch.Generator().manual_seed(5)
     changes = []
     for _ in range(hp.meta_batch):

@@ -757,7 +757,7 @@ def test_torchrun_splits_the_meta_batch_and_changes_no_mathematics(script, data_
         hp = options.hyperparameters(args)
         meta_model = reptile.prepare_model(OmniglotModel(hp.classes), "cpu")
         mean_model, meta_optimizer = meta_model.clone(), torch.optim.SGD(meta_model.parameters(), lr=1)
-        processes = [(*reptile.make_learner(meta_model, hp.lr), meta_model.clone(),
+        processes = [(*reptile.make_learner(meta_model, hp.lr, hp.inner_optimizer), meta_model.clone(),
                       utils.stream(args.seed, T.TRAIN_STREAM, process)) for process in (0, 1)]
         bank, sizes = sampler.bank(), reptile.inner_step_sizes(hp)
         for iteration, total in ((0, 2), (1, 2), (2, 3)):  # the schedule of each launch's --meta-iterations
