@@ -8,8 +8,8 @@ from typing import Optional
 import torch
 
 import omniglot
-from utils import (UserError, add_result, find_latest_file, gather, list_checkpoints, newest_good_checkpoint, rank,
-                   read_checkpoint, read_json, read_results, provenance, save_atomically, write_json)
+from utils import (UserError, add_result, find_latest_file, gather, newest_good_checkpoint, rank, read_checkpoint,
+                   read_json, read_results, provenance, write_checkpoint, write_json)
 
 PROGRAM = "reptile-omniglot"  # marks checkpoints written by train_omniglot.py
 
@@ -41,13 +41,7 @@ def save_checkpoint(logdir: Path, iteration: int, meta_model: torch.nn.Module, m
         "segments": segments,
         "provenance": provenance(device),  # of this file: the code, PyTorch, device and date that wrote it
     }
-    folder.mkdir(parents=True, exist_ok=True)
-    save_atomically(path, state)
-    evaluated = evaluated_checkpoints(logdir)
-    for old in list_checkpoints(folder)[:-keep]:
-        if Path(old).name not in evaluated:
-            Path(old).unlink()
-    return path
+    return write_checkpoint(folder, iteration, state, keep, evaluated_checkpoints(logdir))
 
 
 def evaluated_checkpoints(logdir: Path) -> set[str]:

@@ -28,9 +28,9 @@ import reptile
 from models import ReptileModel
 from reptile import Hyperparameters, TestTask
 from utils import (HelpFormatter, OneLineParser, UserError, WriteError, add_result, confidence_interval,
-                   find_latest_file, list_checkpoints, newest_good_checkpoint, non_negative_int, positive_float,
-                   positive_int, provenance, read_checkpoint, read_json, read_results, reason, run_script,
-                   save_atomically, stop_signals, stream, training_lock, write_json)
+                   find_latest_file, newest_good_checkpoint, non_negative_int, positive_float, positive_int,
+                   provenance, read_checkpoint, read_json, read_results, reason, run_script, stop_signals, stream,
+                   training_lock, write_checkpoint, write_json)
 
 PROGRAM = "reptile-sine"  # marks checkpoints written by this script
 AMPLITUDES, PHASES, X_RANGE = (0.1, 5.0), (0.0, 2 * math.pi), (-5.0, 5.0)  # the task distribution
@@ -184,12 +184,13 @@ def evaluation_key(args: argparse.Namespace, iteration: int) -> str:
     return f"{args.eval_waves} waves, {args.shots} points, at {iteration}, eval seed {args.eval_seed}"
 
 
-def evaluate(model: nn.Module, state: dict, args: argparse.Namespace, checkpoint: str, logdir: Path) -> dict:
-    """Score the model on --eval-waves held-out waves; print the errors and record them in results.json."""
+def evaluate(model: nn.Module, state: dict, args: argparse.Namespace, logdir: Path) -> dict:
+    """Score the model of a checkpoint (load_model) on --eval-waves held-out waves; print the errors and record
+    them in results.json."""
     started = time.time()
     tasks = draw_held_out(args.eval_waves, args.shots, stream(args.eval_seed, HELD_OUT_STREAM))
     errors = errors_after_steps(model, tasks, state["args"]["lr"], progress=True)
-    result = {"meta_iteration": state["meta_iteration"], "checkpoint": checkpoint, "waves": args.eval_waves,
+    result = {"meta_iteration": state["meta_iteration"], "checkpoint": state["path"], "waves": args.eval_waves,
               "eval_seed": args.eval_seed, "shots": args.shots,
               "mse": {str(steps): {"mean": errors[:, column].mean(), "ci95": confidence_interval(errors[:, column])}
                       for column, steps in enumerate(REPORTED_STEPS)},
@@ -262,15 +263,10 @@ def load_model(logdir: Path, checkpoint: Optional[str]) -> tuple[SineModel, dict
 def save_checkpoint(logdir: Path, iteration: int, model: nn.Module, generator: torch.Generator, settings: dict,
                     segments: list[dict]) -> str:
     """Write checkpoint/check-<iteration>.pth atomically; keep the newest KEEP_CHECKPOINTS."""
-    folder = logdir / "checkpoint"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"check-{iteration}.pth"
-    save_atomically(path, {"program": PROGRAM, "meta_iteration": iteration, "model": model.state_dict(),
-                           "generator": generator.get_state(), "args": settings, "segments": segments,
-                           "provenance": provenance("cpu")})
-    for old in list_checkpoints(folder)[:-KEEP_CHECKPOINTS]:
-        Path(old).unlink()
-    return str(path)
+    return str(write_checkpoint(logdir / "checkpoint", iteration,
+                                {"program": PROGRAM, "meta_iteration": iteration, "model": model.state_dict(),
+                                 "generator": generator.get_state(), "args": settings, "segments": segments,
+                                 "provenance": provenance("cpu")}, KEEP_CHECKPOINTS))
 
 
 def training_settings(args: argparse.Namespace) -> dict:
@@ -290,7 +286,6 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
         changed = ", ".join(f"--{name.replace('_', '-')} {saved[name]}" for name in TRAINING_FLAGS
                             if saved.get(name) != settings[name])
         raise UserError(f"{logdir} was trained with {changed}; resume it with the same, or choose another logdir")
-    hp = hyperparameters(settings)
     total = 0 if args.algorithm == "random" else args.meta_iterations
     model = new_model(settings)
     generator = stream(args.seed, TRAIN_STREAM)
@@ -307,6 +302,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"resumed {logdir} at meta-iteration {start} of {total}")
     write_json(saved_args, settings)
     meta_iteration = MetaIteration(model, settings)
+    hp = meta_iteration.hp
     validation = draw_held_out(VALIDATION_WAVES, args.shots, stream(args.seed, VALIDATION_STREAM))
     segment = {"from": start, "to": start, **provenance("cpu")}
     segments = segments + [segment]
@@ -346,7 +342,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
     finally:
         progress.close()
     model, state = load_model(logdir, checkpoint)
-    evaluate(model, state, args, checkpoint, logdir)
+    evaluate(model, state, args, logdir)
     return 0
 
 
@@ -406,7 +402,7 @@ def main(argv: list[str]) -> int:
     if args.eval_only:
         model, state = load_model(Path(args.logdir), args.checkpoint)
         print(f"evaluating {state['path']} (meta-iteration {state['meta_iteration']})")
-        evaluate(model, state, args, state["path"], Path(args.logdir))
+        evaluate(model, state, args, Path(args.logdir))
         return 0
     if args.checkpoint:
         raise UserError("--checkpoint goes with --eval-only")

@@ -25,7 +25,8 @@ import torch
 __all__ = [
     "checkpoint_iteration", "list_checkpoints", "find_latest_file",
     "UserError", "WriteError", "write_atomically", "save_atomically", "reason", "locked", "write_json", "read_json",
-    "training_lock", "results_lock", "read_results", "add_result", "read_checkpoint", "newest_good_checkpoint",
+    "training_lock", "results_lock", "read_results", "add_result", "read_checkpoint", "write_checkpoint",
+    "newest_good_checkpoint",
     "stop_signals", "stream", "confidence_interval", "run_script",
     "number", "positive_int", "non_negative_int", "positive_float", "non_negative_float", "OneLineParser",
     "HelpFormatter", "processes", "rank", "any_process", "gather", "provenance",
@@ -195,6 +196,18 @@ def read_checkpoint(path: str, program: str, script: str) -> dict:
     if not isinstance(state, dict) or state.get("program") != program:
         raise UserError(f"{path} is not a checkpoint of {script}")
     return state
+
+
+def write_checkpoint(folder: Path, iteration: int, state: dict, keep: int, spared: set[str] = frozenset()) -> Path:
+    """Write folder/check-<iteration>.pth atomically; delete the older checkpoints there but the newest `keep` and
+    those whose file names are in `spared`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"check-{iteration}.pth"
+    save_atomically(path, state)
+    for old in list_checkpoints(folder)[:-keep]:
+        if Path(old).name not in spared:
+            Path(old).unlink()
+    return path
 
 
 def newest_good_checkpoint(folder: Path, program: str, script: str) -> Optional[dict]:
