@@ -33,7 +33,8 @@ def load_runs(data_dir: Path, mirror: Optional[str] = None) -> dict[str, TestTas
         with zipfile.ZipFile(archive) as zip_file:
             def read(name: str) -> torch.Tensor:
                 with zip_file.open(name) as file:
-                    return torch.from_numpy(omniglot.read_image(f"{archive}:{name}", file))[None]
+                    image = omniglot.read_image(f"{archive}:{name}", file)
+                    return torch.as_tensor(image, dtype=torch.get_default_dtype())[None]  # float64 in tests/test_frozen
 
             names = set(zip_file.namelist())
             runs = {}

@@ -200,7 +200,8 @@ def list_character_images(data_dir: Path) -> dict[str, list[str]]:
 
 
 def load_images(data_dir: Path) -> tuple[list[str], torch.Tensor]:
-    """Every character as 'ALPHABET/characterNN' (sorted), and their images as a (characters, 20, 28, 28) tensor.
+    """Every character as 'ALPHABET/characterNN' (sorted), and their images as a (characters, 20, 28, 28) tensor of
+    torch's default dtype (float32, unless a caller such as tests/test_frozen.py sets another).
 
     The first call decodes the PNGs and saves them to images28.pt in the data folder; later calls read that
     file instead, as long as it holds the same characters.
@@ -223,7 +224,7 @@ def read_cache(cache: Path, characters: list[str]) -> Optional[torch.Tensor]:
     """The images saved in `cache` if it holds exactly `characters`, else None (missing, damaged or outdated)."""
     try:
         cached = torch.load(cache, weights_only=True)
-        return cached["images"].float() if cached["characters"] == characters else None
+        return cached["images"].to(torch.get_default_dtype()) if cached["characters"] == characters else None
     except Exception:
         return None
 
