@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import evaluate
+import fast
 import omniglot
 import options
 import reptile
@@ -38,8 +39,8 @@ def baseline_meta_iteration(meta_model: OmniglotModel, adam_state: dict, sampler
         optimizer.load_state_dict(adam_state)  # the inner Adam state carries over from task to task
         for indices in reptile.inner_batches(len(task.support_inputs), hp.batch, hp.iterations, generator):
             optimizer.zero_grad()
-            F.nll_loss(model(task.support_inputs[indices]), task.support_targets[indices],
-                       reduction="sum").backward()
+            F.cross_entropy(model(task.support_inputs[indices]), task.support_targets[indices],
+                            reduction="sum").backward()
             optimizer.step()
         adam_state = copy.deepcopy(optimizer.state_dict())
         adapted.append([param.detach() for param in model.parameters()])
@@ -63,17 +64,17 @@ def baseline_evaluate(meta_model: OmniglotModel, adam_state: dict, sampler: omni
         for indices in reptile.inner_batches(len(task.support_inputs), hp.test_batch, hp.test_iterations,
                                              generator):
             optimizer.zero_grad()
-            F.nll_loss(model(task.support_inputs[indices]), task.support_targets[indices],
-                       reduction="sum").backward()
+            F.cross_entropy(model(task.support_inputs[indices]), task.support_targets[indices],
+                            reduction="sum").backward()
             optimizer.step()
         with torch.no_grad():
             if hp.transductive:
-                log_probs = model(task.query_inputs)
+                logits = model(task.query_inputs)
             else:
-                log_probs = torch.stack([model(torch.cat([task.support_inputs, query[None]]))[-1]
-                                         for query in task.query_inputs])
-        correct = (log_probs.argmax(dim=1) == task.query_targets).sum().item()
-        results.append((correct, F.nll_loss(log_probs, task.query_targets).item()))
+                logits = torch.stack([model(torch.cat([task.support_inputs, query[None]]))[-1]
+                                      for query in task.query_inputs])
+        correct = (logits.argmax(dim=1) == task.query_targets).sum().item()
+        results.append((correct, F.cross_entropy(logits, task.query_targets).item()))
     return results
 
 
@@ -137,12 +138,11 @@ def main() -> None:
 
     torch.manual_seed(0)
     baseline_model = OmniglotModel(hp.classes).to(device)
-    project_model = reptile.prepare_model(OmniglotModel(hp.classes), device)
+    project_model = fast.prepare_model(OmniglotModel(hp.classes), device)
     project_model.load_state_dict(baseline_model.state_dict())
-    learner, inner_optimizer = reptile.make_learner(project_model, hp.lr, hp.inner_optimizer)
-    meta_optimizer = torch.optim.SGD(project_model.parameters(), lr=1.0)
-    meta_iteration = reptile.MetaIteration(project_model, learner, inner_optimizer, meta_optimizer,
-                                           samplers["meta-train"], hp, cuda_graphs=bench.cuda_graphs)
+    meta_learner = reptile.MetaLearner(project_model, hp)
+    inner_optimizer = meta_learner.inner_optimizer
+    meta_iteration = fast.MetaIteration(meta_learner, samplers["meta-train"], cuda_graphs=bench.cuda_graphs)
     adam_state = {"state": {}, "param_groups": inner_optimizer.state_dict()["param_groups"]}
 
     def project_step(generator):

@@ -22,6 +22,7 @@ import torch
 
 import bench
 import evaluate
+import fast
 import options
 import reptile
 import train_omniglot as T
@@ -56,12 +57,11 @@ def train_side(device: str, hp: Hyperparameters, iterations: int, graphs: bool, 
     """A meta-model after `iterations` meta-iterations (validated every 2), its validation scores, seconds, capture."""
     samplers = bench.synthetic_samplers(device)
     torch.manual_seed(0)
-    meta_model = reptile.prepare_model(OmniglotModel(hp.classes), device)
+    meta_model = fast.prepare_model(OmniglotModel(hp.classes), device)
     torch.backends.cudnn.deterministic = deterministic  # prepare_model holds it on CUDA: lifted to show why
-    learner, inner_optimizer = reptile.make_learner(meta_model, hp.lr, hp.inner_optimizer)
-    meta_optimizer = torch.optim.SGD(meta_model.parameters(), lr=1.0)
-    meta_iteration = reptile.MetaIteration(meta_model, learner, inner_optimizer, meta_optimizer,
-                                           samplers["meta-train"], hp, cuda_graphs=graphs)
+    meta_learner = reptile.MetaLearner(meta_model, hp)
+    inner_optimizer = meta_learner.inner_optimizer
+    meta_iteration = fast.MetaIteration(meta_learner, samplers["meta-train"], cuda_graphs=graphs)
     generator, validation = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
     scorer, scores = None, []
     started = time.perf_counter()
@@ -105,10 +105,10 @@ def vmapped_evaluator(device: str, tasks: int) -> None:
     hp = Hyperparameters(classes=5, shots=1, meta_batch=1)
     samplers = bench.synthetic_samplers(device)
     torch.manual_seed(0)
-    meta_model = reptile.prepare_model(OmniglotModel(hp.classes), device)
-    learner, inner_optimizer = reptile.make_learner(meta_model, hp.lr, hp.inner_optimizer)
-    meta_iteration = reptile.MetaIteration(meta_model, learner, inner_optimizer,
-                                           torch.optim.SGD(meta_model.parameters(), lr=1.0), samplers["meta-train"], hp)
+    meta_model = fast.prepare_model(OmniglotModel(hp.classes), device)
+    meta_learner = reptile.MetaLearner(meta_model, hp)
+    inner_optimizer = meta_learner.inner_optimizer
+    meta_iteration = fast.MetaIteration(meta_learner, samplers["meta-train"])
     for iteration in range(3):  # an inner Adam state to start the test tasks from
         meta_iteration(1.0, torch.Generator().manual_seed(iteration))
     seeds = evaluate.task_seeds(tasks, torch.Generator().manual_seed(9))

@@ -8,12 +8,13 @@ import dataclasses
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Protocol, Union
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+import fast
 import reptile
 import run_folder
 from reptile import Hyperparameters, Loss, TestTask
@@ -23,6 +24,14 @@ TASKS_TOGETHER = 500  # evaluation tasks adapted side by side on a GPU (20-way 5
 
 
 # ----------------------------------------------------------------------------- test tasks
+
+class TestTasks(Protocol):
+    """Where test tasks come from (omniglot.TaskSampler is one)."""
+
+    def sample(self, classes: int, shots: int, queries: int, generator: torch.Generator) -> TestTask:
+        """A new test task: `shots` support examples and `queries` queries of each of `classes` classes, labelled
+        0..classes-1."""
+
 
 def task_seeds(tasks: int, generator: torch.Generator) -> list[int]:
     """One seed per evaluation task, so tasks can be evaluated in any order or process."""
@@ -35,7 +44,7 @@ def test_batches(hp: Hyperparameters, support: int, generator: torch.Generator) 
     return reptile.inner_batches(support, hp.test_batch, hp.test_iterations, generator, hp.replacement)
 
 
-def draw_test_tasks(source: reptile.Tasks, hp: Hyperparameters,
+def draw_test_tasks(source: TestTasks, hp: Hyperparameters,
                     seeds: list[int]) -> tuple[list[TestTask], torch.Tensor]:
     """One hp.classes-way hp.shots-shot test task per seed (one query per class), and the order of each one's support
     examples in its inner mini-batches: (tasks, steps, batch)."""
@@ -110,7 +119,8 @@ class TestTaskScorer:
     def __init__(self, meta_model: torch.nn.Module, inner_state: dict, hp: Hyperparameters, together: int = 0,
                  loss: Loss = reptile.summed_cross_entropy, cuda_graphs: bool = False):
         self.meta_model, self.inner_state, self.hp, self.loss = meta_model, inner_state, hp, loss
-        self.learner = SideBySide(meta_model.clone(), together) if together else OneTask(meta_model.clone())
+        learner = copy.deepcopy(meta_model)
+        self.learner = SideBySide(learner, together) if together else OneTask(learner)
         # The side-by-side form steps with PyTorch's other Adam, whose arithmetic its figures were computed with.
         self.optimizer = reptile.make_inner_optimizer(self.learner.parameters(), hp.lr, hp.inner_optimizer,
                                                       fused=not together)
@@ -121,7 +131,7 @@ class TestTaskScorer:
                         value.detach().to("cpu" if together else param.device, torch.float32).clone()
         self.held = []  # the tasks to score: support inputs and targets, query inputs and targets, mini-batches
         device = next(self.learner.parameters()).device
-        self.run = reptile.Graphed(lambda: (self.adapt(), self.score(hp.transductive))[1],
+        self.run = fast.Graphed(lambda: (self.adapt(), self.score(hp.transductive))[1],
                                    cuda_graphs and device.type == "cuda", (self.optimizer,))
 
     def hold(self, tasks: list[TestTask], batches: torch.Tensor) -> None:
@@ -153,7 +163,7 @@ class TestTaskScorer:
         rows = torch.arange(len(batches), device=batches.device)[:, None]
         reptile.adapt(self.learner, self.optimizer, [(support[rows, step], targets[rows, step])
                                                      for step in batches.unbind(1)],
-                      self.hp.weight_decay, self.loss, type(self.learner).gradients)
+                      self.loss, self.hp.weight_decay, type(self.learner).gradients)
 
     def score(self, transductive: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(correct queries, mean query loss) of each held task: its queries classified all in one batch
@@ -179,7 +189,7 @@ class TestTaskScorer:
         return self.run()
 
 
-def evaluate_tasks(meta_model: torch.nn.Module, inner_state: dict, source: reptile.Tasks, hp: Hyperparameters,
+def evaluate_tasks(meta_model: torch.nn.Module, inner_state: dict, source: TestTasks, hp: Hyperparameters,
                    seeds: list[int], together: bool = False) -> list[tuple[int, float]]:
     """(correct queries, mean query loss) of one test task per seed, each adapted from the meta-weights: one at a
     time, or all side by side."""
@@ -188,7 +198,7 @@ def evaluate_tasks(meta_model: torch.nn.Module, inner_state: dict, source: repti
     return list(zip(correct.tolist(), losses.tolist()))
 
 
-def score_new_task(scorer: TestTaskScorer, source: reptile.Tasks, generator: torch.Generator) -> tuple[float, float]:
+def score_new_task(scorer: TestTaskScorer, source: TestTasks, generator: torch.Generator) -> tuple[float, float]:
     """The accuracy and mean query loss of a new test task of `source`, drawn as evaluate_tasks draws it."""
     correct, loss = scorer(*draw_test_tasks(source, scorer.hp, task_seeds(1, generator)))
     return correct.item() / scorer.hp.classes, loss.item()
@@ -208,7 +218,7 @@ def start_worker(samplers: dict) -> None:
     _worker_samplers.update(samplers)
 
 
-def evaluate_on_cpu(source: reptile.Tasks, meta_model: torch.nn.Module, inner_state: dict, hp: Hyperparameters,
+def evaluate_on_cpu(source: TestTasks, meta_model: torch.nn.Module, inner_state: dict, hp: Hyperparameters,
                     seeds: list[int]) -> list[tuple[int, float]]:
     """evaluate_tasks with the convolution kernels that are faster on one thread at --test-batch."""
     with torch.backends.mkldnn.flags(enabled=hp.test_batch >= ONEDNN_FROM_BATCH, allow_tf32=None):
@@ -250,7 +260,7 @@ def score_tasks(meta_model: torch.nn.Module, inner_optimizer: torch.optim.Optimi
     """
     seeds = task_seeds(tasks, generator)
     # Copies: sending tensors to worker processes moves them into shared memory, and these must not be the model's.
-    model, inner_state = meta_model.clone(), copy.deepcopy(inner_optimizer.state_dict())
+    model, inner_state = copy.deepcopy(meta_model), copy.deepcopy(inner_optimizer.state_dict())
     identity = run_folder.evaluation_identity(model.state_dict(), inner_state, dataclasses.asdict(hp), seeds) \
         if keep else ""
     finished, earlier_seconds = run_folder.finished_tasks(keep, identity) if keep else ({}, 0.0)

@@ -4,16 +4,15 @@ import copy
 import torch
 from torch import nn
 
+import reptile
+
 
 class ReptileModel(nn.Module):
     """A module that can be cloned and pulled towards another copy of itself."""
 
     def point_grad_to(self, target: nn.Module) -> None:
         """Set each parameter's .grad to (self - target), so an SGD step of size s moves self s of the way to target."""
-        for param, target_param in zip(self.parameters(), target.parameters()):
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-            torch.sub(param.detach(), target_param.detach().to(param.device, param.dtype), out=param.grad)
+        reptile.point_grad_to(self, target.parameters())
 
     def clone(self) -> "ReptileModel":
         """An independent copy on the same device."""
@@ -39,7 +38,6 @@ class OmniglotModel(ReptileModel):
         self.num_classes = num_classes
         self.features = nn.Sequential(conv_block(1), conv_block(64), conv_block(64), conv_block(64), nn.Flatten())
         self.classifier = nn.Linear(64 * 2 * 2, num_classes)
-        self.log_softmax = nn.LogSoftmax(dim=1)
         # Initialise as TensorFlow's layers do in the paper's code: Glorot-uniform weights, zero biases.
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -47,5 +45,5 @@ class OmniglotModel(ReptileModel):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities (B, num_classes) of images given as (B, 784) or (B, 1, 28, 28)."""
-        return self.log_softmax(self.classifier(self.features(x.view(-1, 1, 28, 28))))
+        """Logits (B, num_classes) of images given as (B, 784) or (B, 1, 28, 28)."""
+        return self.classifier(self.features(x.view(-1, 1, 28, 28)))

@@ -261,7 +261,8 @@ def make_split(data_dir: Path, characters: list[str], split: str, seed: int) -> 
 
 
 class TaskSampler:
-    """Draws N-way tasks (reptile.Tasks) from a set of characters, each rotation of a character a class of its own."""
+    """Draws N-way tasks from a set of characters, each rotation of a character a class of its own: whole test tasks
+    (evaluate.TestTasks), or meta-training tasks as rows of a bank of every image (fast.Bank)."""
 
     def __init__(self, images: torch.Tensor, rotations: Sequence[int] = (0,)):
         self.images = images

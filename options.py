@@ -1,4 +1,4 @@
-"""The command line of train_omniglot.py: its flags (each hyperparameter's from reptile.Hyperparameters), the
+"""The command line of train_omniglot.py: its flags (one for each field of reptile.Hyperparameters), the
 paper's four settings, and what a run's args.json holds and a resumed run must keep.
 """
 import argparse
@@ -11,12 +11,46 @@ import torch
 import omniglot
 import run_folder
 from reptile import Hyperparameters
-from utils import (HelpFormatter, OneLineParser, UserError, checkpoint_iteration, find_latest_file, non_negative_int,
-                   positive_int, read_json)
+from utils import (HelpFormatter, OneLineParser, UserError, checkpoint_iteration, find_latest_file, non_negative_float,
+                   non_negative_int, positive_float, positive_int, read_json)
 
+# Each hyperparameter's flag: (help, group, type), and whether it fixes what a run learns (a resumed run must keep it).
+HYPERPARAMETER_FLAGS = {
+    "classes": ("classes per task (N-way)", "task", positive_int, True),
+    "shots": ("support images per class at meta-test (K-shot)", "task", positive_int, True),
+    "train_shots": ("images per class in a meta-training task", "task", positive_int, True),
+    "meta_batch": ("tasks per meta-iteration", "meta-training", positive_int, True),
+    "meta_iterations": ("meta-iterations in all", "meta-training", positive_int, False),
+    "iterations": ("inner mini-batches per meta-training task (with fomaml and maml, the last is the query)",
+                   "meta-training", positive_int, True),
+    "batch": ("inner mini-batch size", "meta-training", positive_int, True),
+    "lr": ("inner learning rate (of Adam with betas 0, 0.999, or of SGD)", "meta-training", positive_float, True),
+    "meta_lr": ("meta-step size at the start (the meta-optimizer's learning rate)", "meta-training", positive_float,
+                True),
+    "meta_lr_final": ("meta-step size at the end (annealed linearly)", "meta-training", non_negative_float, True),
+    "algorithm": ("reptile: step towards the adapted weights; fomaml: first-order MAML as the Reptile paper's code "
+                  "has it, step along the change made by the last inner step alone; maml: MAML's meta-gradient, "
+                  "through the inner SGD steps (second order)", "meta-training", ("reptile", "fomaml", "maml"), True),
+    "first_order": ("with --algorithm maml: drop the second derivatives (the query loss's gradient at the adapted "
+                    "weights: first-order MAML as the MAML paper defines it)", "meta-training", bool, True),
+    "fomaml_tail": ("with --algorithm fomaml or maml: the last mini-batch, the query, is this many images per class "
+                    "of the task, kept apart from the earlier steps (default for fomaml: drawn like the others)",
+                    "meta-training", positive_int, True),
+    "inner_optimizer": ("the inner loop's optimizer, at meta-training and meta-test", "meta-training",
+                        ("adam", "sgd"), True),
+    "meta_optimizer": ("the meta-optimizer: sgd (the Reptile paper's meta-step) or adam (the MAML paper's)",
+                       "meta-training", ("sgd", "adam"), True),
+    "replacement": ("draw each inner mini-batch on its own (default: shuffled passes over the task's images)",
+                    "meta-training", bool, True),
+    "weight_decay": ("multiply the weights by this before each inner step, at meta-training and meta-test (1: none)",
+                     "meta-training", positive_float, True),
+    "test_iterations": ("inner steps on a test task", "evaluation", positive_int, False),
+    "test_batch": ("mini-batch size on a test task", "evaluation", positive_int, False),
+    "transductive": ("classify all queries of a task in one batch (default: each query on its own)", "evaluation",
+                     bool, False),
+}
 # Flags that fix what a run learns: a resumed run must keep them (--meta-iterations may grow).
-TRAINING_FLAGS = tuple(field.name for field in dataclasses.fields(Hyperparameters)
-                       if field.metadata["training"]) + ("split", "seed")
+TRAINING_FLAGS = tuple(name for name, (*_, training) in HYPERPARAMETER_FLAGS.items() if training) + ("split", "seed")
 # Flags that fix the model and its characters: evaluation must keep them too.
 MODEL_FLAGS = ("classes", "split")
 NOT_SAVED = ("logdir", "eval_only", "eval_lake", "checkpoint", "paper_setting")
@@ -43,13 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                    for flag, value in flags.items())
                             for name, flags in PAPER_SETTINGS.items()) + ")")
     groups = {name: parser.add_argument_group(name) for name in ("task", "meta-training", "evaluation")}
-    for field in dataclasses.fields(Hyperparameters):  # each hyperparameter's flag, as Hyperparameters declares it
-        about = field.metadata
-        if field.type is bool:
-            groups[about["group"]].add_argument(flag(field.name), action="store_true", help=about["help"])
+    for field in dataclasses.fields(Hyperparameters):  # each hyperparameter's flag, its default from Hyperparameters
+        help, group, kind, _ = HYPERPARAMETER_FLAGS[field.name]
+        if kind is bool:
+            groups[group].add_argument(flag(field.name), action="store_true", help=help)
+        elif isinstance(kind, tuple):
+            groups[group].add_argument(flag(field.name), choices=kind, default=field.default, help=help)
         else:
-            groups[about["group"]].add_argument(flag(field.name), type=about["type"], choices=about["choices"],
-                                                default=field.default, help=about["help"])
+            groups[group].add_argument(flag(field.name), type=kind, default=field.default, help=help)
     task, evaluation = groups["task"], groups["evaluation"]
     task.add_argument("--split", choices=omniglot.SPLITS, default="paper",
                       help="paper: 1,200 characters train, 423 test, shuffled as the paper's code does (with --seed 0 "
@@ -133,8 +168,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         f"so --shots can be at most {omniglot.DRAWERS - 1}")
     if args.train_shots > omniglot.DRAWERS:
         raise UserError(f"--train-shots {args.train_shots} exceeds the {omniglot.DRAWERS} drawings of a character")
-    if args.fomaml_tail is not None and args.algorithm != "fomaml":
-        raise UserError("--fomaml-tail needs --algorithm fomaml")
+    if args.fomaml_tail is not None and args.algorithm == "reptile":
+        raise UserError("--fomaml-tail needs --algorithm fomaml or maml")
+    if args.first_order and args.algorithm != "maml":
+        raise UserError("--first-order goes with --algorithm maml (--algorithm fomaml is the Reptile paper's "
+                        "first-order MAML)")
+    if args.algorithm == "maml":
+        if args.inner_optimizer != "sgd" or args.weight_decay != 1.0 or args.fomaml_tail is None or args.iterations < 2:
+            raise UserError("--algorithm maml differentiates through inner SGD steps on the support images and "
+                            "takes the query loss on --fomaml-tail images per class: give --inner-optimizer sgd, "
+                            "--fomaml-tail K, --iterations of at least 2 (the inner steps and the query) and no "
+                            "--weight-decay")
     if args.fomaml_tail is not None and args.fomaml_tail >= args.train_shots:
         raise UserError(f"--fomaml-tail {args.fomaml_tail} leaves no image per class for the earlier inner steps; "
                         f"it must be below --train-shots {args.train_shots}")

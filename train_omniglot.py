@@ -23,6 +23,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import evaluate
+import fast
 import lake
 import omniglot
 import options
@@ -161,11 +162,10 @@ def load_samplers(args: argparse.Namespace) -> tuple[dict, dict, Path]:
     return {"meta-test": test_sampler, "meta-train": train_sampler}, split, data_dir
 
 
-def new_model(args: argparse.Namespace) -> tuple[OmniglotModel, OmniglotModel, torch.optim.Optimizer]:
-    """The meta-model at its seeded initialisation, the learner adapted to each task in turn, its inner optimizer."""
+def new_model(args: argparse.Namespace) -> OmniglotModel:
+    """The meta-model at its seeded initialisation, on the run's device."""
     torch.manual_seed(args.seed)
-    meta_model = reptile.prepare_model(OmniglotModel(args.classes), args.device)
-    return meta_model, *reptile.make_learner(meta_model, args.lr, args.inner_optimizer)
+    return fast.prepare_model(OmniglotModel(args.classes), args.device)
 
 
 def all_finite(tensors) -> bool:
@@ -180,8 +180,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> int:
         raise UserError(f"--eval-only: {args.logdir} holds no checkpoint; train first, or give --checkpoint FILE")
     state = run_folder.load_checkpoint(checkpoint_path)
     samplers, split, data_dir = load_samplers(args)
-    meta_model, _, inner_optimizer = new_model(args)
+    meta_model = new_model(args)
     meta_model.load_state_dict(state["meta_net"])
+    inner_optimizer = reptile.MetaLearner(meta_model, options.hyperparameters(args)).inner_optimizer
     inner_optimizer.load_state_dict(state["inner_optimizer"])
     if rank() == 0:
         print(f"evaluating {checkpoint_path} (meta-iteration {state['meta_iteration']})")
@@ -256,8 +257,9 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
     hp = options.hyperparameters(args)
     logdir = Path(args.logdir)
     samplers, split, _ = load_samplers(args)
-    meta_model, learner, inner_optimizer = new_model(args)
-    meta_optimizer = torch.optim.SGD(meta_model.parameters(), lr=hp.meta_lr)
+    meta_model = new_model(args)
+    meta_learner = reptile.MetaLearner(meta_model, hp)
+    inner_optimizer, meta_optimizer = meta_learner.inner_optimizer, meta_learner.meta_optimizer
     # Under torchrun each process draws its own tasks and keeps its own inner Adam state.
     generators = {"train": stream(args.seed, TRAIN_STREAM, rank() if processes() > 1 else None),
                   "validation": stream(args.seed, VALIDATION_STREAM)}
@@ -278,8 +280,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
     # Under torchrun each process adapts its share of the tasks (5 over 2 processes: 3 and 2), and one all-reduce
     # sums the shares into the mean.
     share = len(range(rank(), hp.meta_batch, processes()))
-    meta_iteration = reptile.MetaIteration(meta_model, learner, inner_optimizer, meta_optimizer,
-                                           samplers["meta-train"], hp, share, args.cuda_graphs)
+    meta_iteration = fast.MetaIteration(meta_learner, samplers["meta-train"], share, args.cuda_graphs)
     scorer = None  # made at the first validation, when the inner optimizer has a state
     all_reduce = torch.distributed.all_reduce if processes() > 1 else None
     progress = tqdm(initial=start, total=hp.meta_iterations, desc="meta-training", unit="it", dynamic_ncols=True,

@@ -6,11 +6,11 @@ that a few steps of SGD on 10 points of a new sine wave fit the whole wave.
     python train_sine.py runs/sine-reptile --eval-only
     python train_sine.py runs/sine-maml runs/sine-fomaml runs/sine-reptile --figure runs/sine.png
 
-Reptile and first-order MAML run through reptile.py (the Omniglot runs' code); MAML differentiates through the inner
-steps with torch.func. Running the same command again resumes from the run's latest checkpoint. CPU only: the network
+Reptile, first-order MAML and MAML run through reptile.py (the Omniglot runs' code). Running the same command again resumes from the run's latest checkpoint. CPU only: the network
 is too small for a GPU to help.
 """
 import argparse
+import copy
 import math
 import sys
 import time
@@ -20,12 +20,10 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import reptile
-from models import ReptileModel
 from reptile import Hyperparameters, TestTask
 from utils import (HelpFormatter, OneLineParser, UserError, WriteError, add_result, confidence_interval,
                    find_latest_file, newest_good_checkpoint, non_negative_int, positive_float, positive_int,
@@ -48,7 +46,7 @@ TRAINING_FLAGS = ("algorithm", "activation", "hidden", "meta_iterations", "meta_
 mse = nn.functional.mse_loss
 
 
-class SineModel(ReptileModel):
+class SineModel(nn.Module):
     """1 -> hidden -> hidden -> 1 with tanh (the authors' demonstration) or ReLU (the paper's figure)."""
 
     def __init__(self, activation: str = "tanh", hidden: int = 64):
@@ -99,44 +97,13 @@ def draw_held_out(count: int, shots: int, generator: torch.Generator) -> list[Te
     return tasks
 
 
-# ----------------------------------------------------------------------------- MAML
-
-def maml_gradient(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float,
-                  loss: reptile.Loss = mse) -> dict[str, torch.Tensor]:
-    """MAML's meta-gradient: the gradient with respect to the model's weights of the loss on the last mini-batch
-    after SGD steps of size lr on the others, differentiated through those steps (second order)."""
-    def last_batch_loss(weights: dict[str, torch.Tensor]) -> torch.Tensor:
-        for inputs, targets in batches[:-1]:
-            step = grad(lambda w: loss(functional_call(model, w, (inputs,)), targets))(weights)
-            weights = {name: weight - lr * step[name] for name, weight in weights.items()}
-        inputs, targets = batches[-1]
-        return loss(functional_call(model, weights, (inputs,)), targets)
-    return grad(last_batch_loss)({name: param.detach() for name, param in model.named_parameters()})
-
-
-def maml_targets(meta_model: ReptileModel, mean_model: ReptileModel,
-                 tasks: list[list[tuple[torch.Tensor, torch.Tensor]]], lr: float) -> None:
-    """Set mean_model to the mean over the tasks of the meta-weights minus lr x MAML's meta-gradient: where
-    reptile.meta_step then moves the meta-weights. First-order MAML's target is the same with the last step's
-    gradient taken at the adapted weights, so the two share the meta-step size."""
-    with torch.no_grad():
-        for mean in mean_model.parameters():
-            mean.zero_()
-    for batches in tasks:
-        meta_gradient = maml_gradient(meta_model, batches, lr)
-        with torch.no_grad():
-            for (name, param), mean in zip(meta_model.named_parameters(), mean_model.parameters()):
-                mean.add_(param - lr * meta_gradient[name], alpha=1 / len(tasks))
-
-
 class MetaIteration:
-    """One meta-iteration of the run's algorithm on given tasks (lists of mini-batches), in place on the model."""
+    """One meta-iteration of the run's algorithm on given tasks (lists of mini-batches), in place on the model:
+    reptile.MetaLearner for Reptile, first-order MAML and MAML, plain SGD on every wave's points for joint training."""
 
-    def __init__(self, model: ReptileModel, settings: dict):
+    def __init__(self, model: nn.Module, settings: dict):
         self.model, self.algorithm, self.hp = model, settings["algorithm"], hyperparameters(settings)
-        self.learner, self.inner_optimizer = reptile.make_learner(model, self.hp.lr, "sgd")
-        self.mean_model = model.clone()
-        self.meta_optimizer = torch.optim.SGD(model.parameters(), lr=self.hp.meta_lr)  # reptile.meta_step sets lr
+        self.meta_learner = reptile.MetaLearner(model, self.hp, mse)
         self.joint_optimizer = torch.optim.SGD(model.parameters(), lr=self.hp.lr)
 
     def __call__(self, tasks: list[list[tuple[torch.Tensor, torch.Tensor]]], step_size: float) -> None:
@@ -144,30 +111,28 @@ class MetaIteration:
             return
         if self.algorithm == "joint":  # no meta-step: plain SGD on the points of every training wave
             for batches in tasks:
-                reptile.adapt(self.model, self.joint_optimizer, batches, loss=mse)
+                reptile.adapt(self.model, self.joint_optimizer, batches, mse)
             return
-        if self.algorithm == "maml":
-            maml_targets(self.model, self.mean_model, tasks, self.hp.lr)
-        else:
-            reptile.adapt_to_tasks(self.model, self.learner, self.inner_optimizer, self.mean_model, tasks, self.hp,
-                                   mse)
-        reptile.meta_step(self.model, self.mean_model, self.meta_optimizer, step_size)
+        # MAML's meta-gradient is scaled by the inner SGD step, as first-order MAML's last inner step is: the three
+        # algorithms share the meta-step size (a step of 1 takes MAML where one SGD step along it would).
+        self.meta_learner.step(tasks, step_size * self.hp.lr if self.algorithm == "maml" else step_size)
 
 
 # ----------------------------------------------------------------------------- evaluation
 
-def adapted(model: ReptileModel, task: TestTask, lr: float, steps: Iterable[int]) -> Iterator[ReptileModel]:
+def adapted(model: nn.Module, task: TestTask, lr: float, steps: Iterable[int]) -> Iterator[nn.Module]:
     """A copy of the model after each count of SGD steps in `steps` (increasing) on the task's support points, all
     of them in each step: one learner, trained on between the counts."""
-    learner, optimizer = reptile.make_learner(model, lr, "sgd")
+    learner = copy.deepcopy(model)
+    optimizer = reptile.make_inner_optimizer(learner.parameters(), lr, "sgd")
     done = 0
     for count in steps:
-        reptile.adapt(learner, optimizer, [(task.support_inputs, task.support_targets)] * (count - done), loss=mse)
+        reptile.adapt(learner, optimizer, [(task.support_inputs, task.support_targets)] * (count - done), mse)
         done = count
         yield learner
 
 
-def errors_after_steps(model: ReptileModel, tasks: list[TestTask], lr: float,
+def errors_after_steps(model: nn.Module, tasks: list[TestTask], lr: float,
                        steps: tuple[int, ...] = REPORTED_STEPS, progress: bool = False) -> np.ndarray:
     """(tasks, len(steps)) mean squared error on each task's queries after each count of SGD steps from the model's
     weights (`adapted`)."""
@@ -235,7 +200,7 @@ def draw_figure(logdirs: list[Path], path: str, seed: int) -> None:
 
 def hyperparameters(settings: dict) -> Hyperparameters:
     """reptile.py's settings for this run (its fields about classes and shots do not apply)."""
-    algorithm = settings["algorithm"] if settings["algorithm"] in ("reptile", "fomaml") else "reptile"
+    algorithm = settings["algorithm"] if settings["algorithm"] in ("reptile", "fomaml", "maml") else "reptile"
     return Hyperparameters(meta_batch=settings["meta_batch"], meta_iterations=settings["meta_iterations"],
                            iterations=settings["inner_steps"], batch=settings["batch"], lr=settings["lr"],
                            meta_lr=settings["meta_lr"], meta_lr_final=0.0, algorithm=algorithm,

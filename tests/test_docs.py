@@ -118,7 +118,7 @@ def test_the_guides_example_scores_a_task_as_the_evaluator_does(data_dir, tmp_pa
     assert done.returncode == 0, done.stderr
     state = run_folder.load_checkpoint(str(ROOT / "runs/5way-exact-split/checkpoint/check-100000.pth"))
     test_characters = run_folder.load_split(ROOT / "runs/5way-exact-split", Path(data_dir), "paper", 0, "cpu")[1]
-    meta_model = reptile.prepare_model(OmniglotModel(5), "cpu")
+    meta_model = OmniglotModel(5)
     meta_model.load_state_dict(state["meta_net"])
     (correct, _), = evaluate.evaluate_tasks(meta_model, state["inner_optimizer"], test_characters,
                                             reptile.Hyperparameters(shots=1), [0])

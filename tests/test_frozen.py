@@ -99,7 +99,7 @@ def scored_tasks(data_dir: Path, forms: tuple = (False, True)) -> dict:
     for name, flags in EVALUATIONS.items():
         args = options.parse_args([str(ROOT / "runs/5way-exact-split"), "--eval-only", "--data", str(data_dir),
                                    "--device", "cpu", *flags])
-        meta_model = T.new_model(args)[0]
+        meta_model = T.new_model(args)
         meta_model.load_state_dict(state["meta_net"])
         seeds = evaluate.task_seeds(TASKS[torch.get_default_dtype()], utils.stream(0, T.EVALUATION_STREAM))
         hp = options.hyperparameters(args)
@@ -114,7 +114,7 @@ def lake_run(data_dir: Path, mirror: Path) -> dict:
     state = run_folder.load_checkpoint(str(LAKE_CHECKPOINT))
     args = options.parse_args([str(ROOT / "runs/20way-background"), "--eval-lake", "--data", str(data_dir),
                                "--device", "cpu"])
-    meta_model = T.new_model(args)[0]
+    meta_model = T.new_model(args)
     meta_model.load_state_dict(state["meta_net"])
     runs = lake.load_runs(data_dir, str(mirror))
     seeds = evaluate.task_seeds(lake.REPEATS, utils.stream(0, T.EVALUATION_STREAM))

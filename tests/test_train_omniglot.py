@@ -23,9 +23,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import NO_NETWORK, ROOT, result_of
 from test_lake import make_lake_zip
-from test_reptile import is_conv_bias, random_sampler, trained_side
+from test_evaluate import random_sampler, trained_side
+from test_fast import is_conv_bias
 
 import evaluate
+import fast
 import lake
 import omniglot
 import options
@@ -45,7 +47,7 @@ TINY = ["--meta-iterations", "6", "--meta-batch", "2", "--iterations", "2", "--e
 def test_evaluation_in_worker_processes_equals_evaluation_in_this_process():
     hp = Hyperparameters(classes=5, shots=1, test_iterations=10, meta_batch=1)
     samplers = {"meta-test": random_sampler()}
-    meta_model, _, inner_optimizer, *_ = trained_side(hp, samplers["meta-test"])
+    meta_model, inner_optimizer = trained_side(hp, samplers["meta-test"])
     here = evaluate.score_tasks(meta_model, inner_optimizer,
                                 samplers, "meta-test", hp, 40, torch.Generator().manual_seed(9))
     with evaluate.start_pool(samplers, 2) as pool:
@@ -59,7 +61,7 @@ def test_evaluation_in_worker_processes_equals_evaluation_in_this_process():
 def test_evaluation_leaves_the_training_state_alone():
     hp = Hyperparameters(classes=5, shots=1, test_iterations=3, meta_batch=1)
     samplers = {"meta-test": random_sampler()}
-    meta_model, _, inner_optimizer, *_ = trained_side(hp, samplers["meta-test"])
+    meta_model, inner_optimizer = trained_side(hp, samplers["meta-test"])
     before = copy.deepcopy(inner_optimizer.state_dict())
     weights = copy.deepcopy(meta_model.state_dict())
     accuracies, losses = evaluate.score_tasks(meta_model, inner_optimizer,
@@ -75,7 +77,7 @@ def test_evaluation_leaves_the_training_state_alone():
 def test_a_stopped_evaluation_goes_on_from_its_finished_tasks_and_ends_the_same(tmp_path, monkeypatch):
     hp = Hyperparameters(classes=5, shots=1, test_iterations=3, meta_batch=1)
     samplers = {"meta-test": random_sampler()}
-    meta_model, _, inner_optimizer, *_ = trained_side(hp, samplers["meta-test"])
+    meta_model, inner_optimizer = trained_side(hp, samplers["meta-test"])
     whole = evaluate.score_tasks(meta_model, inner_optimizer,
                                  samplers, "meta-test", hp, 12, torch.Generator().manual_seed(3))
     kept = tmp_path / "unfinished.json"
@@ -441,16 +443,16 @@ def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(run_here, 
 
     # A run whose weights turn NaN in its 5th meta-iteration, after good checkpoints at 2 and 4: found at the
     # validation of the 6th, before its checkpoint.
-    real_call, calls = reptile.MetaIteration.__call__, []
+    real_call, calls = fast.MetaIteration.__call__, []
 
     def meta_iteration_that_fails_at_5(self, *args, **kwargs):
         real_call(self, *args, **kwargs)
         calls.append(1)
         if len(calls) == 5:
             with torch.no_grad():
-                next(self.meta_model.parameters()).view(-1)[0] = float("nan")
+                next(self.meta_learner.model.parameters()).view(-1)[0] = float("nan")
 
-    monkeypatch.setattr(reptile.MetaIteration, "__call__", meta_iteration_that_fails_at_5)
+    monkeypatch.setattr(fast.MetaIteration, "__call__", meta_iteration_that_fails_at_5)
     logdir = tmp_path / "run"
     flags = [str(logdir), *TINY, "--check-every", "2"]
     stopped = run_here(*flags)
@@ -461,7 +463,7 @@ def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(run_here, 
     assert sorted(p.name for p in (logdir / "checkpoint").iterdir()) == ["check-2.pth", "check-4.pth"]
     state = run_folder.load_checkpoint(str(logdir / "checkpoint" / "check-4.pth"))
     assert all(value.isfinite().all() for value in state["meta_net"].values())
-    monkeypatch.setattr(reptile.MetaIteration, "__call__", real_call)
+    monkeypatch.setattr(fast.MetaIteration, "__call__", real_call)
     assert run_here(*flags).returncode == 0  # resumes from check-4 and finishes
 
 
@@ -755,25 +757,25 @@ def test_torchrun_splits_the_meta_batch_and_changes_no_mathematics(script, data_
     try:
         torch.manual_seed(args.seed)
         hp = options.hyperparameters(args)
-        meta_model = reptile.prepare_model(OmniglotModel(hp.classes), "cpu")
-        mean_model, meta_optimizer = meta_model.clone(), torch.optim.SGD(meta_model.parameters(), lr=1)
-        processes = [(*reptile.make_learner(meta_model, hp.lr, hp.inner_optimizer), meta_model.clone(),
-                      utils.stream(args.seed, T.TRAIN_STREAM, process)) for process in (0, 1)]
-        bank, sizes = sampler.bank(), reptile.inner_step_sizes(hp)
+        meta_model = fast.prepare_model(OmniglotModel(hp.classes), "cpu")
+        # Each process: its own inner Adam chain (a MetaLearner's) and its own stream of tasks.
+        processes = [(reptile.MetaLearner(meta_model, hp), utils.stream(args.seed, T.TRAIN_STREAM, process))
+                     for process in (0, 1)]
         for iteration, total in ((0, 2), (1, 2), (2, 3)):  # the schedule of each launch's --meta-iterations
-            for (learner, optimizer, share, generator), tasks in zip(processes, (3, 2)):
-                drawn = [reptile.draw_task(sampler, hp, generator) for _ in range(tasks)]
-                reptile.adapt_to_tasks(meta_model, learner, optimizer, share,
-                                       [reptile.drawn_mini_batches(bank, task, sizes) for task in drawn], hp)
+            for (share, generator), tasks in zip(processes, (3, 2)):
+                drawn = [fast.draw_task(sampler, hp, generator) for _ in range(tasks)]
+                sizes = fast.mini_batch_sizes(hp)
+                share.accumulate([list(zip(sampler.bank()[rows].split(sizes), targets.split(sizes)))
+                                  for rows, targets in drawn])
+            first = processes[0][0]
             with torch.no_grad():
-                for mean, first, second in zip(mean_model.parameters(), *(p[2].parameters() for p in processes)):
-                    mean.copy_(first + second)
-            reptile.meta_step(meta_model, mean_model, meta_optimizer,
-                              reptile.meta_step_size(iteration, dataclasses.replace(hp, meta_iterations=total)))
+                for mean, second in zip(first.mean, processes[1][0].mean):
+                    mean.add_(second)
+            first.meta_update(reptile.meta_step_size(iteration, dataclasses.replace(hp, meta_iterations=total)))
     finally:
         torch.set_num_threads(threads)
     for name, param in meta_model.named_parameters():
         if not is_conv_bias(meta_model, name):  # see is_conv_bias
             torch.testing.assert_close(state["meta_net"][name], param.detach(), rtol=1e-4, atol=1e-5)
-    assert torch.equal(state["generators"]["train"], processes[0][3].get_state())
-    assert torch.equal(state["other_processes"][0]["generators"]["train"], processes[1][3].get_state())
+    assert torch.equal(state["generators"]["train"], processes[0][1].get_state())
+    assert torch.equal(state["other_processes"][0]["generators"]["train"], processes[1][1].get_state())
