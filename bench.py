@@ -9,17 +9,16 @@ paper split's shape (1,200 meta-training characters in 4 rotations, 423 meta-tes
 not depend on the pixels, and no data folder is needed.
 """
 import argparse
-import copy
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import evaluate
 import fast
 import omniglot
 import options
+import oracle
 import reptile
 from models import OmniglotModel
 from reptile import Hyperparameters
@@ -30,51 +29,24 @@ from utils import HelpFormatter, non_negative_int, positive_int
 
 def baseline_meta_iteration(meta_model: OmniglotModel, adam_state: dict, sampler: omniglot.TaskSampler,
                             hp: Hyperparameters, step_size: float, generator: torch.Generator) -> dict:
-    """One meta-iteration the plain way: a deep copy and an Adam per task, one step at a time; the new Adam state."""
-    adapted = []
+    """One meta-iteration the plain way (oracle.py) on tasks drawn one by one; the new inner Adam state."""
+    tasks = []
     for _ in range(hp.meta_batch):
         task = sampler.sample(hp.classes, hp.train_shots, 0, generator)
-        model = copy.deepcopy(meta_model)
-        optimizer = torch.optim.Adam(model.parameters(), lr=hp.lr, betas=(0.0, 0.999))
-        optimizer.load_state_dict(adam_state)  # the inner Adam state carries over from task to task
-        for indices in reptile.inner_batches(len(task.support_inputs), hp.batch, hp.iterations, generator):
-            optimizer.zero_grad()
-            F.cross_entropy(model(task.support_inputs[indices]), task.support_targets[indices],
-                            reduction="sum").backward()
-            optimizer.step()
-        adam_state = copy.deepcopy(optimizer.state_dict())
-        adapted.append([param.detach() for param in model.parameters()])
-    with torch.no_grad():
-        for index, param in enumerate(meta_model.parameters()):
-            mean = sum(weights[index] for weights in adapted) / len(adapted)
-            param.add_(step_size * (mean - param))
-    return adam_state
+        order = reptile.inner_batches(len(task.support_inputs), hp.batch, hp.iterations, generator)
+        tasks.append([(task.support_inputs[rows], task.support_targets[rows]) for rows in order])
+    return oracle.reptile_meta_iteration(meta_model, adam_state, tasks, hp.lr, step_size)
 
 
 def baseline_evaluate(meta_model: OmniglotModel, adam_state: dict, sampler: omniglot.TaskSampler,
                       hp: Hyperparameters, seeds: list[int]) -> list[tuple[int, float]]:
-    """(correct queries, query loss) of one task per seed, the plain way: a deep copy and an Adam per task."""
+    """(correct queries, query loss) of one task per seed, the plain way (oracle.py)."""
     results = []
     for seed in seeds:
         generator = torch.Generator().manual_seed(seed)
         task = sampler.sample(hp.classes, hp.shots, 1, generator)
-        model = copy.deepcopy(meta_model)
-        optimizer = torch.optim.Adam(model.parameters(), lr=hp.lr, betas=(0.0, 0.999))
-        optimizer.load_state_dict(copy.deepcopy(adam_state))
-        for indices in reptile.inner_batches(len(task.support_inputs), hp.test_batch, hp.test_iterations,
-                                             generator):
-            optimizer.zero_grad()
-            F.cross_entropy(model(task.support_inputs[indices]), task.support_targets[indices],
-                            reduction="sum").backward()
-            optimizer.step()
-        with torch.no_grad():
-            if hp.transductive:
-                logits = model(task.query_inputs)
-            else:
-                logits = torch.stack([model(torch.cat([task.support_inputs, query[None]]))[-1]
-                                      for query in task.query_inputs])
-        correct = (logits.argmax(dim=1) == task.query_targets).sum().item()
-        results.append((correct, F.cross_entropy(logits, task.query_targets).item()))
+        order = reptile.inner_batches(len(task.support_inputs), hp.test_batch, hp.test_iterations, generator)
+        results.append(oracle.score_test_task(meta_model, adam_state, task, order, hp.lr, hp.transductive))
     return results
 
 

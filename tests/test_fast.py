@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-import bench
 import fast
 import omniglot
+import oracle
+import paper
 import reptile
 from models import OmniglotModel
 from reptile import Hyperparameters
@@ -67,18 +68,18 @@ def is_conv_bias(model: OmniglotModel, name: str) -> bool:
 
 
 def test_a_meta_iteration_equals_the_straightforward_loop():
-    hp = Hyperparameters(classes=3, train_shots=4, meta_batch=3, iterations=3, batch=5)
+    hp = Hyperparameters(classes=3, train_shots=4, meta_batch=3, iterations=3, batch=5)  # the default lr and Adam
     sampler = random_sampler()
     project = meta_learner(hp)
     meta_iteration = fast.MetaIteration(project, sampler)
     plain_model = OmniglotModel(3)
     plain_model.load_state_dict(project.model.state_dict())
-    adam_state = {"state": {}, "param_groups": project.inner_optimizer.state_dict()["param_groups"]}
+    adam_state = {"state": {}}
     generator, plain_generator = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     for step_size in (0.4, 0.3):  # two meta-iterations: the inner Adam state carries over
         meta_iteration(step_size, generator)
-        adam_state = bench.baseline_meta_iteration(plain_model, adam_state, sampler, hp, step_size,
-                                                   plain_generator)
+        tasks = [per_step_task(sampler, hp, plain_generator) for _ in range(hp.meta_batch)]
+        adam_state = oracle.reptile_meta_iteration(plain_model, adam_state, tasks, paper.FIVE_WAY["lr"], step_size)
     plain_params = dict(plain_model.named_parameters())
     for name, param in project.model.named_parameters():
         if is_conv_bias(project.model, name):

@@ -7,7 +7,12 @@ from PIL import Image
 
 import lake
 import omniglot
+import oracle
+import paper
+import reptile
 from conftest import NO_NETWORK
+from models import OmniglotModel
+from reptile import Hyperparameters
 from utils import UserError
 
 
@@ -76,3 +81,23 @@ def test_without_network_or_mirror_the_lake_error_says_what_to_do(tmp_path, monk
     with pytest.raises(UserError, match=f"cannot download {lake.URL}.*{omniglot.MIRROR_VARIABLE}"):
         lake.load_runs(tmp_path)
     assert not list(tmp_path.glob("*.part"))
+
+
+def test_each_way_of_classifying_lakes_queries_is_the_straightforward_loops():
+    # The queries are the support images, faded: in one batch (transductive) BatchNorm scales the fading away, beside
+    # the support images (non-transductive) it does not. The two ways give other answers here.
+    torch.manual_seed(0)
+    support = (torch.rand(5, 1, 28, 28) > 0.5).float()
+    runs = {f"run{k:02}": reptile.TestTask(support, torch.arange(5), 0.2 * support[order], order)
+            for k, order in enumerate(torch.stack([torch.randperm(5) for _ in range(3)]))}
+    hp = Hyperparameters(classes=5, shots=1, test_iterations=20, lr=paper.FIVE_WAY["lr"])
+    meta_model = OmniglotModel(5)
+    seeds = [11, 12]
+    errors = lake.error_rates(meta_model, {"state": {}}, runs, hp, seeds)
+    for mode in lake.MODES:
+        expected = [[100 * (5 - oracle.score_test_task(meta_model, {"state": {}}, task, reptile.inner_batches(
+                         5, hp.test_batch, hp.test_iterations, torch.Generator().manual_seed(seed)),
+                         paper.FIVE_WAY["lr"], mode == "transductive")[0]) / 5 for seed in seeds]
+                    for task in runs.values()]
+        assert errors[mode].tolist() == expected, mode
+    assert errors["transductive"].tolist() != errors["non-transductive"].tolist()

@@ -3,6 +3,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+import paper
 from models import OmniglotModel
 
 
@@ -91,3 +92,20 @@ def test_our_padding_is_tensorflows_on_images_rotated_by_180_degrees():
     torch.testing.assert_close(ours(images), expected)
     # Without the rotation the two paddings differ.
     assert not torch.allclose(ours(images), tensorflow_same_padding_forward(ours, images), atol=1e-3)
+
+
+def test_each_block_normalises_with_the_batch_statistics_and_tensorflows_epsilon():
+    torch.manual_seed(0)
+    model = OmniglotModel(5)
+    with torch.no_grad():
+        for block in model.features[:4]:
+            block[1].weight.uniform_(0.5, 1.5)
+            block[1].bias.uniform_(-0.5, 0.5)
+    images = torch.rand(6, 1, 28, 28)
+    x = images
+    for conv, batchnorm, _ in model.features[:4]:  # written out: (x - batch mean) / sqrt(batch variance + eps)
+        x = conv(x)
+        mean, variance = x.mean(dim=(0, 2, 3), keepdim=True), x.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        x = torch.relu((x - mean) / torch.sqrt(variance + paper.BATCHNORM_EPS) * batchnorm.weight.view(1, -1, 1, 1)
+                       + batchnorm.bias.view(1, -1, 1, 1))
+    torch.testing.assert_close(model(images), model.classifier(x.flatten(1)), rtol=1e-4, atol=1e-5)

@@ -21,6 +21,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import paper
 from conftest import NO_NETWORK, ROOT, result_of
 from test_lake import make_lake_zip
 from test_evaluate import random_sampler, trained_side
@@ -542,6 +543,46 @@ def test_a_paper_setting_fills_in_the_flags_not_given(tmp_path):
     five_shot = options.parse_args([str(tmp_path / "run"), "--paper-setting", "5way5shot"])
     assert vars(five_shot) == {**vars(options.parse_args([str(tmp_path / "run")])), "paper_setting": "5way5shot"}
     assert "paper_setting" not in options.saved_args(args)
+
+
+def test_eval_only_rescores_a_committed_checkpoint_as_frozen(run_here, tmp_path):
+    """--eval-only on runs/5way-exact-split (its weights and its inner Adam state) gets the correct counts that
+    tests/frozen/values.json holds for the same 30 tasks."""
+    source, copy_ = ROOT / "runs/5way-exact-split", tmp_path / "run"
+    (copy_ / "checkpoint").mkdir(parents=True)
+    for name in ("args.json", "split.json", "checkpoint/check-100000.pth"):
+        shutil.copy(source / name, copy_ / name)
+    counts = json.loads((ROOT / "tests/frozen/values.json").read_text())["float32"]["test task counts"]["1-shot"]
+    done = run_here(str(copy_), "--eval-only", "--shots", "1", "--eval-tasks", str(len(counts)), "--meta-test-only",
+                    "--workers", "1", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    result = result_of(copy_, 1, "non-transductive", 100000, len(counts))
+    assert result["meta-test"]["accuracy"] == pytest.approx(100 * sum(counts) / (5 * len(counts)), abs=1e-9)
+
+
+@pytest.mark.parametrize("setting", sorted(paper.SETTINGS))
+def test_each_paper_setting_and_the_defaults_are_the_papers_numbers(setting, tmp_path):
+    args = options.parse_args([str(tmp_path / "run"), "--paper-setting", setting])
+    assert {name: getattr(args, name) for name in paper.SETTINGS[setting]} == paper.SETTINGS[setting]
+    assert (args.algorithm, args.inner_optimizer, args.meta_optimizer, args.weight_decay) == ("reptile", "adam",
+                                                                                             "sgd", 1.0)
+    defaults = options.parse_args([str(tmp_path / "run")])
+    assert {name: getattr(defaults, name) for name in paper.SETTINGS["5way5shot"]} == paper.SETTINGS["5way5shot"]
+
+
+def test_a_tiny_maml_run_trains_second_and_first_order(run_here, tmp_path):
+    maml = [*TINY, "--algorithm", "maml", "--inner-optimizer", "sgd", "--lr", "0.4", "--fomaml-tail", "1",
+            "--train-shots", "2", "--iterations", "2", "--batch", "5", "--meta-optimizer", "adam", "--meta-lr",
+            "0.001", "--meta-lr-final", "0.001", "--test-iterations", "3", "--test-batch", "5"]
+    weights = []
+    for name, flags in (("second", []), ("first", ["--first-order"])):
+        assert run_here(str(tmp_path / name), *maml, *flags).returncode == 0
+        state = run_folder.load_checkpoint(str(tmp_path / name / "checkpoint" / "check-6.pth"))
+        assert "exp_avg" in state["meta_optimizer"]["state"][0]  # Adam's, the MAML paper's meta-optimizer
+        weights.append(state["meta_net"]["classifier.weight"])
+    assert not torch.equal(*weights)
+    refused = run_here(str(tmp_path / "adam"), *TINY, "--algorithm", "maml", "--fomaml-tail", "1")
+    assert refused.returncode == 2 and "--inner-optimizer sgd" in refused.stderr
 
 
 def test_first_order_maml_with_sgd_trains_and_keeps_its_settings(run_here, tmp_path):

@@ -139,6 +139,14 @@ def test_reptile_and_first_order_maml_step_as_straightforward_loops_do(algorithm
         assert torch.allclose(got, want, atol=1e-6)
 
 
+def test_the_meta_step_is_the_demonstrations_annealed_linearly_to_zero(tmp_path, monkeypatch):
+    steps = []
+    monkeypatch.setattr(S.MetaIteration, "__call__", lambda self, tasks, step_size: steps.append(step_size))
+    sine(str(tmp_path / "run"), *TINY)
+    # The authors' demonstration: outer step 0.1 at the start, annealed linearly to 0 over the iterations.
+    assert steps == pytest.approx([0.1 * (1 - iteration / 40) for iteration in range(40)])
+
+
 def test_maml_moves_the_weights_by_the_meta_step_times_the_inner_step_times_its_meta_gradient():
     run = settings(algorithm="maml")
     model = S.new_model(run)
