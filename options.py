@@ -64,6 +64,7 @@ FIVE_WAY = {name: getattr(Hyperparameters, name) for name in TWENTY_WAY}
 PAPER_SETTINGS = {f"{classes}way{shots}shot": {"classes": classes, "shots": shots, **flags}
                   for classes, flags in ((5, FIVE_WAY), (20, TWENTY_WAY)) for shots in (1, 5)}
 
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line; the defaults are the paper's 5-way 5-shot Omniglot setting."""
     parser = OneLineParser(prog="train_omniglot.py", description="Meta-train Reptile on Omniglot, then "

@@ -6,8 +6,8 @@ that a few steps of SGD on 10 points of a new sine wave fit the whole wave.
     python train_sine.py runs/sine-reptile --eval-only
     python train_sine.py runs/sine-maml runs/sine-fomaml runs/sine-reptile --figure runs/sine.png
 
-Reptile, first-order MAML and MAML run through reptile.py (the Omniglot runs' code). Running the same command again resumes from the run's latest checkpoint. CPU only: the network
-is too small for a GPU to help.
+Reptile, first-order MAML and MAML run through reptile.py (the Omniglot runs' code). Running the same command again
+resumes from the run's latest checkpoint. CPU only: the network is too small for a GPU to help.
 """
 import argparse
 import copy

@@ -160,7 +160,6 @@ def test_both_evaluators_step_with_the_same_inner_optimizer_settings(inner_optim
     assert settings(one_by_one) == settings(side_by_side)
 
 
-
 def test_weight_decay_and_sgd_apply_at_meta_test_as_the_straightforward_loop_applies_them():
     hp = Hyperparameters(classes=5, shots=2, test_iterations=6, test_batch=4, lr=0.05, inner_optimizer="sgd",
                          weight_decay=0.9)

@@ -95,9 +95,12 @@ def test_each_way_of_classifying_lakes_queries_is_the_straightforward_loops():
     seeds = [11, 12]
     errors = lake.error_rates(meta_model, {"state": {}}, runs, hp, seeds)
     for mode in lake.MODES:
-        expected = [[100 * (5 - oracle.score_test_task(meta_model, {"state": {}}, task, reptile.inner_batches(
-                         5, hp.test_batch, hp.test_iterations, torch.Generator().manual_seed(seed)),
-                         paper.FIVE_WAY["lr"], mode == "transductive")[0]) / 5 for seed in seeds]
-                    for task in runs.values()]
+        expected = []
+        for task in runs.values():
+            orders = [reptile.inner_batches(5, hp.test_batch, hp.test_iterations, torch.Generator().manual_seed(seed))
+                      for seed in seeds]
+            expected.append([100 * (5 - oracle.score_test_task(meta_model, {"state": {}}, task, order,
+                                                               paper.FIVE_WAY["lr"], mode == "transductive")[0]) / 5
+                             for order in orders])
         assert errors[mode].tolist() == expected, mode
     assert errors["transductive"].tolist() != errors["non-transductive"].tolist()
