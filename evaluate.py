@@ -21,6 +21,17 @@ from reptile import Hyperparameters, Loss, TestTask
 from utils import gather, processes, rank
 
 TASKS_TOGETHER = 500  # evaluation tasks adapted side by side on a GPU (20-way 5-shot: about 20 GB)
+Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (a task's query outputs, their targets) -> a score
+
+
+def correct_queries(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Classification: how many queries have their label as the largest output."""
+    return (outputs.argmax(dim=-1) == labels).sum()
+
+
+def mean_squared_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Regression: the mean over the queries of the squared error."""
+    return torch.nn.functional.mse_loss(outputs, targets)
 
 
 # ----------------------------------------------------------------------------- test tasks
@@ -111,14 +122,17 @@ class SideBySide(torch.nn.Module):
 
 
 class TestTaskScorer:
-    """Adapts copies of the meta-model to test tasks and scores their queries: one task at a time, or `together`
-    tasks side by side (SideBySide). Every task starts from the meta-model's weights and the inner optimizer's state
-    (`inner_state`, its state_dict()) as they are when it starts: during training, those being trained. On CUDA,
-    with cuda_graphs, a task's adaptation and scoring are replayed as one captured graph (validation's way)."""
+    """Adapts copies of the meta-model to test tasks and scores their queries with `metric`: one task at a time, or
+    `together` tasks side by side (SideBySide). Every task starts from the meta-model's weights and the inner
+    optimizer's state (`inner_state`, its state_dict()) as they are when it starts: during training, those being
+    trained. On CUDA, with cuda_graphs, a task's adaptation and scoring are replayed as one captured graph
+    (validation's way)."""
 
     def __init__(self, meta_model: torch.nn.Module, inner_state: dict, hp: Hyperparameters, together: int = 0,
-                 loss: Loss = reptile.summed_cross_entropy, cuda_graphs: bool = False):
-        self.meta_model, self.inner_state, self.hp, self.loss = meta_model, inner_state, hp, loss
+                 loss: Loss = reptile.summed_cross_entropy, cuda_graphs: bool = False,
+                 metric: Metric = correct_queries):
+        self.meta_model, self.inner_state, self.hp = meta_model, inner_state, hp
+        self.loss, self.metric = loss, metric
         learner = copy.deepcopy(meta_model)
         self.learner = SideBySide(learner, together) if together else OneTask(learner)
         # The side-by-side form steps with PyTorch's other Adam, whose arithmetic its figures were computed with.
@@ -132,7 +146,7 @@ class TestTaskScorer:
         self.held = []  # the tasks to score: support inputs and targets, query inputs and targets, mini-batches
         device = next(self.learner.parameters()).device
         self.run = fast.Graphed(lambda: (self.adapt(), self.score(hp.transductive))[1],
-                                   cuda_graphs and device.type == "cuda", (self.optimizer,))
+                                cuda_graphs and device.type == "cuda", (self.optimizer,))
 
     def hold(self, tasks: list[TestTask], batches: torch.Tensor) -> None:
         """Take these tasks and their inner mini-batches (tasks, steps, batch) as the ones to adapt to and score."""
@@ -166,8 +180,8 @@ class TestTaskScorer:
                       self.loss, self.hp.weight_decay, type(self.learner).gradients)
 
     def score(self, transductive: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(correct queries, mean query loss) of each held task: its queries classified all in one batch
-        (transductive), or each in a batch with the support set, so that queries never share BatchNorm statistics."""
+        """(metric, query loss / queries) of each held task: its queries taken all in one batch (transductive), or
+        each in a batch with the support set, so that queries never share BatchNorm statistics."""
         support, _, queries, targets, _ = self.held
         # Evaluation workers turn oneDNN off for the small adaptation batches; on these larger ones it is faster
         # (20-way 5-shot: 20 batches of 101 images). allow_tf32=None leaves that setting alone (setting it warns).
@@ -177,11 +191,11 @@ class TestTaskScorer:
             else:
                 outputs = torch.cat([self.learner(torch.cat([support, queries[:, query:query + 1]], dim=1))[:, -1:]
                                      for query in range(queries.shape[1])], dim=1)
-            return ((outputs.argmax(dim=-1) == targets).sum(dim=-1),
+            return (self.learner.each(self.metric)(outputs, targets),
                     self.learner.each(self.loss)(outputs, targets) / targets.shape[1])
 
     def __call__(self, tasks: list[TestTask], batches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(correct queries, mean query loss) of each task (hp.transductive), each adapted from the meta-weights."""
+        """(metric, query loss / queries) of each task (hp.transductive), each adapted from the meta-weights."""
         if isinstance(self.learner, OneTask) and len(tasks) > 1:
             scores = [self([task], task_batches[None]) for task, task_batches in zip(tasks, batches)]
             return tuple(torch.cat(part) for part in zip(*scores))

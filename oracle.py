@@ -32,9 +32,10 @@ def inner_optimizer(model: nn.Module, lr: float, kind: str, state: dict) -> torc
 def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list, weight_decay: float = 1.0) -> None:
     """One optimizer step on each mini-batch (images, labels), the weights first multiplied by weight_decay."""
     for images, labels in batches:
-        with torch.no_grad():
-            for param in model.parameters():
-                param *= weight_decay
+        if weight_decay != 1.0:
+            with torch.no_grad():
+                for param in model.parameters():
+                    param *= weight_decay
         optimizer.zero_grad()
         cross_entropy_sum(model(images), labels).backward()
         optimizer.step()

@@ -10,7 +10,6 @@ Reptile, first-order MAML and MAML run through reptile.py (the Omniglot runs' co
 resumes from the run's latest checkpoint. CPU only: the network is too small for a GPU to help.
 """
 import argparse
-import copy
 import math
 import sys
 import time
@@ -23,6 +22,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+import evaluate
 import reptile
 from reptile import Hyperparameters, TestTask
 from utils import (HelpFormatter, OneLineParser, UserError, WriteError, add_result, confidence_interval,
@@ -120,27 +120,24 @@ class MetaIteration:
 
 # ----------------------------------------------------------------------------- evaluation
 
-def adapted(model: nn.Module, task: TestTask, lr: float, steps: Iterable[int]) -> Iterator[nn.Module]:
-    """A copy of the model after each count of SGD steps in `steps` (increasing) on the task's support points, all
-    of them in each step: one learner, trained on between the counts."""
-    learner = copy.deepcopy(model)
-    optimizer = reptile.make_inner_optimizer(learner.parameters(), lr, "sgd")
-    done = 0
+def adapted(model: nn.Module, task: TestTask, hp: Hyperparameters, steps: Iterable[int]) -> Iterator[torch.Tensor]:
+    """The held-out wave's (mean squared error, predictions at its query points) after each count of SGD steps in
+    `steps`, each on all its support points, from the model's weights (evaluate.TestTaskScorer)."""
+    scorer = evaluate.TestTaskScorer(model, {"state": {}}, hp, loss=mse, metric=evaluate.mean_squared_error)
     for count in steps:
-        reptile.adapt(learner, optimizer, [(task.support_inputs, task.support_targets)] * (count - done), mse)
-        done = count
-        yield learner
+        scorer.hold([task], torch.arange(len(task.support_targets)).expand(1, count, -1))
+        scorer.adapt()
+        error, _ = scorer.score(transductive=True)  # no batch statistics: every query point at once
+        with torch.no_grad():
+            yield error.item(), scorer.learner(task.query_inputs[None])[0]
 
 
-def errors_after_steps(model: nn.Module, tasks: list[TestTask], lr: float,
+def errors_after_steps(model: nn.Module, tasks: list[TestTask], hp: Hyperparameters,
                        steps: tuple[int, ...] = REPORTED_STEPS, progress: bool = False) -> np.ndarray:
-    """(tasks, len(steps)) mean squared error on each task's queries after each count of SGD steps from the model's
-    weights (`adapted`)."""
+    """(tasks, len(steps)) mean squared error on each task's queries after each count of SGD steps (`adapted`)."""
     errors = np.zeros((len(tasks), len(steps)))
     for row, task in enumerate(tqdm(tasks, desc="held-out waves", unit="wave", disable=not progress, leave=False)):
-        for column, learner in enumerate(adapted(model, task, lr, steps)):
-            with torch.no_grad():
-                errors[row, column] = mse(learner(task.query_inputs), task.query_targets).item()
+        errors[row] = [error for error, _ in adapted(model, task, hp, steps)]
     return errors
 
 
@@ -149,12 +146,12 @@ def evaluation_key(args: argparse.Namespace, iteration: int) -> str:
     return f"{args.eval_waves} waves, {args.shots} points, at {iteration}, eval seed {args.eval_seed}"
 
 
-def evaluate(model: nn.Module, state: dict, args: argparse.Namespace, logdir: Path) -> dict:
+def score_held_out_waves(model: nn.Module, state: dict, args: argparse.Namespace, logdir: Path) -> dict:
     """Score the model of a checkpoint (load_model) on --eval-waves held-out waves; print the errors and record
     them in results.json."""
     started = time.time()
     tasks = draw_held_out(args.eval_waves, args.shots, stream(args.eval_seed, HELD_OUT_STREAM))
-    errors = errors_after_steps(model, tasks, state["args"]["lr"], progress=True)
+    errors = errors_after_steps(model, tasks, hyperparameters(state["args"]), progress=True)
     result = {"meta_iteration": state["meta_iteration"], "checkpoint": state["path"], "waves": args.eval_waves,
               "eval_seed": args.eval_seed, "shots": args.shots,
               "mse": {str(steps): {"mean": errors[:, column].mean(), "ci95": confidence_interval(errors[:, column])}
@@ -183,10 +180,9 @@ def draw_figure(logdirs: list[Path], path: str, seed: int) -> None:
     for axis, logdir in zip(axes[0], logdirs):
         model, state = load_model(logdir, None)
         axis.plot(GRID, task.query_targets, color="green", label="true")
-        for learner, (steps, colour) in zip(adapted(model, task, state["args"]["lr"], FIGURE_STEPS),
-                                            FIGURE_STEPS.items()):
-            with torch.no_grad():
-                axis.plot(GRID, learner(GRID), color=colour, label=f"after {steps} step{'' if steps == 1 else 's'}")
+        for (_, predictions), (steps, colour) in zip(adapted(model, task, hyperparameters(state["args"]), FIGURE_STEPS),
+                                                     FIGURE_STEPS.items()):
+            axis.plot(GRID, predictions, color=colour, label=f"after {steps} step{'' if steps == 1 else 's'}")
         axis.plot(task.support_inputs, task.support_targets, "x", color="black", label="the 10 points fitted")
         axis.set_title(f"{NAMES[state['args']['algorithm']]} ({state['args']['activation']}, {logdir.name})")
         axis.set_xlabel("x")
@@ -284,7 +280,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
                 done = iteration + 1
                 progress.update()
                 if done % args.validate_every == 0:
-                    error = errors_after_steps(model, validation, args.lr, (32,)).mean()
+                    error = errors_after_steps(model, validation, hp, (32,)).mean()
                     if not math.isfinite(error):
                         raise UserError(f"by meta-iteration {done} the network's predictions are no longer finite; "
                                         f"train with a smaller --lr or --meta-lr in a new logdir")
@@ -307,7 +303,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
     finally:
         progress.close()
     model, state = load_model(logdir, checkpoint)
-    evaluate(model, state, args, logdir)
+    score_held_out_waves(model, state, args, logdir)
     return 0
 
 
@@ -367,7 +363,7 @@ def main(argv: list[str]) -> int:
     if args.eval_only:
         model, state = load_model(Path(args.logdir), args.checkpoint)
         print(f"evaluating {state['path']} (meta-iteration {state['meta_iteration']})")
-        evaluate(model, state, args, Path(args.logdir))
+        score_held_out_waves(model, state, args, Path(args.logdir))
         return 0
     if args.checkpoint:
         raise UserError("--checkpoint goes with --eval-only")

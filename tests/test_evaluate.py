@@ -177,3 +177,27 @@ def test_weight_decay_and_sgd_apply_at_meta_test_as_the_straightforward_loop_app
         order = reptile.inner_batches(hp.classes * hp.shots, hp.test_batch, hp.test_iterations, generator)
         plain.append(oracle.score_test_task(plain_model, {"state": {}}, task, order, 0.05, False, "sgd", 0.9))
     np.testing.assert_allclose(ours[:, 1], np.array(plain)[:, 1], rtol=1e-5)
+
+
+def test_a_regression_task_is_scored_by_its_mean_squared_error_after_sgd_on_its_support_points():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))  # a plain module
+    x, grid = torch.rand(6, 1), torch.linspace(0, 1, 50)[:, None]
+    task = reptile.TestTask(x, 3 * x - 1, grid, 3 * grid - 1)  # real-valued targets
+    hp = Hyperparameters(lr=0.1, inner_optimizer="sgd", transductive=True)
+    squared = torch.nn.functional.mse_loss
+    scorer = evaluate.TestTaskScorer(model, {"state": {}}, hp, loss=squared, metric=evaluate.mean_squared_error)
+    order = torch.tensor([[0, 1, 2], [3, 4, 5], [5, 0, 2]])  # three steps of three support points
+    error, _ = scorer([task], order[None])
+    plain = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    plain.load_state_dict(model.state_dict())
+    for rows in order:
+        plain.zero_grad()
+        squared(plain(x[rows]), 3 * x[rows] - 1).backward()
+        with torch.no_grad():
+            for param in plain.parameters():
+                param -= 0.1 * param.grad
+    with torch.no_grad():
+        expected = ((plain(grid) - (3 * grid - 1)) ** 2).mean()
+    torch.testing.assert_close(error[0], expected)
+    assert not torch.equal(next(model.parameters()), next(plain.parameters()))  # the model itself is left as it was
