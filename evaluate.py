@@ -1,10 +1,13 @@
-"""Evaluation on test tasks: adapting the meta-model to a task and scoring its queries, one task at a time (on the
-CPU, in worker processes) or many side by side (on a GPU), for validation, the final evaluation and Lake's runs; and
-confidence intervals.
+"""Evaluation on test tasks: adapting the meta-model to a task and scoring its queries with a metric (accuracy, or
+squared error for regression), one task at a time (on the CPU, in worker processes) or many side by side (on a GPU),
+for validation, the final evaluation, Lake's runs and the sine waves; the finished tasks of a long evaluation kept on
+disk, so that a stopped one goes on from them.
 """
 import contextlib
 import copy
 import dataclasses
+import hashlib
+import json
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -16,9 +19,8 @@ from tqdm import tqdm
 
 import fast
 import reptile
-import run_folder
 from reptile import Hyperparameters, Loss, TestTask
-from utils import gather, processes, rank
+from utils import gather, processes, rank, read_json, write_json
 
 TASKS_TOGETHER = 500  # evaluation tasks adapted side by side on a GPU (20-way 5-shot: about 20 GB)
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (a task's query outputs, their targets) -> a score
@@ -218,6 +220,39 @@ def score_new_task(scorer: TestTaskScorer, source: TestTasks, generator: torch.G
     return correct.item() / scorer.hp.classes, loss.item()
 
 
+# ----------------------------------------------------------------------------- evaluations kept on disk
+
+def evaluation_identity(meta_state: dict, adam_state: dict, settings: dict, seeds: list[int]) -> str:
+    """A digest of what an evaluation measures: the weights, the inner optimizer's state, the settings, the tasks."""
+    digest = hashlib.sha256(json.dumps([settings, seeds], sort_keys=True).encode())
+    for value in [*meta_state.values(), *(value for state in adam_state["state"].values()
+                                          for value in state.values())]:
+        digest.update(torch.as_tensor(value).detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def finished_tasks(path: Path, identity: str) -> tuple[dict[int, list], float]:
+    """The tasks (position: [correct queries, loss]) that a stopped evaluation of this identity kept in `path`, and
+    the seconds spent on them."""
+    if not path.is_file():
+        return {}, 0.0
+    kept = read_json(path)
+    if kept["identity"] != identity:
+        return {}, 0.0
+    return {int(position): result for position, result in kept["tasks"].items()}, kept.get("seconds", 0.0)
+
+
+def keep_finished_tasks(path: Path, identity: str, tasks: dict[int, list], seconds: float) -> None:
+    """Write the tasks an evaluation has finished so far and the seconds spent on them, atomically."""
+    write_json(path, {"identity": identity, "seconds": round(seconds, 1),
+                      "tasks": {str(position): result for position, result in tasks.items()}})
+
+
+def kept_seconds(path: Path) -> float:
+    """The seconds spent on the tasks kept in `path`, over every part of a stopped and resumed evaluation."""
+    return read_json(path).get("seconds", 0.0)
+
+
 # ----------------------------------------------------------------------------- evaluation workers
 
 _worker_samplers: dict = {}  # the task samplers of an evaluation worker process
@@ -275,9 +310,9 @@ def score_tasks(meta_model: torch.nn.Module, inner_optimizer: torch.optim.Optimi
     seeds = task_seeds(tasks, generator)
     # Copies: sending tensors to worker processes moves them into shared memory, and these must not be the model's.
     model, inner_state = copy.deepcopy(meta_model), copy.deepcopy(inner_optimizer.state_dict())
-    identity = run_folder.evaluation_identity(model.state_dict(), inner_state, dataclasses.asdict(hp), seeds) \
+    identity = evaluation_identity(model.state_dict(), inner_state, dataclasses.asdict(hp), seeds) \
         if keep else ""
-    finished, earlier_seconds = run_folder.finished_tasks(keep, identity) if keep else ({}, 0.0)
+    finished, earlier_seconds = finished_tasks(keep, identity) if keep else ({}, 0.0)
     started = time.time()
     if finished and progress:
         print(f"evaluating {name}: going on after the {len(finished)} of {tasks} tasks kept in {keep}")
@@ -300,7 +335,7 @@ def score_tasks(meta_model: torch.nn.Module, inner_optimizer: torch.optim.Optimi
         for chunk, part in zip(chunks, parts):
             finished.update(zip(chunk, part))
             if keep:
-                run_folder.keep_finished_tasks(keep, identity, finished, earlier_seconds + time.time() - started)
+                keep_finished_tasks(keep, identity, finished, earlier_seconds + time.time() - started)
             bar.update(len(part) * (processes() if share else 1))
     if share:
         finished = {position: result for process_results in gather(finished) for position, result in

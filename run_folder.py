@@ -1,7 +1,5 @@
 """An Omniglot run folder: its characters (split.json), checkpoints (checkpoint/check-<meta-iteration>.pth) and
 results.json, written atomically (utils.py holds what train_sine.py shares: the training lock, results entries)."""
-import hashlib
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -9,7 +7,7 @@ import torch
 
 import omniglot
 from utils import (UserError, add_result, find_latest_file, gather, newest_good_checkpoint, rank, read_checkpoint,
-                   read_json, read_results, provenance, write_checkpoint, write_json)
+                   read_json, read_results, provenance, write_checkpoint)
 
 PROGRAM = "reptile-omniglot"  # marks checkpoints written by train_omniglot.py
 
@@ -94,37 +92,6 @@ def record_result(logdir: Path, result: dict) -> str:
 def unfinished_evaluation(logdir: Path, key: str, name: str, iteration: int, seed: int, tasks: int) -> Path:
     """Where an evaluation keeps the tasks it has finished until it ends, so that a stopped one resumes there."""
     return logdir / f"unfinished-evaluation-{key.replace(' ', '-')}-{name}-at-{iteration}-seed{seed}-{tasks}.json"
-
-
-def evaluation_identity(meta_state: dict, adam_state: dict, settings: dict, seeds: list[int]) -> str:
-    """A digest of what an evaluation measures: the weights, the inner optimizer's state, the settings, the tasks."""
-    digest = hashlib.sha256(json.dumps([settings, seeds], sort_keys=True).encode())
-    for value in [*meta_state.values(), *(value for state in adam_state["state"].values()
-                                          for value in state.values())]:
-        digest.update(torch.as_tensor(value).detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def finished_tasks(path: Path, identity: str) -> tuple[dict[int, list], float]:
-    """The tasks (position: [correct queries, loss]) that a stopped evaluation of this identity kept in `path`, and
-    the seconds spent on them."""
-    if not path.is_file():
-        return {}, 0.0
-    kept = read_json(path)
-    if kept["identity"] != identity:
-        return {}, 0.0
-    return {int(position): result for position, result in kept["tasks"].items()}, kept.get("seconds", 0.0)
-
-
-def keep_finished_tasks(path: Path, identity: str, tasks: dict[int, list], seconds: float) -> None:
-    """Write the tasks an evaluation has finished so far and the seconds spent on them, atomically."""
-    write_json(path, {"identity": identity, "seconds": round(seconds, 1),
-                      "tasks": {str(position): result for position, result in tasks.items()}})
-
-
-def kept_seconds(path: Path) -> float:
-    """The seconds spent on the tasks kept in `path`, over every part of a stopped and resumed evaluation."""
-    return read_json(path).get("seconds", 0.0)
 
 
 def read_split(path: str) -> dict:

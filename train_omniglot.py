@@ -103,7 +103,7 @@ def final_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Opt
                           file=sys.stderr)
                 raise
             # A resumed evaluation counts the seconds of its earlier parts too.
-            seconds += run_folder.kept_seconds(kept[name]) if kept[name] is not None else time.time() - started
+            seconds += evaluate.kept_seconds(kept[name]) if kept[name] is not None else time.time() - started
             accuracy, interval = 100 * accuracies.mean(), 100 * confidence_interval(accuracies)
             result[name] = {"accuracy": accuracy, "ci95": interval}
             if rank() == 0:

@@ -201,3 +201,25 @@ def test_a_regression_task_is_scored_by_its_mean_squared_error_after_sgd_on_its_
         expected = ((plain(grid) - (3 * grid - 1)) ** 2).mean()
     torch.testing.assert_close(error[0], expected)
     assert not torch.equal(next(model.parameters()), next(plain.parameters()))  # the model itself is left as it was
+
+
+def test_kept_tasks_are_given_back_only_to_the_same_evaluation(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    state, optimizer = model.state_dict(), torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    identity = evaluate.evaluation_identity(state, optimizer.state_dict(), {"shots": 1}, [5, 6, 7])
+    path = tmp_path / "unfinished.json"
+    assert evaluate.finished_tasks(path, identity) == ({}, 0.0)
+    evaluate.keep_finished_tasks(path, identity, {0: [3, 0.25], 2: [4, 0.125]}, 61.25)
+    assert evaluate.finished_tasks(path, identity) == ({0: [3, 0.25], 2: [4, 0.125]}, 61.2)
+    assert evaluate.kept_seconds(path) == 61.2
+    # Other weights, settings, tasks or inner optimizer state: nothing.
+    assert evaluate.finished_tasks(path, evaluate.evaluation_identity(
+        {**state, "weight": state["weight"] + 1}, optimizer.state_dict(), {"shots": 1}, [5, 6, 7])) == ({}, 0.0)
+    assert evaluate.finished_tasks(path, evaluate.evaluation_identity(
+        state, optimizer.state_dict(), {"shots": 5}, [5, 6, 7])) == ({}, 0.0)
+    assert evaluate.finished_tasks(path, evaluate.evaluation_identity(
+        state, optimizer.state_dict(), {"shots": 1}, [5, 6, 8])) == ({}, 0.0)
+    assert evaluate.finished_tasks(path, evaluate.evaluation_identity(
+        state, torch.optim.Adam(model.parameters()).state_dict(), {"shots": 1}, [5, 6, 7])) == ({}, 0.0)

@@ -3,8 +3,6 @@ import subprocess
 import sys
 import time
 
-import torch
-
 import run_folder
 import utils
 from utils import read_results
@@ -46,25 +44,3 @@ def test_an_entry_is_found_by_what_it_measured_and_never_replaced(tmp_path):
     results = read_results(tmp_path)
     assert len(results) == 8 and results["1-shot non-transductive"] == old
     assert run_folder.find_result(results, 1, "non-transductive", 100, 10000, 0) == old
-
-
-def test_kept_tasks_are_given_back_only_to_the_same_evaluation(tmp_path):
-    model = torch.nn.Linear(2, 1)
-    state, optimizer = model.state_dict(), torch.optim.Adam(model.parameters())
-    model(torch.ones(1, 2)).sum().backward()
-    optimizer.step()
-    identity = run_folder.evaluation_identity(state, optimizer.state_dict(), {"shots": 1}, [5, 6, 7])
-    path = tmp_path / "unfinished.json"
-    assert run_folder.finished_tasks(path, identity) == ({}, 0.0)
-    run_folder.keep_finished_tasks(path, identity, {0: [3, 0.25], 2: [4, 0.125]}, 61.25)
-    assert run_folder.finished_tasks(path, identity) == ({0: [3, 0.25], 2: [4, 0.125]}, 61.2)
-    assert run_folder.kept_seconds(path) == 61.2
-    # Other weights, settings, tasks or inner optimizer state: nothing.
-    assert run_folder.finished_tasks(path, run_folder.evaluation_identity(
-        {**state, "weight": state["weight"] + 1}, optimizer.state_dict(), {"shots": 1}, [5, 6, 7])) == ({}, 0.0)
-    assert run_folder.finished_tasks(path, run_folder.evaluation_identity(
-        state, optimizer.state_dict(), {"shots": 5}, [5, 6, 7])) == ({}, 0.0)
-    assert run_folder.finished_tasks(path, run_folder.evaluation_identity(
-        state, optimizer.state_dict(), {"shots": 1}, [5, 6, 8])) == ({}, 0.0)
-    assert run_folder.finished_tasks(path, run_folder.evaluation_identity(
-        state, torch.optim.Adam(model.parameters()).state_dict(), {"shots": 1}, [5, 6, 7])) == ({}, 0.0)
