@@ -206,11 +206,13 @@ class TestTaskScorer:
 
 
 def evaluate_tasks(meta_model: torch.nn.Module, inner_state: dict, source: TestTasks, hp: Hyperparameters,
-                   seeds: list[int], together: bool = False) -> list[tuple[int, float]]:
+                   seeds: list[int], together: bool = False,
+                   loss: Loss = reptile.summed_cross_entropy) -> list[tuple[int, float]]:
     """(correct queries, mean query loss) of one test task per seed, each adapted from the meta-weights: one at a
     time, or all side by side."""
     tasks, batches = draw_test_tasks(source, hp, seeds)
-    correct, losses = TestTaskScorer(meta_model, inner_state, hp, len(seeds) if together else 0)(tasks, batches)
+    scorer = TestTaskScorer(meta_model, inner_state, hp, len(seeds) if together else 0, loss)
+    correct, losses = scorer(tasks, batches)
     return list(zip(correct.tolist(), losses.tolist()))
 
 
@@ -268,16 +270,16 @@ def start_worker(samplers: dict) -> None:
 
 
 def evaluate_on_cpu(source: TestTasks, meta_model: torch.nn.Module, inner_state: dict, hp: Hyperparameters,
-                    seeds: list[int]) -> list[tuple[int, float]]:
+                    seeds: list[int], loss: Loss = reptile.summed_cross_entropy) -> list[tuple[int, float]]:
     """evaluate_tasks with the convolution kernels that are faster on one thread at --test-batch."""
     with torch.backends.mkldnn.flags(enabled=hp.test_batch >= ONEDNN_FROM_BATCH, allow_tf32=None):
-        return evaluate_tasks(meta_model, inner_state, source, hp, seeds)
+        return evaluate_tasks(meta_model, inner_state, source, hp, seeds, loss=loss)
 
 
 def evaluate_in_worker(name: str, meta_model: torch.nn.Module, inner_state: dict, hp: Hyperparameters,
-                       seeds: list[int]) -> list[tuple[int, float]]:
+                       seeds: list[int], loss: Loss) -> list[tuple[int, float]]:
     """evaluate_on_cpu on the worker's sampler called `name`."""
-    return evaluate_on_cpu(_worker_samplers[name], meta_model, inner_state, hp, seeds)
+    return evaluate_on_cpu(_worker_samplers[name], meta_model, inner_state, hp, seeds, loss)
 
 
 def start_pool(samplers: dict, workers: int) -> Union[ProcessPoolExecutor, contextlib.nullcontext]:
@@ -300,8 +302,8 @@ def stop_pool(pool: ProcessPoolExecutor) -> None:
 
 def score_tasks(meta_model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer, samplers: dict, name: str,
                 hp: Hyperparameters, tasks: int, generator: torch.Generator, pool: Optional[ProcessPoolExecutor] = None,
-                workers: int = 1, progress: bool = False, share: bool = False,
-                keep: Optional[Path] = None) -> tuple[np.ndarray, np.ndarray]:
+                workers: int = 1, progress: bool = False, share: bool = False, keep: Optional[Path] = None,
+                loss: Loss = reptile.summed_cross_entropy) -> tuple[np.ndarray, np.ndarray]:
     """Per-task accuracies and losses on `tasks` tasks of samplers[name] (in the pool's workers, or shared).
 
     With `keep`, finished tasks are written there as they come (with the seconds spent on them), and an evaluation
@@ -324,11 +326,11 @@ def score_tasks(meta_model: torch.nn.Module, inner_optimizer: torch.optim.Optimi
         chunks = chunks[rank()::processes()]
     picked = [[seeds[position] for position in chunk] for chunk in chunks]
     if on_gpu:  # a GPU is fast only with large pieces of work: it adapts many tasks side by side
-        parts = (evaluate_tasks(model, inner_state, samplers[name], hp, chunk, together=True) for chunk in picked)
+        parts = (evaluate_tasks(model, inner_state, samplers[name], hp, chunk, True, loss) for chunk in picked)
     elif pool is None:
-        parts = (evaluate_on_cpu(samplers[name], model, inner_state, hp, chunk) for chunk in picked)
+        parts = (evaluate_on_cpu(samplers[name], model, inner_state, hp, chunk, loss) for chunk in picked)
     else:
-        futures = [pool.submit(evaluate_in_worker, name, model, inner_state, hp, chunk) for chunk in picked]
+        futures = [pool.submit(evaluate_in_worker, name, model, inner_state, hp, chunk, loss) for chunk in picked]
         parts = (future.result() for future in futures)
     with tqdm(total=tasks, initial=len(finished), desc=f"evaluating {name}", unit="task", disable=not progress,
               leave=False) as bar:

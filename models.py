@@ -31,13 +31,17 @@ def conv_block(in_channels: int) -> nn.Sequential:
 
 
 class OmniglotModel(ReptileModel):
-    """4 x [conv, BatchNorm, ReLU] on 1x28x28 images (28 -> 14 -> 7 -> 4 -> 2), then a linear classifier."""
+    """4 x [conv, BatchNorm, ReLU] on 1x28x28 images (28 -> 14 -> 7 -> 4 -> 2), then a linear classifier on the
+    2 x 2 x 64 map flattened (the Reptile paper's network), or on its mean over the 2 x 2 positions, 64 features
+    (`average=True`: the MAML paper's)."""
 
-    def __init__(self, num_classes: int):
+    def __init__(self, num_classes: int, average: bool = False):
         super().__init__()
         self.num_classes = num_classes
-        self.features = nn.Sequential(conv_block(1), conv_block(64), conv_block(64), conv_block(64), nn.Flatten())
-        self.classifier = nn.Linear(64 * 2 * 2, num_classes)
+        pooling = [nn.AdaptiveAvgPool2d(1)] if average else []
+        self.features = nn.Sequential(conv_block(1), conv_block(64), conv_block(64), conv_block(64), *pooling,
+                                      nn.Flatten())
+        self.classifier = nn.Linear(64 if average else 64 * 2 * 2, num_classes)
         # Initialise as TensorFlow's layers do in the paper's code: Glorot-uniform weights, zero biases.
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 import omniglot
+import reptile
 import run_folder
 from reptile import Hyperparameters
 from utils import (HelpFormatter, OneLineParser, UserError, checkpoint_iteration, find_latest_file, non_negative_float,
@@ -50,9 +51,10 @@ HYPERPARAMETER_FLAGS = {
                      bool, False),
 }
 # Flags that fix what a run learns: a resumed run must keep them (--meta-iterations may grow).
-TRAINING_FLAGS = tuple(name for name, (*_, training) in HYPERPARAMETER_FLAGS.items() if training) + ("split", "seed")
+TRAINING_FLAGS = tuple(name for name, (*_, training) in HYPERPARAMETER_FLAGS.items() if training) + (
+    "split", "seed", "model", "loss")
 # Flags that fix the model and its characters: evaluation must keep them too.
-MODEL_FLAGS = ("classes", "split")
+MODEL_FLAGS = ("classes", "split", "model", "loss")
 NOT_SAVED = ("logdir", "eval_only", "eval_lake", "checkpoint", "paper_setting")
 # Flags recorded in args.json but never taken from it: those of the machine, not the run, and --split-from, a record
 # of how the run began (its characters are in split.json).
@@ -65,6 +67,25 @@ PAPER_SETTINGS = {f"{classes}way{shots}shot": {"classes": classes, "shots": shot
                   for classes, flags in ((5, FIVE_WAY), (20, TWENTY_WAY)) for shots in (1, 5)}
 
 
+def maml_setting(classes: int, shots: int, lr: float, steps: int, test_steps: int, meta_batch: int) -> dict:
+    """One of the MAML paper's Omniglot settings (Finn et al. 2017, appendix A.1, and its code) in this script's
+    flags: K support and K query images per class, inner SGD steps on all the support images, the loss summed and
+    divided by K, Adam as the meta-optimizer, 60,000 meta-iterations, its network (features averaged)."""
+    return {"classes": classes, "shots": shots, "train_shots": 2 * shots, "fomaml_tail": shots,
+            "batch": classes * shots, "iterations": steps + 1, "test_batch": classes * shots,
+            "test_iterations": test_steps, "lr": lr, "meta_batch": meta_batch, "meta_iterations": 60000,
+            "meta_lr": 0.001, "meta_lr_final": 0.001, "algorithm": "maml", "inner_optimizer": "sgd",
+            "meta_optimizer": "adam", "model": "maml", "loss": "per-shot"}
+
+
+# MAML and, as the MAML paper defines it, first-order MAML: 5-way with 1 inner step of 0.4 at training and 3 at test
+# and 32 tasks a meta-batch; 20-way with 5 steps of 0.1 at both and 16 tasks.
+PAPER_SETTINGS.update({f"{name}-{classes}way{shots}shot": {**maml_setting(classes, shots, *steps), **first_order}
+                       for classes, *steps in ((5, 0.4, 1, 3, 32), (20, 0.1, 5, 5, 16)) for shots in (1, 5)
+                       for name, first_order in (("maml", {}), ("fomaml", {"first_order": True}))})
+LOSSES = {"sum": reptile.summed_cross_entropy, "per-shot": reptile.per_shot_cross_entropy}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line; the defaults are the paper's 5-way 5-shot Omniglot setting."""
     parser = OneLineParser(prog="train_omniglot.py", description="Meta-train Reptile on Omniglot, then "
@@ -73,9 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("logdir", nargs="?", help="run folder for TensorBoard events, checkpoints and results "
                         "(default: runs/<classes>way<shots>shot)")
     parser.add_argument("--paper-setting", choices=PAPER_SETTINGS,
-                        help="one of the paper's four settings: fills in the flags not given (" + "; ".join(
-                            f"{name}: " + " ".join(f"--{flag.replace('_', '-')} {value}"
-                                                   for flag, value in flags.items())
+                        help="one of the Reptile paper's four settings, or the MAML paper's for MAML (maml-) and "
+                        "first-order MAML (fomaml-): fills in the flags not given (" + "; ".join(
+                            f"{name}: " + " ".join(flag(key) if value is True else f"{flag(key)} {value}"
+                                                   for key, value in flags.items())
                             for name, flags in PAPER_SETTINGS.items()) + ")")
     groups = {name: parser.add_argument_group(name) for name in ("task", "meta-training", "evaluation")}
     for field in dataclasses.fields(Hyperparameters):  # each hyperparameter's flag, its default from Hyperparameters
@@ -87,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             groups[group].add_argument(flag(field.name), type=kind, default=field.default, help=help)
     task, evaluation = groups["task"], groups["evaluation"]
+    task.add_argument("--model", choices=("reptile", "maml"), default="reptile",
+                      help="the network: reptile, a linear layer on the last 2 x 2 x 64 map flattened (the Reptile "
+                      "paper's); maml, on its mean over the 2 x 2 positions (the MAML paper's)")
+    task.add_argument("--loss", choices=tuple(LOSSES), default="sum",
+                      help="the inner loss: sum, the cross-entropy summed over a mini-batch (the Reptile paper's); "
+                      "per-shot, that sum divided by the images per class (the MAML paper's)")
     task.add_argument("--split", choices=omniglot.SPLITS, default="paper",
                       help="paper: 1,200 characters train, 423 test, shuffled as the paper's code does (with --seed 0 "
                       "the paper's own); random-1200: as many, drawn by this project's first procedure (runs/5way, "
@@ -145,7 +173,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if name not in given:
             setattr(args, name, value)
             given.add(name)
-    args.logdir = args.logdir or f"runs/{args.classes}way{args.shots}shot"
+    args.logdir = args.logdir or f"runs/{args.paper_setting or f'{args.classes}way{args.shots}shot'}"
     if Path(args.logdir).exists() and not Path(args.logdir).is_dir():
         raise UserError(f"the run folder {args.logdir} is a file; give a folder (a new one, or an earlier run's)")
     if args.split_from is not None:

@@ -67,6 +67,12 @@ def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return nn.functional.cross_entropy(logits, labels, reduction="sum")
 
 
+def per_shot_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The MAML paper's loss: the summed cross-entropy divided by K, the examples of each class in the batch (its
+    batches hold K of each of the logits' classes)."""
+    return summed_cross_entropy(logits, labels) / (len(labels) / logits.shape[-1])
+
+
 # ----------------------------------------------------------------------------- the inner loop
 
 def inner_batches(examples: int, batch: int, steps: int, generator: torch.Generator,

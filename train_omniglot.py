@@ -94,7 +94,8 @@ def final_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Opt
             try:
                 accuracies, _ = evaluate.score_tasks(meta_model, inner_optimizer, samplers, name, hp, args.eval_tasks,
                                                      stream(args.seed, EVALUATION_STREAM), pool, workers,
-                                                     progress=rank() == 0, share=processes() > 1, keep=kept[name])
+                                                     progress=rank() == 0, share=processes() > 1, keep=kept[name],
+                                                     loss=options.LOSSES[args.loss])
             except KeyboardInterrupt:
                 if pool is not None:
                     evaluate.stop_pool(pool)
@@ -165,7 +166,7 @@ def load_samplers(args: argparse.Namespace) -> tuple[dict, dict, Path]:
 def new_model(args: argparse.Namespace) -> OmniglotModel:
     """The meta-model at its seeded initialisation, on the run's device."""
     torch.manual_seed(args.seed)
-    return fast.prepare_model(OmniglotModel(args.classes), args.device)
+    return fast.prepare_model(OmniglotModel(args.classes, average=args.model == "maml"), args.device)
 
 
 def all_finite(tensors) -> bool:
@@ -258,7 +259,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
     logdir = Path(args.logdir)
     samplers, split, _ = load_samplers(args)
     meta_model = new_model(args)
-    meta_learner = reptile.MetaLearner(meta_model, hp)
+    meta_learner = reptile.MetaLearner(meta_model, hp, options.LOSSES[args.loss])
     inner_optimizer, meta_optimizer = meta_learner.inner_optimizer, meta_learner.meta_optimizer
     # Under torchrun each process draws its own tasks and keeps its own inner Adam state.
     generators = {"train": stream(args.seed, TRAIN_STREAM, rank() if processes() > 1 else None),
@@ -302,6 +303,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
                     check_finite(done, meta_model, inner_optimizer, hp, logdir)
                 if done % args.validate_every == 0 and rank() == 0:
                     scorer = scorer or evaluate.TestTaskScorer(meta_model, inner_optimizer.state_dict(), hp,
+                                                               loss=options.LOSSES[args.loss],
                                                                cuda_graphs=args.cuda_graphs)
                     validate(scorer, samplers, generators["validation"], recent, writer, done, step_size)
                     progress.set_postfix({f"{name} acc": f"{np.mean(accs):.3f}" for name, accs in recent.items()})

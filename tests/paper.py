@@ -9,3 +9,18 @@ SETTINGS = {f"{ways['classes']}way{shots}shot": {**ways, "shots": shots} for way
             for shots in (1, 5)}
 INNER_ADAM = {"betas": (0.0, 0.999), "eps": 1e-8, "weight_decay": 0}  # TensorFlow's Adam with beta1 = 0
 BATCHNORM_EPS = 1e-3  # TensorFlow's batch_norm default, which the paper's code keeps
+# The MAML paper's Omniglot settings (Finn et al. 2017, appendix A.1, and its code), in this project's flags: K
+# support and K query images per class, every inner step on all the support images, the loss summed over a batch and
+# divided by K, Adam (lr 0.001) as the meta-optimizer, 60,000 meta-iterations, the features averaged.
+MAML_COMMON = {"meta_iterations": 60000, "meta_lr": 0.001, "meta_lr_final": 0.001, "algorithm": "maml",
+               "inner_optimizer": "sgd", "meta_optimizer": "adam", "model": "maml", "loss": "per-shot"}
+MAML = {"maml-5way1shot": {**MAML_COMMON, "classes": 5, "shots": 1, "train_shots": 2, "fomaml_tail": 1, "batch": 5,
+                           "iterations": 2, "test_batch": 5, "test_iterations": 3, "lr": 0.4, "meta_batch": 32},
+        "maml-5way5shot": {**MAML_COMMON, "classes": 5, "shots": 5, "train_shots": 10, "fomaml_tail": 5, "batch": 25,
+                           "iterations": 2, "test_batch": 25, "test_iterations": 3, "lr": 0.4, "meta_batch": 32},
+        "maml-20way1shot": {**MAML_COMMON, "classes": 20, "shots": 1, "train_shots": 2, "fomaml_tail": 1,
+                            "batch": 20, "iterations": 6, "test_batch": 20, "test_iterations": 5, "lr": 0.1,
+                            "meta_batch": 16},
+        "maml-20way5shot": {**MAML_COMMON, "classes": 20, "shots": 5, "train_shots": 10, "fomaml_tail": 5,
+                            "batch": 100, "iterations": 6, "test_batch": 100, "test_iterations": 5, "lr": 0.1,
+                            "meta_batch": 16}}

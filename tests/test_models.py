@@ -109,3 +109,11 @@ def test_each_block_normalises_with_the_batch_statistics_and_tensorflows_epsilon
         x = torch.relu((x - mean) / torch.sqrt(variance + paper.BATCHNORM_EPS) * batchnorm.weight.view(1, -1, 1, 1)
                        + batchnorm.bias.view(1, -1, 1, 1))
     torch.testing.assert_close(model(images), model.classifier(x.flatten(1)), rtol=1e-4, atol=1e-5)
+
+
+def test_the_maml_papers_network_averages_the_last_map_over_its_positions():
+    torch.manual_seed(0)
+    model, images = OmniglotModel(5, average=True), torch.rand(3, 1, 28, 28)
+    assert model.features(images).shape == (3, 64)
+    last_map = model.features[:4](images)
+    torch.testing.assert_close(model(images), model.classifier(last_map.mean(dim=(2, 3))))

@@ -240,3 +240,9 @@ def test_reptile_imports_nothing_of_the_project_and_works_without_fcntl():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_the_maml_papers_loss_is_the_summed_cross_entropy_divided_by_the_examples_per_class():
+    logits, labels = torch.randn(15, 5), torch.arange(5).repeat(3)  # 3 examples of each of 5 classes
+    torch.testing.assert_close(reptile.per_shot_cross_entropy(logits, labels),
+                               nn.functional.cross_entropy(logits, labels, reduction="sum") / 3)

@@ -570,15 +570,23 @@ def test_each_paper_setting_and_the_defaults_are_the_papers_numbers(setting, tmp
     assert {name: getattr(defaults, name) for name in paper.SETTINGS["5way5shot"]} == paper.SETTINGS["5way5shot"]
 
 
+@pytest.mark.parametrize("setting", sorted(paper.MAML))
+def test_the_maml_presets_are_the_maml_papers_numbers(setting, tmp_path):
+    for name, first_order in ((setting, False), (setting.replace("maml", "fomaml"), True)):
+        args = options.parse_args([str(tmp_path / "run"), "--paper-setting", name])
+        assert {key: getattr(args, key) for key in paper.MAML[setting]} == paper.MAML[setting]
+        assert args.first_order is first_order and not args.transductive
+        assert options.parse_args(["--paper-setting", name]).logdir == f"runs/{name}"
+
+
 def test_a_tiny_maml_run_trains_second_and_first_order(run_here, tmp_path):
-    maml = [*TINY, "--algorithm", "maml", "--inner-optimizer", "sgd", "--lr", "0.4", "--fomaml-tail", "1",
-            "--train-shots", "2", "--iterations", "2", "--batch", "5", "--meta-optimizer", "adam", "--meta-lr",
-            "0.001", "--meta-lr-final", "0.001", "--test-iterations", "3", "--test-batch", "5"]
+    tiny = [*TINY, "--meta-iterations", "6", "--meta-batch", "2", "--test-iterations", "3", "--shots", "1"]
     weights = []
-    for name, flags in (("second", []), ("first", ["--first-order"])):
-        assert run_here(str(tmp_path / name), *maml, *flags).returncode == 0
+    for name in ("maml-5way1shot", "fomaml-5way1shot"):
+        assert run_here(str(tmp_path / name), "--paper-setting", name, *tiny).returncode == 0
         state = run_folder.load_checkpoint(str(tmp_path / name / "checkpoint" / "check-6.pth"))
         assert "exp_avg" in state["meta_optimizer"]["state"][0]  # Adam's, the MAML paper's meta-optimizer
+        assert state["meta_net"]["classifier.weight"].shape == (5, 64)  # the features averaged
         weights.append(state["meta_net"]["classifier.weight"])
     assert not torch.equal(*weights)
     refused = run_here(str(tmp_path / "adam"), *TINY, "--algorithm", "maml", "--fomaml-tail", "1")
