@@ -684,8 +684,10 @@ def comparable_results(logdir) -> dict:
     return results
 
 
-def test_a_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(script, run_here, tmp_path):
-    flags = ["--meta-iterations", "40", "--check-every", "10", "--validate-every", "5", "--eval-tasks", "6",
+@pytest.mark.parametrize("setting", [[], ["--paper-setting", "maml-5way1shot", "--meta-batch", "2"]],
+                         ids=["reptile", "maml"])
+def test_a_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(setting, script, run_here, tmp_path):
+    flags = [*setting, "--meta-iterations", "40", "--check-every", "10", "--validate-every", "5", "--eval-tasks", "6",
              "--test-iterations", "5", "--shots", "1", "--workers", "1"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert run_here(str(straight), *flags).returncode == 0
@@ -704,7 +706,7 @@ def test_a_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(script,
 
     straight_state, killed_state = final_state(straight), final_state(killed)
     assert straight_state["meta_iteration"] == killed_state["meta_iteration"] == 40
-    for part in ("meta_net", "inner_optimizer"):
+    for part in ("meta_net", "inner_optimizer", "meta_optimizer"):
         flat_straight = torch.utils._pytree.tree_flatten(straight_state[part])[0]
         flat_killed = torch.utils._pytree.tree_flatten(killed_state[part])[0]
         assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
