@@ -684,8 +684,8 @@ def comparable_results(logdir) -> dict:
     return results
 
 
-@pytest.mark.parametrize("setting", [[], ["--paper-setting", "maml-5way1shot", "--meta-batch", "2"]],
-                         ids=["reptile", "maml"])
+@pytest.mark.parametrize("setting", [[], ["--paper-setting", "maml-5way1shot", "--meta-batch", "8"]],
+                         ids=["reptile", "maml"])  # meta-batch 8: a MAML run long enough to be killed while it trains
 def test_a_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(setting, script, run_here, tmp_path):
     flags = [*setting, "--meta-iterations", "40", "--check-every", "10", "--validate-every", "5", "--eval-tasks", "6",
              "--test-iterations", "5", "--shots", "1", "--workers", "1"]
