@@ -59,6 +59,12 @@ def draw_task(source: Bank, hp: Hyperparameters, generator: torch.Generator) -> 
             torch.cat([targets[:, :shots].reshape(-1)[order], targets[:, shots:].reshape(-1)]))
 
 
+def mini_batches(bank: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
+                 sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A task drawn by draw_task as reptile.py takes it: its mini-batches (examples from `bank`, targets), in order."""
+    return list(zip(bank[rows].split(sizes), targets.split(sizes)))
+
+
 class Graphed:
     """Calls `function` (no arguments; the tensors it reads and writes stay in place). With CUDA graphs enabled,
     the first calls run eagerly (warm-up), the next one captures a CUDA graph, and later calls replay it."""
@@ -123,7 +129,7 @@ class MetaIteration:
 
     def adapt_to_drawn_tasks(self) -> None:
         """MetaLearner.accumulate on the tasks in self.rows and self.targets."""
-        self.meta_learner.accumulate([list(zip(self.bank[rows].split(self.sizes), targets.split(self.sizes)))
+        self.meta_learner.accumulate([mini_batches(self.bank, rows, targets, self.sizes)
                                       for rows, targets in zip(self.rows, self.targets)])
 
     def __call__(self, step_size: float, generator: torch.Generator,

@@ -119,7 +119,7 @@ def test_the_query_is_kept_apart_from_the_earlier_steps(algorithm):
         sampler = numbered_sampler()
         rows, targets = fast.draw_task(sampler, hp, torch.Generator().manual_seed(seed))
         sizes = fast.mini_batch_sizes(hp)
-        *earlier, (query_images, query_labels) = zip(sampler.bank()[rows].split(sizes), targets.split(sizes))
+        *earlier, (query_images, query_labels) = fast.mini_batches(sampler.bank(), rows, targets, sizes)
         assert len(earlier) == hp.iterations - 1 and len(query_images) == hp.classes * hp.fomaml_tail
         assert sorted(query_labels.tolist()) == [0, 0, 1, 1, 2, 2]
         seen = {int(image[0, 0, 0]) for images, _ in earlier for image in images}

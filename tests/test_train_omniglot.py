@@ -815,7 +815,7 @@ def test_torchrun_splits_the_meta_batch_and_changes_no_mathematics(script, data_
             for (share, generator), tasks in zip(processes, (3, 2)):
                 drawn = [fast.draw_task(sampler, hp, generator) for _ in range(tasks)]
                 sizes = fast.mini_batch_sizes(hp)
-                share.accumulate([list(zip(sampler.bank()[rows].split(sizes), targets.split(sizes)))
+                share.accumulate([fast.mini_batches(sampler.bank(), rows, targets, sizes)
                                   for rows, targets in drawn])
             first = processes[0][0]
             with torch.no_grad():
