@@ -137,10 +137,10 @@ class TestTaskScorer:
         self.loss, self.metric = loss, metric
         learner = copy.deepcopy(meta_model)
         self.learner = SideBySide(learner, together) if together else OneTask(learner)
+        self.adapted = reptile.inner_parameters(meta_model, self.learner.parameters())  # in the optimizer's order
         # The side-by-side form steps with PyTorch's other Adam, whose arithmetic its figures were computed with.
-        self.optimizer = reptile.make_inner_optimizer(self.learner.parameters(), hp.lr, hp.inner_optimizer,
-                                                      fused=not together)
-        for index, param in enumerate(self.learner.parameters()):  # tensors to copy the inner optimizer's state into
+        self.optimizer = reptile.make_inner_optimizer(self.adapted, hp.lr, hp.inner_optimizer, fused=not together)
+        for index, param in enumerate(self.adapted):  # tensors to copy the inner optimizer's state into
             for key, value in inner_state["state"].get(index, {}).items():
                 if isinstance(value, torch.Tensor):  # Adam's step count stays on the CPU but when fused
                     self.optimizer.state[param][key] = torch.empty_like(param) if value.dim() else \
@@ -166,7 +166,7 @@ class TestTaskScorer:
         with torch.no_grad():
             for param, meta_param in zip(self.learner.parameters(), self.meta_model.parameters()):
                 param.copy_(meta_param)
-            for index, param in enumerate(self.learner.parameters()):
+            for index, param in enumerate(self.adapted):
                 state, start = self.optimizer.state[param], self.inner_state["state"].get(index, {})
                 for key in [key for key in state if key not in start]:  # made by the last task's steps
                     del state[key]

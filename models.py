@@ -19,34 +19,41 @@ class ReptileModel(nn.Module):
         return copy.deepcopy(self)
 
 
-def conv_block(in_channels: int) -> nn.Sequential:
-    """Conv 3x3 stride 2 (halves the image), BatchNorm on the batch's own statistics, ReLU."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, 64, kernel_size=3, stride=2, padding=1),
-        # The paper's code always normalises with the current batch (training=True) and uses
-        # TensorFlow's epsilon; no running statistics exist, at meta-training or meta-test time.
-        nn.BatchNorm2d(64, eps=1e-3, track_running_stats=False),
-        nn.ReLU(),
-    )
+def conv_block(in_channels: int, scale: bool = True) -> nn.Sequential:
+    """Conv 3x3 stride 2 (halves the image), BatchNorm on the batch's own statistics with a learned offset and, unless
+    `scale` is False, a learned scale, ReLU."""
+    # The papers' code always normalises with the current batch (training=True) and uses TensorFlow's epsilon; no
+    # running statistics exist, at meta-training or meta-test time.
+    batch_norm = nn.BatchNorm2d(64, eps=1e-3, track_running_stats=False)
+    if not scale:
+        batch_norm.register_parameter("weight", None)
+    return nn.Sequential(nn.Conv2d(in_channels, 64, kernel_size=3, stride=2, padding=1), batch_norm, nn.ReLU())
 
 
 class OmniglotModel(ReptileModel):
-    """4 x [conv, BatchNorm, ReLU] on 1x28x28 images (28 -> 14 -> 7 -> 4 -> 2), then a linear classifier on the
-    2 x 2 x 64 map flattened (the Reptile paper's network), or on its mean over the 2 x 2 positions, 64 features
-    (`average=True`: the MAML paper's)."""
+    """4 x [conv, BatchNorm, ReLU] on 1x28x28 images (28 -> 14 -> 7 -> 4 -> 2), then a linear classifier.
 
-    def __init__(self, num_classes: int, average: bool = False):
+    The Reptile paper's network classifies the 2 x 2 x 64 map flattened. `maml=True` builds the one in the MAML
+    paper's code instead: the classifier takes the map's mean over its 2 x 2 positions (64 features) and starts from
+    N(0, 1) weights; BatchNorm learns an offset but no scale (TensorFlow's batch_norm defaults), and only the
+    meta-update learns those offsets, as they are not among the weights the code's inner loop adapts (`meta_only`).
+    """
+
+    def __init__(self, num_classes: int, maml: bool = False):
         super().__init__()
         self.num_classes = num_classes
-        pooling = [nn.AdaptiveAvgPool2d(1)] if average else []
-        self.features = nn.Sequential(conv_block(1), conv_block(64), conv_block(64), conv_block(64), *pooling,
-                                      nn.Flatten())
-        self.classifier = nn.Linear(64 if average else 64 * 2 * 2, num_classes)
-        # Initialise as TensorFlow's layers do in the paper's code: Glorot-uniform weights, zero biases.
+        pooling = [nn.AdaptiveAvgPool2d(1)] if maml else []
+        self.features = nn.Sequential(*(conv_block(channels, scale=not maml) for channels in (1, 64, 64, 64)),
+                                      *pooling, nn.Flatten())
+        self.classifier = nn.Linear(64 if maml else 64 * 2 * 2, num_classes)
+        # Initialise as TensorFlow's layers do in the papers' code: Glorot-uniform weights, zero biases.
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
+        if maml:
+            nn.init.normal_(self.classifier.weight)  # tf.random_normal, mean 0 and standard deviation 1
+        self.meta_only = frozenset(f"features.{block}.1.bias" for block in range(4)) if maml else frozenset()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, num_classes) of images given as (B, 784) or (B, 1, 28, 28)."""

@@ -91,15 +91,25 @@ def backpropagate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     loss(model(inputs), targets).backward()
 
 
+def inner_parameters(model: nn.Module, copies: Optional[Iterable[torch.Tensor]] = None) -> list[torch.Tensor]:
+    """The parameters that the inner loop adapts: all but those named in the model's `meta_only` attribute (if any),
+    which the meta-update alone learns. With `copies` (one tensor per parameter, in the model's order): the copies of
+    those parameters."""
+    meta_only = getattr(model, "meta_only", frozenset())
+    copies = model.parameters() if copies is None else copies
+    return [copy for (name, _), copy in zip(model.named_parameters(), copies, strict=True) if name not in meta_only]
+
+
 def adapt(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
           loss: Loss = summed_cross_entropy, weight_decay: float = 1.0,
           gradients: Callable[..., None] = backpropagate) -> None:
     """Train `model` with one optimizer step on each mini-batch (inputs, targets) in turn; `gradients(model, inputs,
-    targets, loss)` sets the parameters' .grad (evaluate.SideBySide brings its own)."""
+    targets, loss)` sets the parameters' .grad (evaluate.SideBySide brings its own). Weight decay shrinks the weights
+    that the optimizer steps."""
     for inputs, targets in batches:
         if weight_decay != 1.0:
             with torch.no_grad():
-                for param in model.parameters():
+                for param in [param for group in optimizer.param_groups for param in group["params"]]:
                     param.mul_(weight_decay)
         optimizer.zero_grad()
         gradients(model, inputs, targets, loss)
@@ -131,11 +141,17 @@ def maml_gradients(model: nn.Module, task: Task, lr: float, loss: Loss = summed_
                    first_order: bool = False) -> list[torch.Tensor]:
     """MAML's meta-gradient of one task: the gradient with respect to the model's weights of the query's loss (the
     last mini-batch) after SGD steps of size lr on the others, differentiated through those steps; first order: with
-    the steps held constant, which is the query loss's gradient at the adapted weights."""
+    the steps held constant, which is the query loss's gradient at the adapted weights. The steps leave the model's
+    `meta_only` parameters alone (inner_parameters)."""
+    stepped = inner_parameters(model, [name for name, _ in model.named_parameters()])
+
     def adapted(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for inputs, targets in task[:-1]:
-            step = torch.func.grad(lambda w: loss(torch.func.functional_call(model, w, (inputs,)), targets))(weights)
-            weights = {name: weight - lr * step[name] for name, weight in weights.items()}
+            held = {name: weight for name, weight in weights.items() if name not in stepped}
+            step = torch.func.grad(lambda w: loss(torch.func.functional_call(model, {**w, **held}, (inputs,)),
+                                                  targets))({name: weights[name] for name in stepped})
+            weights = {name: weight - lr * step[name] if name in stepped else weight
+                       for name, weight in weights.items()}
         return weights
 
     def query_loss(weights: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -179,7 +195,7 @@ class MetaLearner:
         self.learner = copy.deepcopy(model)  # adapted to each task in turn
         # The inner optimizer's state is not reset between tasks: as in the paper's code it lives on from one to the
         # next, and a test task starts from it.
-        self.inner_optimizer = make_inner_optimizer(self.learner.parameters(), hp.lr, hp.inner_optimizer)
+        self.inner_optimizer = make_inner_optimizer(inner_parameters(self.learner), hp.lr, hp.inner_optimizer)
         meta_optimizer = torch.optim.Adam if hp.meta_optimizer == "adam" else torch.optim.SGD
         self.meta_optimizer = meta_optimizer(model.parameters(), lr=hp.meta_lr)
         self.mean = [torch.zeros_like(param) for param in model.parameters()]  # of the tasks' targets or gradients

@@ -166,7 +166,7 @@ def load_samplers(args: argparse.Namespace) -> tuple[dict, dict, Path]:
 def new_model(args: argparse.Namespace) -> OmniglotModel:
     """The meta-model at its seeded initialisation, on the run's device."""
     torch.manual_seed(args.seed)
-    return fast.prepare_model(OmniglotModel(args.classes, average=args.model == "maml"), args.device)
+    return fast.prepare_model(OmniglotModel(args.classes, maml=args.model == "maml"), args.device)
 
 
 def all_finite(tensors) -> bool:

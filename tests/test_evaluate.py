@@ -223,3 +223,19 @@ def test_kept_tasks_are_given_back_only_to_the_same_evaluation(tmp_path):
         state, optimizer.state_dict(), {"shots": 1}, [5, 6, 8])) == ({}, 0.0)
     assert evaluate.finished_tasks(path, evaluate.evaluation_identity(
         state, torch.optim.Adam(model.parameters()).state_dict(), {"shots": 1}, [5, 6, 7])) == ({}, 0.0)
+
+
+@pytest.mark.parametrize("together", [0, 2], ids=["one at a time", "side by side"])
+def test_test_tasks_leave_the_parameters_that_only_the_meta_update_learns_as_they_are(together):
+    hp = Hyperparameters(classes=5, shots=1, test_iterations=3, lr=0.4, inner_optimizer="sgd")
+    torch.manual_seed(0)
+    meta_model = OmniglotModel(hp.classes, maml=True)
+    with torch.no_grad():
+        for param in meta_model.parameters():  # offsets away from zero, so that a step would move them
+            param.add_(0.1 * torch.randn_like(param))
+    scorer = evaluate.TestTaskScorer(meta_model, {"state": {}}, hp, together)
+    scorer.hold(*evaluate.draw_test_tasks(random_sampler(), hp, [3, 4][:together or 1]))
+    scorer.adapt()
+    weights = [param[0] if together else param for param in scorer.learner.parameters()]
+    for (name, meta_param), adapted in zip(meta_model.named_parameters(), weights):
+        assert torch.equal(adapted, meta_param) == (name in meta_model.meta_only), name

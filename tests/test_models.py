@@ -2,8 +2,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import paper
+import reptile
 from models import OmniglotModel
 
 
@@ -113,7 +115,35 @@ def test_each_block_normalises_with_the_batch_statistics_and_tensorflows_epsilon
 
 def test_the_maml_papers_network_averages_the_last_map_over_its_positions():
     torch.manual_seed(0)
-    model, images = OmniglotModel(5, average=True), torch.rand(3, 1, 28, 28)
+    model, images = OmniglotModel(5, maml=True), torch.rand(3, 1, 28, 28)
     assert model.features(images).shape == (3, 64)
     last_map = model.features[:4](images)
     torch.testing.assert_close(model(images), model.classifier(last_map.mean(dim=(2, 3))))
+
+
+def test_the_maml_papers_network_learns_batchnorm_offsets_but_no_scales_and_only_in_the_meta_update():
+    torch.manual_seed(0)
+    model = OmniglotModel(20, maml=True)
+    batch_norms = [module for module in model.modules() if isinstance(module, nn.BatchNorm2d)]
+    assert len(batch_norms) == 4 and all(norm.weight is None and norm.bias is not None for norm in batch_norms)
+    offsets = {name for name, param in model.named_parameters() if any(param is norm.bias for norm in batch_norms)}
+    assert model.meta_only == offsets and len(offsets) == 4
+    assert len(reptile.inner_parameters(model)) == len(list(model.parameters())) - 4
+    with torch.no_grad():
+        for norm in batch_norms:
+            norm.bias.uniform_(-0.5, 0.5)
+    images = torch.rand(6, 1, 28, 28)
+    x = images
+    for conv, batch_norm, _ in model.features[:4]:  # written out: (x - batch mean) / sqrt(batch variance + eps) + b
+        x = conv(x)
+        mean, variance = x.mean(dim=(0, 2, 3), keepdim=True), x.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        x = torch.relu((x - mean) / torch.sqrt(variance + paper.BATCHNORM_EPS) + batch_norm.bias.view(1, -1, 1, 1))
+    torch.testing.assert_close(model(images), model.classifier(x.mean(dim=(2, 3))), rtol=1e-4, atol=1e-5)
+
+
+def test_the_maml_papers_classifier_starts_from_standard_normal_weights_and_zero_biases():
+    torch.manual_seed(0)
+    weights = torch.cat([OmniglotModel(20, maml=True).classifier.weight.flatten() for _ in range(5)])  # 6,400
+    assert abs(weights.mean().item()) < 0.05 and 0.95 < weights.std().item() < 1.05
+    assert not OmniglotModel(20, maml=True).classifier.bias.any()
+    assert OmniglotModel(20).classifier.weight.std().item() < 0.2  # Glorot's: sqrt(2 / (256 + 20)) = 0.085

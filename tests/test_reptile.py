@@ -106,8 +106,9 @@ def test_meta_step_is_annealed_linearly():
     assert reptile.meta_step_size(100, hp) == pytest.approx(0.2)
 
 
-def sgd_adapted(model: nn.Module, batches: list, lr: float) -> tuple[nn.Module, list]:
-    """A copy of `model` after plain SGD steps on the batches, and its weights before the last step."""
+def sgd_adapted(model: nn.Module, batches: list, lr: float, held: frozenset = frozenset()) -> tuple[nn.Module, list]:
+    """A copy of `model` after plain SGD steps on the batches (the parameters named in `held` left as they are), and
+    its weights before the last step."""
     learner = copy.deepcopy(model)
     before = None
     for inputs, targets in batches:
@@ -115,8 +116,9 @@ def sgd_adapted(model: nn.Module, batches: list, lr: float) -> tuple[nn.Module, 
         learner.zero_grad()
         squared_error(learner(inputs), targets).backward()
         with torch.no_grad():
-            for param in learner.parameters():
-                param -= lr * param.grad
+            for name, param in learner.named_parameters():
+                if name not in held:
+                    param -= lr * param.grad
     return learner, before
 
 
@@ -145,16 +147,21 @@ def test_reptile_and_the_reptile_papers_first_order_maml_step_as_straightforward
         torch.testing.assert_close(got, want)
 
 
-def query_loss_after_sgd(model: nn.Module, weights: torch.Tensor, task: list, lr: float) -> float:
+def query_loss_after_sgd(model: nn.Module, weights: torch.Tensor, task: list, lr: float,
+                         held: frozenset = frozenset()) -> float:
     """The query's loss (the last mini-batch) after plain SGD steps on the others, from these weights."""
     start = copy.deepcopy(model)
     nn.utils.vector_to_parameters(weights, start.parameters())
-    learner, _ = sgd_adapted(start, task[:-1], lr)
+    learner, _ = sgd_adapted(start, task[:-1], lr, held)
     return squared_error(learner(task[-1][0]), task[-1][1]).item()
 
 
-def test_mamls_meta_gradient_equals_finite_differences():
+@pytest.mark.parametrize("held", [frozenset(), frozenset({"0.bias", "2.weight"})], ids=["all adapted", "some held"])
+def test_mamls_meta_gradient_equals_finite_differences(held):
+    # A model may name parameters that only the meta-update learns (`meta_only`): the inner steps leave them alone,
+    # but the query loss still depends on them, directly and through those steps.
     model = mlp(hidden=3).double()
+    model.meta_only = held
     task = [(x.double(), y.double()) for x, y in regression_task(torch.Generator().manual_seed(2))]
     analytic = torch.cat([g.reshape(-1) for g in reptile.maml_gradients(model, task, 0.05, squared_error)])
     weights = nn.utils.parameters_to_vector(model.parameters()).detach()
@@ -162,9 +169,19 @@ def test_mamls_meta_gradient_equals_finite_differences():
     for i in range(len(weights)):
         step = torch.zeros_like(weights)
         step[i] = 1e-6
-        numeric[i] = (query_loss_after_sgd(model, weights + step, task, 0.05)
-                      - query_loss_after_sgd(model, weights - step, task, 0.05)) / 2e-6
+        numeric[i] = (query_loss_after_sgd(model, weights + step, task, 0.05, held)
+                      - query_loss_after_sgd(model, weights - step, task, 0.05, held)) / 2e-6
     torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-8)
+
+
+def test_the_inner_loop_leaves_the_parameters_a_model_keeps_for_the_meta_update_alone():
+    model = mlp()
+    model.meta_only = frozenset({"0.bias"})
+    meta_learner = reptile.MetaLearner(model, Hyperparameters(lr=0.05, inner_optimizer="sgd"), squared_error)
+    target = dict(zip([name for name, _ in model.named_parameters()],
+                      meta_learner.target(regression_task(torch.Generator().manual_seed(1)))))
+    for name, param in model.named_parameters():
+        assert torch.equal(target[name], param) == (name == "0.bias"), name
 
 
 def test_first_order_maml_is_the_query_gradient_at_the_adapted_weights_and_differs_from_maml():
