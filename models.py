@@ -30,6 +30,13 @@ def conv_block(in_channels: int, scale: bool = True) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(in_channels, 64, kernel_size=3, stride=2, padding=1), batch_norm, nn.ReLU())
 
 
+class MeanOverPositions(nn.Module):
+    """(B, C, H, W) -> (B, C): the mean of each channel's map (as AdaptiveAvgPool2d(1), which vmap handles slowly)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
 class OmniglotModel(ReptileModel):
     """4 x [conv, BatchNorm, ReLU] on 1x28x28 images (28 -> 14 -> 7 -> 4 -> 2), then a linear classifier.
 
@@ -42,7 +49,7 @@ class OmniglotModel(ReptileModel):
     def __init__(self, num_classes: int, maml: bool = False):
         super().__init__()
         self.num_classes = num_classes
-        pooling = [nn.AdaptiveAvgPool2d(1)] if maml else []
+        pooling = [MeanOverPositions()] if maml else []
         self.features = nn.Sequential(*(conv_block(channels, scale=not maml) for channels in (1, 64, 64, 64)),
                                       *pooling, nn.Flatten())
         self.classifier = nn.Linear(64 if maml else 64 * 2 * 2, num_classes)

@@ -138,14 +138,19 @@ def copy_weights(source: nn.Module, destination: nn.Module) -> None:
 # ----------------------------------------------------------------------------- MAML's meta-gradient
 
 def maml_gradients(model: nn.Module, task: Task, lr: float, loss: Loss = summed_cross_entropy,
-                   first_order: bool = False) -> list[torch.Tensor]:
+                   first_order: bool = False, side_by_side: bool = False) -> list[torch.Tensor]:
     """MAML's meta-gradient of one task: the gradient with respect to the model's weights of the query's loss (the
     last mini-batch) after SGD steps of size lr on the others, differentiated through those steps; first order: with
     the steps held constant, which is the query loss's gradient at the adapted weights. The steps leave the model's
-    `meta_only` parameters alone (inner_parameters)."""
+    `meta_only` parameters alone (inner_parameters).
+
+    side_by_side: `task` is several tasks of the same shapes, each tensor stacked along a new first dimension, and so
+    is each gradient: one computation vmapped over the tasks, faster than a loop where the tasks are small (on CPU,
+    5-way 1-shot), slower where they are not; the two agree to rounding.
+    """
     stepped = inner_parameters(model, [name for name, _ in model.named_parameters()])
 
-    def adapted(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def adapted(weights: dict[str, torch.Tensor], task: Task) -> dict[str, torch.Tensor]:
         for inputs, targets in task[:-1]:
             held = {name: weight for name, weight in weights.items() if name not in stepped}
             step = torch.func.grad(lambda w: loss(torch.func.functional_call(model, {**w, **held}, (inputs,)),
@@ -154,16 +159,23 @@ def maml_gradients(model: nn.Module, task: Task, lr: float, loss: Loss = summed_
                        for name, weight in weights.items()}
         return weights
 
-    def query_loss(weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    def query_loss(weights: dict[str, torch.Tensor], task: Task) -> torch.Tensor:
         inputs, targets = task[-1]
         return loss(torch.func.functional_call(model, weights, (inputs,)), targets)
 
+    def task_gradients(weights: dict[str, torch.Tensor], task: Task) -> dict[str, torch.Tensor]:
+        if first_order:
+            return torch.func.grad(query_loss)(adapted(weights, task), task)
+        return torch.func.grad(lambda start: query_loss(adapted(start, task), task))(weights)
+
     start = {name: param.detach() for name, param in model.named_parameters()}
-    if first_order:
-        gradients = torch.func.grad(query_loss)(adapted(start))
-    else:
-        gradients = torch.func.grad(lambda weights: query_loss(adapted(weights)))(start)
+    gradients = (torch.func.vmap(task_gradients, in_dims=(None, 0)) if side_by_side else task_gradients)(start, task)
     return [gradients[name] for name in start]
+
+
+def stack_tasks(tasks: Sequence[Task]) -> Task:
+    """Tasks of the same shapes as one, each tensor stacked along a new first dimension (for side_by_side)."""
+    return [tuple(torch.stack(part) for part in zip(*batches)) for batches in zip(*tasks)]
 
 
 # ----------------------------------------------------------------------------- the meta-iteration
@@ -190,8 +202,9 @@ class MetaLearner:
     meta-gradients (maml_gradients), by the meta-optimizer: SGD, whose step is the annealed meta-step, or Adam.
     """
 
-    def __init__(self, model: nn.Module, hp: Hyperparameters, loss: Loss = summed_cross_entropy):
-        self.model, self.hp, self.loss = model, hp, loss
+    def __init__(self, model: nn.Module, hp: Hyperparameters, loss: Loss = summed_cross_entropy,
+                 side_by_side: bool = False):
+        self.model, self.hp, self.loss, self.side_by_side = model, hp, loss, side_by_side  # see maml_gradients
         self.learner = copy.deepcopy(model)  # adapted to each task in turn
         # The inner optimizer's state is not reset between tasks: as in the paper's code it lives on from one to the
         # next, and a test task starts from it.
@@ -219,11 +232,15 @@ class MetaLearner:
         with torch.no_grad():
             for mean in self.mean:
                 mean.zero_()
-        for task in tasks:
-            if self.hp.algorithm == "maml":
-                found = maml_gradients(self.model, task, self.hp.lr, self.loss, self.hp.first_order)
-            else:
-                found = self.target(task)
+        if self.hp.algorithm == "maml" and self.side_by_side:
+            found_each = [[gradients.sum(dim=0) for gradients in maml_gradients(
+                self.model, stack_tasks(list(tasks)), self.hp.lr, self.loss, self.hp.first_order, side_by_side=True)]]
+        elif self.hp.algorithm == "maml":
+            found_each = (maml_gradients(self.model, task, self.hp.lr, self.loss, self.hp.first_order)
+                          for task in tasks)
+        else:
+            found_each = (self.target(task) for task in tasks)  # each read before the next task overwrites it
+        for found in found_each:
             with torch.no_grad():
                 for mean, value in zip(self.mean, found):
                     mean.add_(value, alpha=1 / self.hp.meta_batch)

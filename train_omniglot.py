@@ -259,7 +259,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
     logdir = Path(args.logdir)
     samplers, split, _ = load_samplers(args)
     meta_model = new_model(args)
-    meta_learner = reptile.MetaLearner(meta_model, hp, options.LOSSES[args.loss])
+    meta_learner = reptile.MetaLearner(meta_model, hp, options.LOSSES[args.loss], args.side_by_side)
     inner_optimizer, meta_optimizer = meta_learner.inner_optimizer, meta_learner.meta_optimizer
     # Under torchrun each process draws its own tasks and keeps its own inner Adam state.
     generators = {"train": stream(args.seed, TRAIN_STREAM, rank() if processes() > 1 else None),

@@ -263,3 +263,29 @@ def test_the_maml_papers_loss_is_the_summed_cross_entropy_divided_by_the_example
     logits, labels = torch.randn(15, 5), torch.arange(5).repeat(3)  # 3 examples of each of 5 classes
     torch.testing.assert_close(reptile.per_shot_cross_entropy(logits, labels),
                                nn.functional.cross_entropy(logits, labels, reduction="sum") / 3)
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["maml", "first-order maml"])
+def test_mamls_meta_gradients_vmapped_over_the_tasks_equal_those_of_a_loop_over_them(first_order):
+    # BatchNorm on the batch's statistics, as the Omniglot networks have, and a parameter held out of the inner loop.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.Tanh(),
+                          nn.Linear(8, 1)).double()
+    model.meta_only = frozenset({"1.bias"})
+    generator = torch.Generator().manual_seed(6)
+    tasks = [[(x.double(), y.double()) for x, y in regression_task(generator)] for _ in range(3)]
+    stacked = reptile.maml_gradients(model, reptile.stack_tasks(tasks), 0.05, squared_error, first_order,
+                                     side_by_side=True)
+    for index, task in enumerate(tasks):
+        for got, want in zip(stacked, reptile.maml_gradients(model, task, 0.05, squared_error, first_order)):
+            torch.testing.assert_close(got[index], want, rtol=1e-12, atol=1e-12)
+    # SGD as the meta-optimizer: Adam would turn the rounding in the near-zero gradient of the bias before
+    # BatchNorm into steps of any size.
+    hp = Hyperparameters(meta_batch=3, lr=0.05, inner_optimizer="sgd", algorithm="maml", first_order=first_order,
+                         meta_optimizer="sgd", meta_lr=0.01)
+    side_by_side, loop = copy.deepcopy(model), copy.deepcopy(model)
+    reptile.MetaLearner(side_by_side, hp, squared_error, side_by_side=True).step(tasks, 0.01)
+    reptile.MetaLearner(loop, hp, squared_error).step(tasks, 0.01)
+    assert not torch.equal(side_by_side[0].weight, model[0].weight)
+    for got, want in zip(side_by_side.parameters(), loop.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -586,6 +586,7 @@ def test_a_tiny_maml_run_trains_with_the_maml_papers_settings(run_here, tmp_path
     state = run_folder.load_checkpoint(str(tmp_path / "run" / "checkpoint" / "check-6.pth"))
     assert "exp_avg" in state["meta_optimizer"]["state"][0]  # Adam's, the MAML paper's meta-optimizer
     assert state["meta_net"]["classifier.weight"].shape == (5, 64)  # the features averaged
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["side_by_side"]  # the tasks vmapped
     result = result_of(tmp_path / "run", 1, "non-transductive", 6, 4)
     assert 0 <= result["meta-test"]["accuracy"] <= 100
     refused = run_here(str(tmp_path / "adam"), *TINY, "--algorithm", "maml", "--fomaml-tail", "1")
