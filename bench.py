@@ -3,12 +3,15 @@
     python bench.py                  # 5-way 1-shot, the paper's settings, on this machine's CPU
     python bench.py --classes 20     # 20-way (inner batch 20, 10 steps; evaluation batch 10)
     python bench.py --device cuda    # add --no-cuda-graphs to time the project's eager path there
+    python bench.py --maml maml-5way1shot fomaml-5way1shot   # MAML presets: tasks one after another or side by side
 
 Both sides run the same tasks, interleaved round by round. The images are random binary 28x28 images in the
 paper split's shape (1,200 meta-training characters in 4 rotations, 423 meta-test characters): the work does
 not depend on the pixels, and no data folder is needed.
 """
 import argparse
+import copy
+import dataclasses
 import time
 
 import torch
@@ -87,6 +90,39 @@ def flops_of(function) -> int:
     return counter.get_total_flops()
 
 
+MAML_SETTINGS = [name for name in options.PAPER_SETTINGS if "maml" in name]
+
+
+def time_maml_forms(setting: str, device: str, rounds: int, iterations: int) -> None:
+    """Print the seconds a meta-iteration of a MAML preset takes with its tasks adapted one after another and side by
+    side (--side-by-side), timed in turn round by round on the same tasks, and what 60,000 take at each."""
+    flags = options.PAPER_SETTINGS[setting]
+    hp = Hyperparameters(**{field.name: flags.get(field.name, field.default)
+                            for field in dataclasses.fields(Hyperparameters)})
+    sampler = synthetic_samplers(device)["meta-train"]
+    torch.manual_seed(0)
+    model = OmniglotModel(hp.classes, maml=flags["model"] == "maml")
+    forms = {form: fast.MetaIteration(reptile.MetaLearner(fast.prepare_model(copy.deepcopy(model), device), hp,
+                                                          options.LOSSES[flags["loss"]], side_by_side), sampler)
+             for form, side_by_side in (("one after another", False), ("side by side", True))}
+    seconds = dict.fromkeys(forms, 0.0)
+    for round_ in range(rounds + 1):  # round 0 warms up both forms
+        for form, meta_iteration in forms.items():
+            generator = torch.Generator().manual_seed(round_)
+            synchronize(device)
+            started = time.perf_counter()
+            for _ in range(iterations):
+                meta_iteration(hp.meta_lr, generator)
+            synchronize(device)
+            if round_:
+                seconds[form] += (time.perf_counter() - started) / (rounds * iterations)
+    chosen = "side by side" if flags.get("side_by_side") else "one after another"
+    print(f"{setting}: " + ", ".join(f"{form} {each:.3f} s/it ({each * hp.meta_iterations / 3600:.1f} h)"
+                                     for form, each in seconds.items())
+          + f"; ratio {seconds['one after another'] / seconds['side by side']:.2f}x; the preset: {chosen}",
+          flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=HelpFormatter)
@@ -100,7 +136,18 @@ def main() -> None:
     parser.add_argument("--tasks", type=positive_int, default=40, help="evaluation tasks per side and round")
     parser.add_argument("--workers", type=non_negative_int, default=options.build_parser().get_default("workers"),
                         help="the project's evaluation worker processes (CPU)")
+    parser.add_argument("--maml", nargs="+", choices=MAML_SETTINGS, metavar="SETTING",
+                        help="instead, time these MAML presets' meta-iterations with the tasks one after another and "
+                        "side by side (" + ", ".join(MAML_SETTINGS) + "; meta-iterations per form and round: "
+                        "--iterations)")
     bench = parser.parse_args()
+    if bench.maml:
+        print(f"bench: MAML presets, {bench.device}"
+              f"{f' ({torch.get_num_threads()} threads)' if bench.device == 'cpu' else ''}, {bench.rounds} rounds of "
+              f"{bench.iterations} meta-iterations")
+        for setting in bench.maml:
+            time_maml_forms(setting, bench.device, bench.rounds, bench.iterations)
+        return
     hp = Hyperparameters(**options.PAPER_SETTINGS[f"{bench.classes}way{bench.shots}shot"])
     device = bench.device
     samplers = synthetic_samplers(device)
