@@ -83,11 +83,24 @@ def test_the_re_check_shown_is_the_committed_one():
     assert entry is not None and figure(entry["meta-test"]) == result
 
 
+TABLE_RUNS = {"5-way": "runs/5way-exact-split", "20-way": "runs/20way", "Lake": "runs/20way-background"}
+
+
 def test_the_training_times_are_those_of_the_committed_event_files():
-    runs = {"5-way": "runs/5way-exact-split", "20-way": "runs/20way", "Lake": "runs/20way-background"}
     for row in table_rows("row"):
         hours = float(re.fullmatch(r"([\d.]+) hours \(one core\)", row["time on CPU"]).group(1))
-        assert f"{plot_runs.training_hours(ROOT / runs[row['row']])[0]:.1f}" == f"{hours:.1f}", row["row"]
+        assert f"{plot_runs.training_hours(ROOT / TABLE_RUNS[row['row']])[0]:.1f}" == f"{hours:.1f}", row["row"]
+
+
+def test_the_gpu_times_are_the_committed_gpu_checks_whole_run_rates_multiplied_out():
+    output = (ROOT / "runs/measurements/check_gpu-h200-2026-11-30.txt").read_text()
+    rates = {f"{classes}-way": float(rate) for classes, rate
+             in re.findall(r"PASS timed run (\d+)way1shot: .*\[[\d:]+<[\d:]+, ([\d.]+)it/s", output)}
+    assert sorted(rates) == ["20-way", "5-way"]
+    for row in table_rows("row"):
+        minutes = int(re.fullmatch(r"about (\d+) minutes \(H200\)", row["time on GPU"]).group(1))
+        args = read_json(ROOT / TABLE_RUNS[row["row"]] / "args.json")
+        assert round(args["meta_iterations"] / rates[f"{args['classes']}-way"] / 60) == minutes, row["row"]
 
 
 def python_block(text: str, heading: str) -> str:
@@ -128,8 +141,8 @@ def test_the_guides_example_scores_a_task_as_the_evaluator_does(data_dir, tmp_pa
 def test_tensorboard_finds_the_mean_accuracy_of_every_committed_run():
     """README: `runs/<run>/mean100` holds the mean of the last 100 logged tasks of each committed Omniglot run (the
     runs with a split.json), to its end."""
-    runs = sorted(path.parent for path in ROOT.glob("runs/**/split.json"))
-    assert len(runs) == 16
+    runs = sorted(path.parent for path in ROOT.glob("runs/**/split.json") if (path.parent / "results.json").exists())
+    assert len(runs) == 16  # the finished ones: runs still training are committed with their newest checkpoint
     for run in runs:
         steps, means = plot_runs.logged_points(run / plot_runs.MEANS, "meta-test/accuracy_mean100")
         assert steps[-1] == read_json(run / "args.json")["meta_iterations"] and 0 < means.min() <= means.max() <= 1
