@@ -150,12 +150,12 @@ def killed_and_resumed(out: Path, device: str, iterations: int, setting: str) ->
         process.wait()
     newest = max((killed / "checkpoint").iterdir(), key=lambda path: int(path.stem.split("-")[1]))
     assert train(killed, flags, log).returncode == 0, f"the resumed run failed: see {log}"
-    states = [torch.load(run / "checkpoint" / f"check-{iterations}.pth", weights_only=True)
+    states = [options.folder(run).read_checkpoint(run / "checkpoint" / f"check-{iterations}.pth")
               for run in (straight, killed)]
     models = []
     for state in states:
         model = OmniglotModel(int(setting.split("way")[0]))
-        model.load_state_dict(state["meta_net"])
+        model.load_state_dict(state["model"])
         models.append(model)
     largest, close, identical = difference(*models)
     report(f"killed and resumed = uninterrupted, {setting}, {device}", interrupted and close,

@@ -255,6 +255,39 @@ def kept_seconds(path: Path) -> float:
     return read_json(path).get("seconds", 0.0)
 
 
+# ----------------------------------------------------------------------------- Omniglot's results.json entries
+
+def measured(entry: dict) -> tuple:
+    """What a results.json entry measured: (shots, mode, meta-iteration, tasks or repeats, evaluation seed).
+
+    Entries written before the seed was recorded on its own carry it in their settings.
+    """
+    seed = entry.get("seed", entry.get("settings", {}).get("seed"))
+    return (entry.get("shots"), entry.get("mode"), entry["meta_iteration"], entry.get("tasks", entry.get("repeats")),
+            seed)
+
+
+def result_key(entry: dict) -> str:
+    """The key of a new results.json entry, from what it measured, e.g. "1-shot non-transductive at 100000, 10000
+    tasks, seed 0" or "lake one-shot at 200000, seed 0"."""
+    shots, mode, iteration, tasks, seed = measured(entry)
+    if shots is None:
+        return f"lake one-shot at {iteration}, seed {seed}"
+    return f"{shots}-shot {mode} at {iteration}, {tasks} tasks, seed {seed}"
+
+
+def find_result(results: dict, shots: Optional[int], mode: Optional[str], iteration: int, tasks: int,
+                seed: int) -> Optional[dict]:
+    """The first entry of `results` (a results.json) that measured this, or None; Lake's have no shots or mode."""
+    return next((entry for entry in results.values() if measured(entry) == (shots, mode, iteration, tasks, seed)),
+                None)
+
+
+def unfinished_evaluation(logdir: Path, key: str, name: str, iteration: int, seed: int, tasks: int) -> Path:
+    """Where an evaluation keeps the tasks it has finished until it ends, so that a stopped one resumes there."""
+    return logdir / f"unfinished-evaluation-{key.replace(' ', '-')}-{name}-at-{iteration}-seed{seed}-{tasks}.json"
+
+
 # ----------------------------------------------------------------------------- evaluation workers
 
 _worker_samplers: dict = {}  # the task samplers of an evaluation worker process

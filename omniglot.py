@@ -1,4 +1,5 @@
-"""Omniglot: download both sets, merge them into one folder of 50 alphabets, split the characters, sample tasks.
+"""Omniglot: download both sets, merge them into one folder of 50 alphabets, split the characters (a run's
+split.json), sample tasks.
 
 Images are 28x28 floats with the paper's convention: background 1, ink 0.
 """
@@ -258,6 +259,55 @@ def make_split(data_dir: Path, characters: list[str], split: str, seed: int) -> 
     else:
         raise ValueError(f"unknown split {split!r}")
     return {"split": split, "seed": seed, "train_rotations": list(ROTATIONS), "train": train, "test": test}
+
+
+def read_split(path: str) -> dict:
+    """The split.json of a run folder, or a split.json file itself (for --split-from)."""
+    file = Path(path) / "split.json" if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise UserError(f"--split-from {path}: no split.json there; give a run folder or its split.json")
+    split = read_json(file)
+    if not isinstance(split, dict) or not all(key in split for key in ("split", "train", "test", "train_rotations")):
+        raise UserError(f"--split-from {path}: {file} is not a split.json written by train_py")
+    return split
+
+
+def same_characters(first: dict, second: dict) -> bool:
+    """Whether two splits meta-train and meta-test on the same characters (and rotations)."""
+    return all(first[key] == second[key] for key in ("train", "test", "train_rotations"))
+
+
+def given_split(logdir: Path, split_from: Optional[str] = None) -> Optional[dict]:
+    """The run's split.json, else the split of --split-from, else None (a new split is to be drawn)."""
+    if (logdir / "split.json").is_file():
+        return read_json(logdir / "split.json")
+    return read_split(split_from) if split_from is not None else None
+
+
+def split_classes(logdir: Path, split: str, split_from: Optional[str] = None) -> tuple[int, int]:
+    """(meta-train classes, meta-test classes) of the run's split, before any data."""
+    given = given_split(logdir, split_from)
+    if given is None:
+        train, test = split_sizes(split)
+        return train * len(ROTATIONS), test
+    return len(given["train"]) * len(given["train_rotations"]), len(given["test"])
+
+
+def load_split(logdir: Path, data_dir: Path, split: str, seed: int, device: str,
+               split_from: Optional[str] = None) -> tuple["TaskSampler", "TaskSampler", dict]:
+    """Meta-train and meta-test task samplers on the run's characters (split.json, else those of --split-from, else
+    a new split), and the split."""
+    characters, images = load_images(data_dir)
+    chosen = given_split(logdir, split_from) or make_split(data_dir, characters, split, seed)
+    index = {character: i for i, character in enumerate(characters)}
+    missing = [c for c in chosen["train"] + chosen["test"] if c not in index]
+    if missing:
+        raise UserError(f"the run's split names {len(missing)} characters missing from {data_dir} "
+                        f"(such as {missing[0]}); point --data at the Omniglot folder this run used")
+    images = images.to(device)
+    train = TaskSampler(images[[index[c] for c in chosen["train"]]], chosen["train_rotations"])
+    test = TaskSampler(images[[index[c] for c in chosen["test"]]])
+    return train, test, chosen
 
 
 class TaskSampler:

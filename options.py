@@ -10,10 +10,10 @@ import torch
 
 import omniglot
 import reptile
-import run_folder
 from reptile import Hyperparameters
-from utils import (HelpFormatter, OneLineParser, UserError, checkpoint_iteration, find_latest_file, non_negative_float,
-                   non_negative_int, positive_float, positive_int, read_json)
+from run_folder import RunFolder, checkpoint_iteration
+from utils import (HelpFormatter, OneLineParser, UserError, non_negative_float, non_negative_int, positive_float,
+                   positive_int, read_json)
 
 # Each hyperparameter's flag: (help, group, type), and whether it fixes what a run learns (a resumed run must keep it).
 HYPERPARAMETER_FLAGS = {
@@ -88,6 +88,12 @@ PAPER_SETTINGS.update({f"{name}-{classes}way{shots}shot": {**maml_setting(classe
                        for classes, *steps in ((5, 0.4, 1, 3, 32), (20, 0.1, 5, 5, 16)) for shots in (1, 5)
                        for name, first_order in (("maml", {}), ("fomaml", {"first_order": True}))})
 LOSSES = {"sum": reptile.summed_cross_entropy, "per-shot": reptile.per_shot_cross_entropy}
+PROGRAM = "reptile-omniglot"  # marks the checkpoints that train_omniglot.py writes
+
+
+def folder(logdir: str) -> RunFolder:
+    """The run folder of a train_omniglot.py run."""
+    return RunFolder(Path(logdir), PROGRAM, "train_omniglot.py")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,11 +234,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if args.replacement and batch > images:
             raise UserError(f"{name} {batch} exceeds the {images} images a mini-batch is drawn from; with "
                             f"--replacement no image appears twice in one, so use at most {images}")
-    train_classes, test_classes = run_folder.split_classes(Path(args.logdir), args.split, args.split_from)
+    train_classes, test_classes = omniglot.split_classes(Path(args.logdir), args.split, args.split_from)
     for classes, name in ((train_classes, "meta-train"), (test_classes, "meta-test")):
         if args.classes > classes:
             raise UserError(f"--classes {args.classes} exceeds the {classes} {name} classes of the {args.split} split")
-    latest = find_latest_file(Path(args.logdir) / "checkpoint")
+    latest = folder(args.logdir).newest_checkpoint()
     if latest and not args.eval_only and checkpoint_iteration(latest) > args.meta_iterations:
         raise UserError(f"--meta-iterations {args.meta_iterations} is below the {checkpoint_iteration(latest)} this "
                         f"run has done; use --eval-only --checkpoint to evaluate an earlier checkpoint")
@@ -246,14 +252,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def take_split_from(args: argparse.Namespace, given: set[str]) -> None:
     """--split-from: the run takes the other run's split name; a run that has characters must have the same ones."""
-    source = run_folder.read_split(args.split_from)
+    source = omniglot.read_split(args.split_from)
     if "split" in given and args.split != source["split"]:
         raise UserError(f"--split {args.split} differs from the {source['split']} split of --split-from "
                         f"{args.split_from}; leave --split out")
     args.split = source["split"]
     given.add("split")
     own = Path(args.logdir) / "split.json"
-    if own.is_file() and not run_folder.same_characters(read_json(own), source):
+    if own.is_file() and not omniglot.same_characters(read_json(own), source):
         raise UserError(f"{args.logdir} was trained on other characters than those of --split-from "
                         f"{args.split_from}; leave --split-from out to continue this run, or choose a new logdir")
 

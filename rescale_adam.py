@@ -14,6 +14,7 @@ earlier versions in git history and finds the committed files, byte for byte.
 import copy
 import sys
 
+import options
 import run_folder
 from utils import HelpFormatter, OneLineParser, UserError, positive_int, save_atomically
 
@@ -36,7 +37,7 @@ def main(argv: list[str]) -> int:
     try:
         if args.output == args.checkpoint:
             raise UserError("give another output file: the checkpoint itself stays as it is")
-        state = run_folder.load_checkpoint(args.checkpoint)
+        state = run_folder.load_checkpoint_file(args.checkpoint, options.PROGRAM, "train_omniglot.py")
         if state["inner_optimizer"]["param_groups"][0].get("betas") is None:
             raise UserError(f"{args.checkpoint}'s inner optimizer is not Adam: there is nothing to rescale")
         save_atomically(args.output, rescale(state, args.batch))

@@ -1,149 +1,248 @@
-"""An Omniglot run folder: its characters (split.json), checkpoints (checkpoint/check-<meta-iteration>.pth) and
-results.json, written atomically (utils.py holds what train_sine.py shares: the training lock, results entries)."""
+"""A run folder, for both training scripts: its settings (args.json), checkpoints
+(checkpoint/check-<meta-iteration>.pth) and results (results.json), written atomically; the lock that lets one process train it; and `Training`, the stretch
+of a run from its newest checkpoint: progress bar, TensorBoard writer, stop signals, segments and one-line errors.
+"""
+import contextlib
+import os
+import re
+import signal
+import sys
+import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
-import omniglot
-from utils import (UserError, add_result, find_latest_file, gather, newest_good_checkpoint, rank, read_checkpoint,
-                   read_json, read_results, provenance, write_checkpoint)
+from utils import (UserError, WriteError, locked, provenance, read_json, reason, save_atomically, stop_signals,
+                   write_json)
 
-PROGRAM = "reptile-omniglot"  # marks checkpoints written by train_omniglot.py
+LOCK = ".lock"  # held by the process that trains a run; it holds that process's id while it does
+RESULTS_LOCK = ".results.lock"  # held while results.json is read, changed and written back
 
 
-def save_checkpoint(logdir: Path, iteration: int, meta_model: torch.nn.Module, meta_optimizer: torch.optim.Optimizer,
-                    inner_optimizer: torch.optim.Optimizer, generators: dict, recent: dict, settings: dict,
-                    keep: int, segments: list[dict], device: str) -> Path:
-    """Write checkpoint/check-<iteration>.pth atomically; keep the newest `keep` and those results.json reports on.
+def checkpoint_iteration(path: str) -> Optional[int]:
+    """The meta-iteration in a checkpoint's file name (`check-<iteration>.pth`), or None."""
+    match = re.fullmatch(r"check-(\d+)\.pth", Path(path).name)
+    return int(match.group(1)) if match else None
 
-    `segments` are the parts of the run's training, each from one start (or resume) to its last checkpoint, with what
-    trained it. Under torchrun only the first process writes.
-    """
-    folder = logdir / "checkpoint"
-    path = folder / f"check-{iteration}.pth"
-    own = {"inner_optimizer": inner_optimizer.state_dict(),
-           "generators": {name: generator.get_state() for name, generator in generators.items()}}
-    first, *others = gather(own)
-    if rank() != 0:
+
+def load_checkpoint_file(path: str, program: str, script: str) -> dict:
+    """The checkpoint file at `path` as `script` wrote it (its "program" entry is `program`), or a UserError that
+    says what is wrong with it."""
+    if Path(path).is_dir():
+        raise UserError(f"checkpoint {path} is a folder; give a checkpoint file, such as LOGDIR/checkpoint/"
+                        f"check-1000.pth")
+    if not Path(path).is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        with warnings.catch_warnings():  # a damaged file may first trigger warnings about its contents
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many kinds of error on damaged files
+        raise UserError(f"checkpoint {path} is unreadable ({reason(error)[:120]})") from None
+    if not isinstance(state, dict) or state.get("program") != program:
+        raise UserError(f"{path} is not a checkpoint of {script}")
+    return state
+
+
+class RunFolder:
+    """The folder of one run of `script`, whose checkpoints are marked with `program`."""
+
+    def __init__(self, path: Path, program: str, script: str):
+        self.path, self.program, self.script = Path(path), program, script
+        self.checkpoint_folder = self.path / "checkpoint"
+
+    # ------------------------------------------------------------------------- one training process at a time
+
+    @contextlib.contextmanager
+    def training_lock(self):
+        """Hold the folder for one training process; another one is refused at once with a UserError.
+
+        The operating system releases the lock when the process ends, however it ends (kill -9 included).
+        """
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"cannot use {self.path} as the run folder ({reason(error)}); give a folder you can "
+                            f"write to") from None
+        with contextlib.ExitStack() as stack:
+            try:
+                descriptor = stack.enter_context(locked(self.path / LOCK, wait=False))
+            except BlockingIOError:
+                holder = (self.path / LOCK).read_text(errors="replace").strip()
+                raise UserError(f"{self.path} is being trained by another process"
+                                f"{f' (pid {holder})' if holder else ''}; wait for it to end or stop it, or choose "
+                                f"another logdir") from None
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, str(os.getpid()).encode(), 0)
+            try:
+                yield
+            finally:
+                os.ftruncate(descriptor, 0)  # the process id goes; the file stays, so that no two locks exist at once
+
+    # ------------------------------------------------------------------------- args.json
+
+    def saved_args(self) -> Optional[dict]:
+        """The run's args.json, or None for a new run."""
+        path = self.path / "args.json"
+        return read_json(path) if path.is_file() else None
+
+    def write_args(self, args: dict) -> None:
+        write_json(self.path / "args.json", args)
+
+    # ------------------------------------------------------------------------- checkpoints
+
+    def checkpoints(self) -> list[Path]:
+        """The run's checkpoint files, oldest first by the meta-iteration in their names."""
+        if not self.checkpoint_folder.is_dir():
+            return []
+        return sorted((path for path in self.checkpoint_folder.iterdir() if checkpoint_iteration(path) is not None),
+                      key=checkpoint_iteration)
+
+    def newest_checkpoint(self) -> Optional[Path]:
+        checkpoints = self.checkpoints()
+        return checkpoints[-1] if checkpoints else None
+
+    def read_checkpoint(self, path: str) -> dict:
+        """A checkpoint of this script, or a UserError that says what is wrong with the file.
+
+        One schema: model, generators (name: state), args, segments and provenance, with the script's own parts.
+        Checkpoints written before it (meta_net; one generator) are read into it.
+        """
+        state = load_checkpoint_file(path, self.program, self.script)
+        if "meta_net" in state:
+            state["model"] = state.pop("meta_net")
+        if "generator" in state:
+            state["generators"] = {"train": state.pop("generator")}
+        state.setdefault("segments", [])  # not recorded before 2026-12-06
+        state["path"] = str(path)
+        return state
+
+    def newest_good_checkpoint(self) -> Optional[dict]:
+        """The newest readable checkpoint, skipping (and reporting) damaged ones; None if there is none."""
+        for path in reversed(self.checkpoints()):
+            try:
+                return self.read_checkpoint(path)
+            except UserError as error:
+                print(f"warning: {error}; trying the previous checkpoint", file=sys.stderr)
+        return None
+
+    def write_checkpoint(self, iteration: int, state: dict, keep: int, device: str) -> Path:
+        """Write checkpoint/check-<iteration>.pth atomically, marked with the program, the meta-iteration and what
+        wrote it; delete the older ones but the newest `keep` and those that results.json reports on."""
+        self.checkpoint_folder.mkdir(parents=True, exist_ok=True)
+        path = self.checkpoint_folder / f"check-{iteration}.pth"
+        save_atomically(path, {"program": self.program, "meta_iteration": iteration, **state,
+                               "provenance": provenance(device)})  # of this file: code, PyTorch, device and date
+        reported = {Path(entry["checkpoint"]).name for entry in self.results().values() if "checkpoint" in entry}
+        for old in self.checkpoints()[:-keep]:
+            if old.name not in reported:
+                old.unlink()
         return path
-    state = {
-        "program": PROGRAM,
-        "meta_iteration": iteration,
-        "meta_net": meta_model.state_dict(),
-        "meta_optimizer": meta_optimizer.state_dict(),
-        **first,
-        "other_processes": others,  # under torchrun: the inner state of the processes after the first
-        "recent_accuracies": recent,  # the validation accuracies that the next logged means average over
-        "args": settings,
-        "segments": segments,
-        "provenance": provenance(device),  # of this file: the code, PyTorch, device and date that wrote it
-    }
-    return write_checkpoint(folder, iteration, state, keep, evaluated_checkpoints(logdir))
+
+    def what_is_kept(self) -> str:
+        """What a run that stops on a failure keeps, in words: its newest checkpoint, named."""
+        newest = self.newest_checkpoint()
+        return f"the newest good checkpoint, {newest}, is kept" if newest else "no checkpoint had been written yet"
+
+    # ------------------------------------------------------------------------- results.json
+
+    def results(self) -> dict:
+        """The run's results.json, or {} if it has none yet."""
+        path = self.path / "results.json"
+        return read_json(path) if path.is_file() else {}
+
+    def results_lock(self):
+        """Wait for, then hold, results.json for one read-change-write (trainer and --eval-only alike)."""
+        return locked(self.path / RESULTS_LOCK)
+
+    def add_result(self, key: str, entry: dict) -> str:
+        """Add an entry to results.json under `key` (what it measured) and return the key; every other entry stays as
+        it was, those that other processes write meanwhile included. The same measurement made again (on another
+        device, say) is kept beside the first, as "<key> #2"."""
+        with self.results_lock():
+            results = self.results()
+            unique, repeat = key, 1
+            while unique in results:
+                repeat += 1
+                unique = f"{key} #{repeat}"
+            results[unique] = entry
+            write_json(self.path / "results.json", results)
+        return unique
+
+    def say_complete(self, what: str) -> None:
+        """Tell the user that training is complete and its evaluation recorded."""
+        print(f"training is complete and {self.path / 'results.json'} holds {what}; use --eval-only to evaluate again")
 
 
-def evaluated_checkpoints(logdir: Path) -> set[str]:
-    """File names of the checkpoints that the run's results.json reports on."""
-    return {Path(entry["checkpoint"]).name for entry in read_results(logdir).values() if "checkpoint" in entry}
+class Training:
+    """The stretch of a run's training that this process does, from meta-iteration `start` to `total`: a progress
+    bar, TensorBoard's writer (with `writes`), Ctrl-C or SIGTERM as a request to stop after the current meta-iteration,
+    the run's segments with what trained each, and write errors turned into one line that says what is kept and how
+    to resume. `any_process(flag)` makes every process of a torchrun stop at the same meta-iteration."""
 
+    def __init__(self, folder: RunFolder, start: int, total: int, segments: list[dict], device: str,
+                 resume_command: str, check_every: int, description: str, writes: bool = True,
+                 any_process: Callable[[bool], bool] = bool, **segment_notes):
+        self.folder, self.start, self.total, self.check_every = folder, start, total, check_every
+        self.resume_command, self.writes, self.any_process = resume_command, writes, any_process
+        self.segment = {"from": start, "to": start, **segment_notes, **provenance(device)}
+        self.segments = segments + [self.segment]  # the parts of the training so far, each with what trained it
+        self.checkpoint = folder.checkpoint_folder / f"check-{start}.pth"
+        self.description, self.stop = description, False
+        self.signals, self.writer, self.progress, self.stack = [], None, None, contextlib.ExitStack()
 
-def load_checkpoint(path: str) -> dict:
-    """A checkpoint written by train_omniglot.py, or a UserError that says what is wrong with the file."""
-    return read_checkpoint(path, PROGRAM, "train_omniglot.py")
+    def __enter__(self) -> "Training":
+        self.signals = self.stack.enter_context(stop_signals())
+        # Points logged after the checkpoint by an interrupted run are dropped, so none is duplicated.
+        try:
+            self.writer = SummaryWriter(str(self.folder.path), purge_step=self.start + 1) if self.writes else None
+        except OSError as error:
+            self.__exit__(type(error), error, None)
+        self.progress = tqdm(initial=self.start, total=self.total, desc=self.description, unit="it",
+                             dynamic_ncols=True, disable=not self.writes)
+        return self
 
+    def __exit__(self, kind, error, traceback) -> None:
+        if self.progress is not None:
+            self.progress.leave = kind is None  # an error's one line takes the progress bar's place
+            self.progress.close()
+        if self.writer is not None:
+            with contextlib.suppress(OSError):  # already reported
+                self.writer.close()
+        self.stack.close()
+        then = f"{self.folder.what_is_kept()}; once the cause is fixed, resume with: {self.resume_command}"
+        if isinstance(error, WriteError):
+            raise UserError(f"{error}; {then}") from None
+        if isinstance(error, OSError):  # TensorBoard's writer could not write its events (a full disk, no permission)
+            raise UserError(f"cannot write the TensorBoard events in {self.folder.path} ({reason(error)}); "
+                            f"{then}") from None
 
-def latest_good_checkpoint(logdir: Path) -> Optional[dict]:
-    """The newest readable checkpoint of the run, skipping (and reporting) damaged ones; None if there is none."""
-    return newest_good_checkpoint(logdir / "checkpoint", PROGRAM, "train_omniglot.py")
+    def done(self, iteration: int) -> bool:
+        """Count meta-iteration `iteration` (1, 2, ...) done; whether a checkpoint is due (every check_every, at the
+        end, and when stopping)."""
+        self.progress.update()
+        self.stop = self.any_process(bool(self.signals))
+        return iteration % self.check_every == 0 or iteration == self.total or self.stop
 
+    def save(self, iteration: int, write: Callable[[list[dict]], Path]) -> None:
+        """Write the checkpoint of meta-iteration `iteration` with `write(segments)`, once every logged point is on
+        disk (tensorboardX's flush does not wait; torch's does)."""
+        if self.writer is not None:
+            self.writer.flush()
+        self.segment["to"] = iteration
+        self.checkpoint = write(self.segments)
 
-def measured(entry: dict) -> tuple:
-    """What a results.json entry measured: (shots, mode, meta-iteration, tasks or repeats, evaluation seed).
+    def interrupted(self, iteration: int) -> int:
+        """Say where the run stopped and how to resume it; the exit status (128 + the signal)."""
+        self.progress.close()
+        if self.writes:
+            print(f"interrupted at meta-iteration {iteration}; checkpoint saved to {self.checkpoint}\n"
+                  f"resume with: {self.resume_command}", file=sys.stderr)
+        return 128 + (self.signals[0] if self.signals else signal.SIGTERM)
 
-    Entries written before the seed was recorded on its own carry it in their settings.
-    """
-    seed = entry.get("seed", entry.get("settings", {}).get("seed"))
-    return (entry.get("shots"), entry.get("mode"), entry["meta_iteration"], entry.get("tasks", entry.get("repeats")),
-            seed)
-
-
-def result_name(entry: dict) -> str:
-    """The key of a new results.json entry, from what it measured, e.g. "1-shot non-transductive at 100000, 10000
-    tasks, seed 0" or "lake one-shot at 200000, seed 0"."""
-    shots, mode, iteration, tasks, seed = measured(entry)
-    if shots is None:
-        return f"lake one-shot at {iteration}, seed {seed}"
-    return f"{shots}-shot {mode} at {iteration}, {tasks} tasks, seed {seed}"
-
-
-def find_result(results: dict, shots: Optional[int], mode: Optional[str], iteration: int, tasks: int,
-                seed: int) -> Optional[dict]:
-    """The first entry of `results` (a results.json) that measured this, or None; Lake's have no shots or mode."""
-    return next((entry for entry in results.values() if measured(entry) == (shots, mode, iteration, tasks, seed)),
-                None)
-
-
-def record_result(logdir: Path, result: dict) -> str:
-    """Add an entry to the run's results.json under a key that says what it measured (utils.add_result); return the
-    key."""
-    return add_result(logdir, result_name(result), result)
-
-
-def unfinished_evaluation(logdir: Path, key: str, name: str, iteration: int, seed: int, tasks: int) -> Path:
-    """Where an evaluation keeps the tasks it has finished until it ends, so that a stopped one resumes there."""
-    return logdir / f"unfinished-evaluation-{key.replace(' ', '-')}-{name}-at-{iteration}-seed{seed}-{tasks}.json"
-
-
-def read_split(path: str) -> dict:
-    """The split.json of a run folder, or a split.json file itself (for --split-from)."""
-    file = Path(path) / "split.json" if Path(path).is_dir() else Path(path)
-    if not file.is_file():
-        raise UserError(f"--split-from {path}: no split.json there; give a run folder or its split.json")
-    split = read_json(file)
-    if not isinstance(split, dict) or not all(key in split for key in ("split", "train", "test", "train_rotations")):
-        raise UserError(f"--split-from {path}: {file} is not a split.json written by train_omniglot.py")
-    return split
-
-
-def same_characters(first: dict, second: dict) -> bool:
-    """Whether two splits meta-train and meta-test on the same characters (and rotations)."""
-    return all(first[key] == second[key] for key in ("train", "test", "train_rotations"))
-
-
-def given_split(logdir: Path, split_from: Optional[str] = None) -> Optional[dict]:
-    """The run's split.json, else the split of --split-from, else None (a new split is to be drawn)."""
-    if (logdir / "split.json").is_file():
-        return read_json(logdir / "split.json")
-    return read_split(split_from) if split_from is not None else None
-
-
-def split_classes(logdir: Path, split: str, split_from: Optional[str] = None) -> tuple[int, int]:
-    """(meta-train classes, meta-test classes) of the run's split, before any data."""
-    given = given_split(logdir, split_from)
-    if given is None:
-        train, test = omniglot.split_sizes(split)
-        return train * len(omniglot.ROTATIONS), test
-    return len(given["train"]) * len(given["train_rotations"]), len(given["test"])
-
-
-def load_split(logdir: Path, data_dir: Path, split: str, seed: int, device: str,
-               split_from: Optional[str] = None) -> tuple[omniglot.TaskSampler, omniglot.TaskSampler, dict]:
-    """Meta-train and meta-test task samplers on the run's characters (split.json, else those of --split-from, else
-    a new split), and the split."""
-    characters, images = omniglot.load_images(data_dir)
-    chosen = given_split(logdir, split_from) or omniglot.make_split(data_dir, characters, split, seed)
-    index = {character: i for i, character in enumerate(characters)}
-    missing = [c for c in chosen["train"] + chosen["test"] if c not in index]
-    if missing:
-        raise UserError(f"the run's split names {len(missing)} characters missing from {data_dir} "
-                        f"(such as {missing[0]}); point --data at the Omniglot folder this run used")
-    images = images.to(device)
-    train = omniglot.TaskSampler(images[[index[c] for c in chosen["train"]]], chosen["train_rotations"])
-    test = omniglot.TaskSampler(images[[index[c] for c in chosen["test"]]])
-    return train, test, chosen
-
-
-def kept(logdir: Path) -> str:
-    """What a run that stops on a failure keeps: its newest checkpoint, named."""
-    newest = find_latest_file(logdir / "checkpoint")
-    return f"the newest good checkpoint, {newest}, is kept" if newest else "no checkpoint had been written yet"
+    def trained(self) -> list[dict]:
+        """The segments that trained (not a start that found training complete)."""
+        return [part for part in self.segments if part["to"] > part["from"]]

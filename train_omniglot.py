@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import os
 import shlex
-import signal
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 import evaluate
 import fast
@@ -28,11 +26,11 @@ import lake
 import omniglot
 import options
 import reptile
-import run_folder
 from models import OmniglotModel
 from reptile import Hyperparameters
-from utils import (UserError, WriteError, any_process, confidence_interval, find_latest_file, processes, provenance,
-                   rank, read_results, reason, run_script, stop_signals, stream, training_lock, write_json)
+from run_folder import RunFolder, Training
+from utils import (UserError, any_process, confidence_interval, gather, processes, provenance, rank, run_script,
+                   stream, write_json)
 
 RECENT_TASKS = 100  # the validation tasks that the logged mean accuracy and the progress bar average over
 # Independent random streams, so that validation or evaluation never changes what training samples.
@@ -63,13 +61,32 @@ def join_torchrun(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- the run folder
 
 def record_result(args: argparse.Namespace, result: dict, training: list[dict]) -> str:
-    """Add an entry to the run's results.json (see run_folder.record_result), with the settings, the seed of its
-    tasks, what evaluated it and what trained the checkpoint (`training`: its segments; empty for checkpoints written
-    before they were recorded); return its key."""
-    return run_folder.record_result(Path(args.logdir), {**result, "seed": args.seed,
-                                                        "settings": options.saved_args(args),
-                                                        "provenance": provenance(args.device),
-                                                        "training": training})
+    """Add an entry to the run's results.json under a key that says what it measured (evaluate.result_key), with the
+    settings, the seed of its tasks, what evaluated it and what trained the checkpoint (`training`: its segments;
+    empty for checkpoints written before they were recorded); return its key."""
+    entry = {**result, "seed": args.seed, "settings": options.saved_args(args), "provenance": provenance(args.device),
+             "training": training}
+    return options.folder(args.logdir).add_result(evaluate.result_key(entry), entry)
+
+
+def save_checkpoint(folder: RunFolder, iteration: int, meta_learner: reptile.MetaLearner, generators: dict,
+                    recent: dict, args: argparse.Namespace, segments: list[dict]) -> Path:
+    """Write the checkpoint of meta-iteration `iteration` (RunFolder.write_checkpoint). Under torchrun only the first
+    process writes, with the inner state and random streams of every process."""
+    own = {"inner_optimizer": meta_learner.inner_optimizer.state_dict(),
+           "generators": {name: generator.get_state() for name, generator in generators.items()}}
+    first, *others = gather(own)
+    if rank() != 0:
+        return folder.checkpoint_folder / f"check-{iteration}.pth"
+    return folder.write_checkpoint(iteration, {
+        "model": meta_learner.model.state_dict(),
+        "meta_optimizer": meta_learner.meta_optimizer.state_dict(),
+        **first,
+        "other_processes": others,  # under torchrun: the inner state of the processes after the first
+        "recent_accuracies": recent,  # the validation accuracies that the next logged means average over
+        "args": options.saved_args(args),
+        "segments": segments,
+    }, args.keep, args.device)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -86,7 +103,7 @@ def final_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Opt
     names = ["meta-test"] if args.meta_test_only else list(samplers)
     workers = args.workers if processes() == 1 and args.device == "cpu" else 0
     # A stopped evaluation goes on from the tasks it finished (under torchrun it starts again).
-    kept = {name: run_folder.unfinished_evaluation(Path(args.logdir), options.cell(args), name, iteration, args.seed,
+    kept = {name: evaluate.unfinished_evaluation(Path(args.logdir), options.cell(args), name, iteration, args.seed,
                                                    args.eval_tasks) if processes() == 1 else None for name in names}
     with evaluate.start_pool(samplers, workers) as pool:
         for name in names:
@@ -143,7 +160,7 @@ def main(argv: list[str]) -> int:
         if args.eval_only:
             return evaluate_checkpoint(args)
         # One training process per run folder: under torchrun the first process holds it for all of them.
-        with training_lock(Path(args.logdir)) if rank() == 0 else contextlib.nullcontext():
+        with options.folder(args.logdir).training_lock() if rank() == 0 else contextlib.nullcontext():
             return train(args, argv)
     finally:
         # Left to the interpreter's exit, gloo's worker threads sometimes abort the process (SIGABRT).
@@ -156,7 +173,7 @@ def load_samplers(args: argparse.Namespace) -> tuple[dict, dict, Path]:
     if rank() != 0:
         torch.distributed.barrier()  # the first process prepares the data folder alone
     data_dir = omniglot.prepare_data(args.data, args.omniglot_mirror)
-    train_sampler, test_sampler, split = run_folder.load_split(Path(args.logdir), data_dir, args.split, args.seed,
+    train_sampler, test_sampler, split = omniglot.load_split(Path(args.logdir), data_dir, args.split, args.seed,
                                                                args.device, args.split_from)
     if rank() == 0 and processes() > 1:
         torch.distributed.barrier()
@@ -176,18 +193,20 @@ def all_finite(tensors) -> bool:
 
 def evaluate_checkpoint(args: argparse.Namespace) -> int:
     """--eval-only and --eval-lake: evaluate a checkpoint of the run and record the result."""
-    checkpoint_path = args.checkpoint or find_latest_file(Path(args.logdir) / "checkpoint")
+    folder = options.folder(args.logdir)
+    checkpoint_path = args.checkpoint or folder.newest_checkpoint()
     if checkpoint_path is None:
         raise UserError(f"--eval-only: {args.logdir} holds no checkpoint; train first, or give --checkpoint FILE")
-    state = run_folder.load_checkpoint(checkpoint_path)
+    state = folder.read_checkpoint(checkpoint_path)
+    checkpoint_path = state["path"]
     samplers, split, data_dir = load_samplers(args)
     meta_model = new_model(args)
-    meta_model.load_state_dict(state["meta_net"])
+    meta_model.load_state_dict(state["model"])
     inner_optimizer = reptile.MetaLearner(meta_model, options.hyperparameters(args)).inner_optimizer
     inner_optimizer.load_state_dict(state["inner_optimizer"])
     if rank() == 0:
         print(f"evaluating {checkpoint_path} (meta-iteration {state['meta_iteration']})")
-    training = state.get("segments", [])
+    training = state["segments"]
     if args.eval_lake:
         lake_evaluation(meta_model, inner_optimizer, args, state["meta_iteration"], checkpoint_path, split, data_dir,
                         training)
@@ -197,48 +216,48 @@ def evaluate_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
-def resume(logdir: Path, meta_model: OmniglotModel, meta_optimizer: torch.optim.Optimizer,
-           inner_optimizer: torch.optim.Optimizer, generators: dict, recent: dict) -> tuple[int, list[dict]]:
-    """Load the run's newest good checkpoint into the models, optimizers, generators and recent accuracies; return
-    its meta-iteration and the segments of training so far (0 and none for a new run)."""
-    state = run_folder.latest_good_checkpoint(logdir)
+def resume(folder: RunFolder, meta_learner: reptile.MetaLearner, generators: dict,
+           recent: dict) -> tuple[int, list[dict]]:
+    """Load the run's newest good checkpoint into the meta-learner, generators and recent accuracies; return its
+    meta-iteration and the segments of training so far (0 and none for a new run)."""
+    state = folder.newest_good_checkpoint()
     if state is None:
         return 0, []
     trained_by = 1 + len(state.get("other_processes", []))
     if trained_by != processes():
-        raise UserError(f"{logdir} was trained by {trained_by} process(es); resume it with as many "
+        raise UserError(f"{folder.path} was trained by {trained_by} process(es); resume it with as many "
                         f"(torchrun --nproc_per_node={trained_by}, or python for 1)")
     own = ([state] + state.get("other_processes", []))[rank()]  # under torchrun, each process its own inner state
-    meta_model.load_state_dict(state["meta_net"])
-    meta_optimizer.load_state_dict(state["meta_optimizer"])
-    inner_optimizer.load_state_dict(own["inner_optimizer"])
+    meta_learner.model.load_state_dict(state["model"])
+    meta_learner.meta_optimizer.load_state_dict(state["meta_optimizer"])
+    meta_learner.inner_optimizer.load_state_dict(own["inner_optimizer"])
     for name, generator in generators.items():
         generator.set_state(own["generators"][name])
     recent.update(state.get("recent_accuracies", {}))  # checkpoints from before the mean was logged lack it
-    return state["meta_iteration"], state.get("segments", [])  # older checkpoints lack segments
+    return state["meta_iteration"], state["segments"]
 
 
 def already_evaluated(args: argparse.Namespace, iteration: int) -> bool:
     """Whether results.json holds this finished run's evaluation (said when it does)."""
-    result = run_folder.find_result(read_results(Path(args.logdir)), args.shots,
-                                    options.evaluation_mode(args), iteration, args.eval_tasks, args.seed)
+    folder = options.folder(args.logdir)
+    result = evaluate.find_result(folder.results(), args.shots, options.evaluation_mode(args), iteration,
+                                  args.eval_tasks, args.seed)
     if result is not None and rank() == 0:
         accuracy = result["meta-test"]
-        print(f"training is complete and {Path(args.logdir) / 'results.json'} holds its {options.cell(args)} "
-              f"evaluation (meta-test accuracy {accuracy['accuracy']:.2f}% +- {accuracy['ci95']:.2f}%); "
-              f"use --eval-only to evaluate again")
+        folder.say_complete(f"its {options.cell(args)} evaluation (meta-test accuracy {accuracy['accuracy']:.2f}% "
+                            f"+- {accuracy['ci95']:.2f}%)")
     return result is not None
 
 
 def check_finite(done: int, meta_model: OmniglotModel, inner_optimizer: torch.optim.Optimizer,
-                 hp: Hyperparameters, logdir: Path) -> None:
+                 hp: Hyperparameters, folder: RunFolder) -> None:
     """Stop the run with one line if the meta-weights or the inner optimizer's state are no longer finite."""
     if not all_finite([*meta_model.parameters(), *(value for state in inner_optimizer.state.values()
                                                    for value in state.values() if isinstance(value, torch.Tensor))]):
         raise UserError(f"by meta-iteration {done}, the meta-weights or the inner optimizer's state became "
                         f"NaN or infinite; the inner learning rate (--lr {hp.lr}) or the meta-step "
                         f"(--meta-lr {hp.meta_lr}) is likely too large. Nothing non-finite was written "
-                        f"({run_folder.kept(logdir)}); train with smaller values in a new logdir")
+                        f"({folder.what_is_kept()}); train with smaller values in a new logdir")
 
 
 def validate(scorer: evaluate.TestTaskScorer, samplers: dict, generator: torch.Generator, recent: dict,
@@ -256,26 +275,22 @@ def validate(scorer: evaluate.TestTaskScorer, samplers: dict, generator: torch.G
 def train(args: argparse.Namespace, argv: list[str]) -> int:
     """Meta-train from the run's newest checkpoint (or the start) to --meta-iterations, then evaluate."""
     hp = options.hyperparameters(args)
-    logdir = Path(args.logdir)
+    folder = options.folder(args.logdir)
     samplers, split, _ = load_samplers(args)
     meta_model = new_model(args)
     meta_learner = reptile.MetaLearner(meta_model, hp, options.LOSSES[args.loss], args.side_by_side)
-    inner_optimizer, meta_optimizer = meta_learner.inner_optimizer, meta_learner.meta_optimizer
     # Under torchrun each process draws its own tasks and keeps its own inner Adam state.
     generators = {"train": stream(args.seed, TRAIN_STREAM, rank() if processes() > 1 else None),
                   "validation": stream(args.seed, VALIDATION_STREAM)}
     recent = {"meta-train": [], "meta-test": []}  # accuracies of the last RECENT_TASKS validation tasks
-    start, segments = resume(logdir, meta_model, meta_optimizer, inner_optimizer, generators, recent)
+    start, segments = resume(folder, meta_learner, generators, recent)
     if start and rank() == 0:
-        print(f"resumed {logdir} at meta-iteration {start} of {hp.meta_iterations}")
+        print(f"resumed {folder.path} at meta-iteration {start} of {hp.meta_iterations}")
     if start >= hp.meta_iterations and already_evaluated(args, start):
         return 0
     if rank() == 0:
-        write_json(logdir / "args.json", options.saved_args(args))
-        write_json(logdir / "split.json", split)
-    segment = {"from": start, "to": start, "processes": processes(), **provenance(args.device)}
-    segments = segments + [segment]  # the parts of the training so far, each with what trained it
-    checkpoint_path = str(logdir / "checkpoint" / f"check-{start}.pth")
+        folder.write_args(options.saved_args(args))
+        write_json(folder.path / "split.json", split)
     resume_command = f"{'python' if processes() == 1 else f'torchrun --nproc_per_node={processes()}'} " \
                      f"train_omniglot.py {shlex.join(argv)}"
     # Under torchrun each process adapts its share of the tasks (5 over 2 processes: 3 and 2), and one all-reduce
@@ -284,57 +299,29 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
     meta_iteration = fast.MetaIteration(meta_learner, samplers["meta-train"], share, args.cuda_graphs)
     scorer = None  # made at the first validation, when the inner optimizer has a state
     all_reduce = torch.distributed.all_reduce if processes() > 1 else None
-    progress = tqdm(initial=start, total=hp.meta_iterations, desc="meta-training", unit="it", dynamic_ncols=True,
-                    disable=rank() != 0)
-    writer = None
-    try:
-        with stop_signals() as interrupted:
-            # Points logged after the checkpoint by an interrupted run are dropped, so none is duplicated.
-            writer = SummaryWriter(str(logdir), purge_step=start + 1) if rank() == 0 else None
-            for iteration in range(start, hp.meta_iterations):
-                step_size = reptile.meta_step_size(iteration, hp)
-                meta_iteration(step_size, generators["train"], all_reduce)
-                done = iteration + 1
-                progress.update()
-                stop = any_process(bool(interrupted))
-                saving = done % args.check_every == 0 or done == hp.meta_iterations or stop
-                # Checked when validating and before saving, not every meta-iteration: on a GPU a check waits.
-                if done % args.validate_every == 0 or saving:
-                    check_finite(done, meta_model, inner_optimizer, hp, logdir)
-                if done % args.validate_every == 0 and rank() == 0:
-                    scorer = scorer or evaluate.TestTaskScorer(meta_model, inner_optimizer.state_dict(), hp,
-                                                               loss=options.LOSSES[args.loss],
-                                                               cuda_graphs=args.cuda_graphs)
-                    validate(scorer, samplers, generators["validation"], recent, writer, done, step_size)
-                    progress.set_postfix({f"{name} acc": f"{np.mean(accs):.3f}" for name, accs in recent.items()})
-                if saving:
-                    if writer:
-                        writer.flush()  # waits until every logged point is on disk (tensorboardX's does not)
-                    segment["to"] = done
-                    checkpoint_path = str(run_folder.save_checkpoint(
-                        logdir, done, meta_model, meta_optimizer, inner_optimizer, generators, recent,
-                        options.saved_args(args), args.keep, segments, args.device))
-                if stop:
-                    progress.close()
-                    if rank() == 0:
-                        print(f"interrupted at meta-iteration {done}; checkpoint saved to {checkpoint_path}\n"
-                              f"resume with: {resume_command}", file=sys.stderr)
-                    return 128 + (interrupted[0] if interrupted else signal.SIGTERM)
-    except OSError as error:  # TensorBoard's writer could not write its events (a full disk, no permission)
-        raise UserError(f"cannot write the TensorBoard events in {logdir} ({reason(error)}); "
-                        f"{run_folder.kept(logdir)}; once the cause is fixed, resume with: {resume_command}") from None
-    except WriteError as error:
-        raise UserError(f"{error}; {run_folder.kept(logdir)}; once the cause is fixed, resume with: "
-                        f"{resume_command}") from None
-    finally:
-        progress.leave = sys.exc_info()[0] is None  # an error's one line takes the progress bar's place
-        progress.close()
-        if writer:
-            with contextlib.suppress(OSError):  # already reported
-                writer.close()
-
-    trained = [part for part in segments if part["to"] > part["from"]]  # not a start that found training complete
-    final_evaluation(meta_model, inner_optimizer, samplers, args, hp.meta_iterations, checkpoint_path, split, trained)
+    with Training(folder, start, hp.meta_iterations, segments, args.device, resume_command, args.check_every,
+                  "meta-training", writes=rank() == 0, any_process=any_process, processes=processes()) as training:
+        for iteration in range(start, hp.meta_iterations):
+            step_size = reptile.meta_step_size(iteration, hp)
+            meta_iteration(step_size, generators["train"], all_reduce)
+            done = iteration + 1
+            saving = training.done(done)
+            # Checked when validating and before saving, not every meta-iteration: on a GPU a check waits.
+            if done % args.validate_every == 0 or saving:
+                check_finite(done, meta_model, meta_learner.inner_optimizer, hp, folder)
+            if done % args.validate_every == 0 and rank() == 0:
+                scorer = scorer or evaluate.TestTaskScorer(meta_model, meta_learner.inner_optimizer.state_dict(), hp,
+                                                           loss=options.LOSSES[args.loss],
+                                                           cuda_graphs=args.cuda_graphs)
+                validate(scorer, samplers, generators["validation"], recent, training.writer, done, step_size)
+                training.progress.set_postfix({f"{name} acc": f"{np.mean(accs):.3f}" for name, accs in recent.items()})
+            if saving:
+                training.save(done, lambda segments: save_checkpoint(folder, done, meta_learner, generators, recent,
+                                                                     args, segments))
+            if training.stop:
+                return training.interrupted(done)
+    final_evaluation(meta_model, meta_learner.inner_optimizer, samplers, args, hp.meta_iterations,
+                     str(training.checkpoint), split, training.trained())
     return 0
 
 

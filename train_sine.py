@@ -19,16 +19,14 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import evaluate
 import reptile
 from reptile import Hyperparameters, TestTask
-from utils import (HelpFormatter, OneLineParser, UserError, WriteError, add_result, confidence_interval,
-                   find_latest_file, newest_good_checkpoint, non_negative_int, positive_float, positive_int,
-                   provenance, read_checkpoint, read_json, read_results, reason, run_script, stop_signals, stream,
-                   training_lock, write_checkpoint, write_json)
+from run_folder import RunFolder, Training
+from utils import (HelpFormatter, OneLineParser, UserError, confidence_interval, non_negative_int, positive_float,
+                   positive_int, provenance, run_script, stream)
 
 PROGRAM = "reptile-sine"  # marks checkpoints written by this script
 AMPLITUDES, PHASES, X_RANGE = (0.1, 5.0), (0.0, 2 * math.pi), (-5.0, 5.0)  # the task distribution
@@ -161,7 +159,7 @@ def score_held_out_waves(model: nn.Module, state: dict, args: argparse.Namespace
     for steps, error in result["mse"].items():
         print(f"after {steps:>2} steps: mean squared error {error['mean']:.3f} +- {error['ci95']:.3f} (95% CI, "
               f"{args.eval_waves} held-out waves, {args.shots} points each)")
-    key = add_result(logdir, evaluation_key(args, state["meta_iteration"]), result)
+    key = run_folder(logdir).add_result(evaluation_key(args, state["meta_iteration"]), result)
     print(f"recorded in {logdir / 'results.json'} as \"{key}\"")
     return result
 
@@ -209,25 +207,20 @@ def new_model(settings: dict) -> SineModel:
     return SineModel(settings["activation"], settings["hidden"])
 
 
+def run_folder(logdir: Path) -> RunFolder:
+    return RunFolder(logdir, PROGRAM, "train_sine.py")
+
+
 def load_model(logdir: Path, checkpoint: Optional[str]) -> tuple[SineModel, dict]:
     """The network of a checkpoint (default: the run's latest) and the checkpoint."""
-    path = checkpoint or find_latest_file(logdir / "checkpoint")
+    folder = run_folder(logdir)
+    path = checkpoint or folder.newest_checkpoint()
     if path is None:
         raise UserError(f"{logdir} holds no checkpoint; train first, or give --checkpoint FILE")
-    state = read_checkpoint(path, PROGRAM, "train_sine.py")
-    state["path"] = str(path)
+    state = folder.read_checkpoint(path)
     model = SineModel(state["args"]["activation"], state["args"]["hidden"])
     model.load_state_dict(state["model"])
     return model, state
-
-
-def save_checkpoint(logdir: Path, iteration: int, model: nn.Module, generator: torch.Generator, settings: dict,
-                    segments: list[dict]) -> str:
-    """Write checkpoint/check-<iteration>.pth atomically; keep the newest KEEP_CHECKPOINTS."""
-    return str(write_checkpoint(logdir / "checkpoint", iteration,
-                                {"program": PROGRAM, "meta_iteration": iteration, "model": model.state_dict(),
-                                 "generator": generator.get_state(), "args": settings, "segments": segments,
-                                 "provenance": provenance("cpu")}, KEEP_CHECKPOINTS))
 
 
 def training_settings(args: argparse.Namespace) -> dict:
@@ -240,70 +233,60 @@ def training_settings(args: argparse.Namespace) -> dict:
 def train(args: argparse.Namespace, argv: list[str]) -> int:
     """Meta-train (or, for the baselines, train or not) from the run's latest checkpoint to --meta-iterations, then
     evaluate on held-out waves."""
-    logdir = Path(args.logdir)
+    folder = run_folder(Path(args.logdir))
     settings = training_settings(args)
-    saved_args = logdir / "args.json"
-    if saved_args.is_file() and (saved := read_json(saved_args)) != settings:
+    if (saved := folder.saved_args()) is not None and saved != settings:
         changed = ", ".join(f"--{name.replace('_', '-')} {saved[name]}" for name in TRAINING_FLAGS
                             if saved.get(name) != settings[name])
-        raise UserError(f"{logdir} was trained with {changed}; resume it with the same, or choose another logdir")
+        raise UserError(f"{folder.path} was trained with {changed}; resume it with the same, or choose another "
+                        f"logdir")
     total = 0 if args.algorithm == "random" else args.meta_iterations
     model = new_model(settings)
     generator = stream(args.seed, TRAIN_STREAM)
-    state = newest_good_checkpoint(logdir / "checkpoint", PROGRAM, "train_sine.py")
+    state = folder.newest_good_checkpoint()
     start, segments = 0, []
     if state is not None:
         model.load_state_dict(state["model"])
-        generator.set_state(state["generator"])
+        generator.set_state(state["generators"]["train"])
         start, segments = state["meta_iteration"], state["segments"]
-        if start >= total and (key := evaluation_key(args, start)) in read_results(logdir):
-            print(f"training is complete and {logdir / 'results.json'} holds \"{key}\"; use --eval-only to "
-                  f"evaluate again")
+        if start >= total and (key := evaluation_key(args, start)) in folder.results():
+            folder.say_complete(f'"{key}"')
             return 0
-        print(f"resumed {logdir} at meta-iteration {start} of {total}")
-    write_json(saved_args, settings)
+        print(f"resumed {folder.path} at meta-iteration {start} of {total}")
+    folder.write_args(settings)
     meta_iteration = MetaIteration(model, settings)
     hp = meta_iteration.hp
     validation = draw_held_out(VALIDATION_WAVES, args.shots, stream(args.seed, VALIDATION_STREAM))
-    segment = {"from": start, "to": start, **provenance("cpu")}
-    segments = segments + [segment]
-    checkpoint = str(logdir / "checkpoint" / f"check-{start}.pth")
-    if state is None:
-        checkpoint = save_checkpoint(logdir, 0, model, generator, settings, segments)
-    progress = tqdm(initial=start, total=total, desc=f"{args.algorithm}", unit="it", dynamic_ncols=True)
-    try:
-        with stop_signals() as interrupted, SummaryWriter(str(logdir), purge_step=start + 1) as writer:
-            for iteration in range(start, total):
-                tasks = [draw_training_task(hp, args.points, generator) for _ in range(args.meta_batch)]
-                step_size = reptile.meta_step_size(iteration, hp)
-                meta_iteration(tasks, step_size)
-                done = iteration + 1
-                progress.update()
-                if done % args.validate_every == 0:
-                    error = errors_after_steps(model, validation, hp, (32,)).mean()
-                    if not math.isfinite(error):
-                        raise UserError(f"by meta-iteration {done} the network's predictions are no longer finite; "
-                                        f"train with a smaller --lr or --meta-lr in a new logdir")
-                    writer.add_scalar("validation/mse_after_32_steps", error, done)
-                    writer.add_scalar("meta-step", step_size, done)
-                    progress.set_postfix({"validation mse": f"{error:.3f}"})
-                if done % args.check_every == 0 or done == total or interrupted:
-                    writer.flush()
-                    segment["to"] = done
-                    checkpoint = save_checkpoint(logdir, done, model, generator, settings, segments)
-                if interrupted:
-                    progress.close()
-                    print(f"interrupted at meta-iteration {done}; checkpoint saved to {checkpoint}\nresume with: "
-                          f"python train_sine.py {' '.join(argv)}", file=sys.stderr)
-                    return 128 + interrupted[0]
-    except WriteError as error:
-        raise UserError(f"{error}; resume with the same command once the cause is fixed") from None
-    except OSError as error:  # TensorBoard's writer could not write its events
-        raise UserError(f"cannot write the TensorBoard events in {logdir} ({reason(error)})") from None
-    finally:
-        progress.close()
-    model, state = load_model(logdir, checkpoint)
-    score_held_out_waves(model, state, args, logdir)
+
+    def save(iteration: int, segments: list[dict]) -> Path:
+        return folder.write_checkpoint(iteration, {"model": model.state_dict(),
+                                                   "generators": {"train": generator.get_state()},
+                                                   "args": settings, "segments": segments}, KEEP_CHECKPOINTS, "cpu")
+
+    with Training(folder, start, total, segments, "cpu", f"python train_sine.py {' '.join(argv)}",
+                  args.check_every, args.algorithm) as training:
+        if state is None:
+            training.save(0, lambda segments: save(0, segments))
+        for iteration in range(start, total):
+            tasks = [draw_training_task(hp, args.points, generator) for _ in range(args.meta_batch)]
+            step_size = reptile.meta_step_size(iteration, hp)
+            meta_iteration(tasks, step_size)
+            done = iteration + 1
+            saving = training.done(done)
+            if done % args.validate_every == 0:
+                error = errors_after_steps(model, validation, hp, (32,)).mean()
+                if not math.isfinite(error):
+                    raise UserError(f"by meta-iteration {done} the network's predictions are no longer finite; "
+                                    f"train with a smaller --lr or --meta-lr in a new logdir")
+                training.writer.add_scalar("validation/mse_after_32_steps", error, done)
+                training.writer.add_scalar("meta-step", step_size, done)
+                training.progress.set_postfix({"validation mse": f"{error:.3f}"})
+            if saving:
+                training.save(done, lambda segments: save(done, segments))
+            if training.stop:
+                return training.interrupted(done)
+    model, state = load_model(folder.path, str(training.checkpoint))
+    score_held_out_waves(model, state, args, folder.path)
     return 0
 
 
@@ -367,7 +350,7 @@ def main(argv: list[str]) -> int:
         return 0
     if args.checkpoint:
         raise UserError("--checkpoint goes with --eval-only")
-    with training_lock(Path(args.logdir)):
+    with run_folder(Path(args.logdir)).training_lock():
         return train(args, argv)
 
 

@@ -1,5 +1,6 @@
-"""Small helpers: finding the latest checkpoint, writing files atomically, command-line parsing, and the process
-group under torchrun."""
+"""Small helpers that know nothing of meta-learning: one-line errors, files written atomically and locked, stop
+signals, random streams, confidence intervals, argparse types, the process group under torchrun, and provenance (the
+code's commit, PyTorch, the device, the date)."""
 import argparse
 import contextlib
 import datetime
@@ -15,7 +16,6 @@ import signal
 import subprocess
 import sys
 import threading
-import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Optional
 
@@ -23,35 +23,11 @@ import numpy as np
 import torch
 
 __all__ = [
-    "checkpoint_iteration", "list_checkpoints", "find_latest_file",
     "UserError", "WriteError", "write_atomically", "save_atomically", "reason", "locked", "write_json", "read_json",
-    "training_lock", "results_lock", "read_results", "add_result", "read_checkpoint", "write_checkpoint",
-    "newest_good_checkpoint",
     "stop_signals", "stream", "confidence_interval", "run_script",
     "number", "positive_int", "non_negative_int", "positive_float", "non_negative_float", "OneLineParser",
     "HelpFormatter", "processes", "rank", "any_process", "gather", "provenance",
 ]
-
-
-def checkpoint_iteration(path: str) -> Optional[int]:
-    """The meta-iteration in a checkpoint's file name (`check-<iteration>.pth`), or None."""
-    match = re.fullmatch(r"check-(\d+)\.pth", Path(path).name)
-    return int(match.group(1)) if match else None
-
-
-def list_checkpoints(folder: str) -> list[str]:
-    """The checkpoints in `folder`, oldest first by the iteration in their names."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    return [str(p) for p in sorted((p for p in folder.iterdir() if checkpoint_iteration(p) is not None),
-                                   key=checkpoint_iteration)]
-
-
-def find_latest_file(folder: str) -> Optional[str]:
-    """The checkpoint in `folder` with the largest iteration in its name, or None."""
-    checkpoints = list_checkpoints(folder)
-    return checkpoints[-1] if checkpoints else None
 
 
 class UserError(Exception):
@@ -121,104 +97,6 @@ def read_json(path: str) -> Any:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:
         raise UserError(f"{path} is unreadable ({error}); delete it or restore it") from None
-
-
-LOCK = ".lock"  # held by the process that trains a run; it holds that process's id while it does
-RESULTS_LOCK = ".results.lock"  # held while results.json is read, changed and written back
-
-
-@contextlib.contextmanager
-def training_lock(logdir: Path):
-    """Hold the run folder for one training process; another one is refused at once with a UserError.
-
-    The operating system releases the lock when the process ends, however it ends (kill -9 included).
-    """
-    try:
-        logdir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"cannot use {logdir} as the run folder ({reason(error)}); give a folder you can write "
-                        f"to") from None
-    with contextlib.ExitStack() as stack:
-        try:
-            descriptor = stack.enter_context(locked(logdir / LOCK, wait=False))
-        except BlockingIOError:
-            holder = (logdir / LOCK).read_text(errors="replace").strip()
-            raise UserError(f"{logdir} is being trained by another process{f' (pid {holder})' if holder else ''}; "
-                            f"wait for it to end or stop it, or choose another logdir") from None
-        os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, str(os.getpid()).encode(), 0)
-        try:
-            yield
-        finally:
-            os.ftruncate(descriptor, 0)  # the process id goes; the file stays, so that no two locks exist at once
-
-
-def results_lock(logdir: Path):
-    """Wait for, then hold, the run's results.json for one read-change-write (trainer and --eval-only alike)."""
-    return locked(logdir / RESULTS_LOCK)
-
-
-def read_results(logdir: Path) -> dict:
-    """The run's results.json, or {} if it has none yet."""
-    results_path = logdir / "results.json"
-    return read_json(results_path) if results_path.is_file() else {}
-
-
-def add_result(logdir: Path, key: str, result: dict) -> str:
-    """Add an entry to the run's results.json and return its key; every other entry stays as it was, those that other
-    processes write meanwhile included. The same measurement made again (on another device, say) is kept beside
-    the first, as "<key> #2"."""
-    with results_lock(logdir):
-        results = read_results(logdir)
-        unique, repeat = key, 1
-        while unique in results:
-            repeat += 1
-            unique = f"{key} #{repeat}"
-        results[unique] = result
-        write_json(logdir / "results.json", results)
-    return unique
-
-
-def read_checkpoint(path: str, program: str, script: str) -> dict:
-    """A checkpoint that `script` wrote (its "program" entry is `program`), or a UserError that says what is wrong
-    with the file."""
-    if Path(path).is_dir():
-        raise UserError(f"checkpoint {path} is a folder; give a checkpoint file, such as LOGDIR/checkpoint/"
-                        f"check-1000.pth")
-    if not Path(path).is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        with warnings.catch_warnings():  # a damaged file may first trigger warnings about its contents
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch.load raises many kinds of error on damaged files
-        raise UserError(f"checkpoint {path} is unreadable ({reason(error)[:120]})") from None
-    if not isinstance(state, dict) or state.get("program") != program:
-        raise UserError(f"{path} is not a checkpoint of {script}")
-    return state
-
-
-def write_checkpoint(folder: Path, iteration: int, state: dict, keep: int, spared: set[str] = frozenset()) -> Path:
-    """Write folder/check-<iteration>.pth atomically; delete the older checkpoints there but the newest `keep` and
-    those whose file names are in `spared`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"check-{iteration}.pth"
-    save_atomically(path, state)
-    for old in list_checkpoints(folder)[:-keep]:
-        if Path(old).name not in spared:
-            Path(old).unlink()
-    return path
-
-
-def newest_good_checkpoint(folder: Path, program: str, script: str) -> Optional[dict]:
-    """The newest readable checkpoint in `folder` (read_checkpoint), skipping (and reporting) damaged ones; None if
-    there is none."""
-    for path in reversed(list_checkpoints(folder)):
-        try:
-            return read_checkpoint(path, program, script)
-        except UserError as error:
-            print(f"warning: {error}; trying the previous checkpoint", file=sys.stderr)
-    return None
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
 """Shared fixtures: the offline Omniglot copy, a prepared data folder, and running the training script."""
+import json
 import os
 import shutil
 import socket
@@ -13,9 +14,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import evaluate  # noqa: E402
 import omniglot  # noqa: E402
-import run_folder  # noqa: E402
-from utils import UserError, read_results  # noqa: E402
+import options  # noqa: E402
+from utils import UserError  # noqa: E402
 
 # One thread, here and in the scripts the tests start: the tests' tensors are tiny, so a second thread gains
 # nothing, and when other work holds the cores (a training run beside the suite) threads that wait for each other
@@ -121,9 +123,20 @@ def run_script(script):
     return run
 
 
+def read_results(folder) -> dict:
+    """A run folder's results.json, read as JSON ({} when there is none)."""
+    path = Path(folder) / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_checkpoint(path) -> dict:
+    """A checkpoint of train_omniglot.py, read as the scripts read it (RunFolder.read_checkpoint)."""
+    return options.folder(Path(path).parent.parent).read_checkpoint(str(path))
+
+
 def result_of(logdir: Path, shots, mode, iteration: int, tasks: int, seed: int = 0) -> dict:
     """The entry of a run's results.json that measured this (Lake's: shots and mode None, tasks its repeats)."""
-    entry = run_folder.find_result(read_results(Path(logdir)), shots, mode, iteration, tasks, seed)
+    entry = evaluate.find_result(read_results(Path(logdir)), shots, mode, iteration, tasks, seed)
     assert entry is not None, f"no {shots}-shot {mode} entry at {iteration}, {tasks} tasks, seed {seed} in {logdir}"
     return entry
 

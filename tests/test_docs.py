@@ -9,13 +9,13 @@ import numpy as np
 
 import evaluate
 import lake
+import omniglot
 import plot_runs
 import reptile
-import run_folder
 from models import OmniglotModel
-from conftest import ROOT
+from conftest import ROOT, load_checkpoint, read_results
 import utils
-from utils import read_json, read_results
+from utils import read_json
 
 README = (ROOT / "README.md").read_text()
 GUIDE = (ROOT / "GUIDE.md").read_text()
@@ -30,7 +30,7 @@ def figure(entry: dict) -> str:
 def the_cell(run: str, shots, mode, tasks: int) -> dict:
     """The run's entry at its final checkpoint with its own seed: what a table cell reports."""
     settings = read_json(ROOT / run / "args.json")
-    entry = run_folder.find_result(read_results(ROOT / run), shots, mode, settings["meta_iterations"],
+    entry = evaluate.find_result(read_results(ROOT / run), shots, mode, settings["meta_iterations"],
                                    tasks, settings["seed"])
     assert entry is not None, f"{run} has no {shots}-shot {mode} entry at its end with {tasks} tasks"
     return entry
@@ -78,7 +78,7 @@ def test_the_re_check_shown_is_the_committed_one():
     command, result = re.search(r"```\n(python train_omniglot.py runs/5way-exact-split --eval-only [^\n]+)\n```\n\n"
                                 r"[^`]*?it gave ([\d.]+ \+- [\d.]+)", README).groups()
     assert command.endswith("--shots 1 --seed 1 --eval-tasks 2000 --meta-test-only")
-    entry = run_folder.find_result(read_results(ROOT / "runs/5way-exact-split"), 1, "non-transductive",
+    entry = evaluate.find_result(read_results(ROOT / "runs/5way-exact-split"), 1, "non-transductive",
                                    100000, 2000, 1)
     assert entry is not None and figure(entry["meta-test"]) == result
 
@@ -129,10 +129,10 @@ def test_the_guides_example_scores_a_task_as_the_evaluator_does(data_dir, tmp_pa
     done = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, capture_output=True, text=True,
                           env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, timeout=300)
     assert done.returncode == 0, done.stderr
-    state = run_folder.load_checkpoint(str(ROOT / "runs/5way-exact-split/checkpoint/check-100000.pth"))
-    test_characters = run_folder.load_split(ROOT / "runs/5way-exact-split", Path(data_dir), "paper", 0, "cpu")[1]
+    state = load_checkpoint(str(ROOT / "runs/5way-exact-split/checkpoint/check-100000.pth"))
+    test_characters = omniglot.load_split(ROOT / "runs/5way-exact-split", Path(data_dir), "paper", 0, "cpu")[1]
     meta_model = OmniglotModel(5)
-    meta_model.load_state_dict(state["meta_net"])
+    meta_model.load_state_dict(state["model"])
     (correct, _), = evaluate.evaluate_tasks(meta_model, state["inner_optimizer"], test_characters,
                                             reptile.Hyperparameters(shots=1), [0])
     assert done.stdout == f"{correct} of 5 queries right\n"

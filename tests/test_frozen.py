@@ -26,10 +26,11 @@ sys.path.insert(0, str(ROOT))
 
 import evaluate  # noqa: E402
 import lake  # noqa: E402
+import omniglot  # noqa: E402
 import options  # noqa: E402
-import run_folder  # noqa: E402
 import train_omniglot as T  # noqa: E402
 import utils  # noqa: E402
+from conftest import load_checkpoint  # noqa: E402
 
 FROZEN = Path(__file__).resolve().parent / "frozen" / "values.json"
 CHECKPOINT = ROOT / "runs/5way-exact-split/checkpoint/check-100000.pth"
@@ -82,10 +83,10 @@ def meta_training(data_dir: Path, folder: Path) -> dict:
                         "--validate-every", "1", "--eval-tasks", "2", "--meta-test-only", "--workers", "1", *flags])
         assert status == 0
         state = torch.load(logdir / "checkpoint" / "check-5.pth", weights_only=True)
-        names = list(state["meta_net"])
+        names = list(state["model"])
         inner = {f"{names[index]} {key}": value for index, moments in state["inner_optimizer"]["state"].items()
                  for key, value in moments.items()}
-        found[name] = {"meta-weights": summary(state["meta_net"]), "inner state": summary(inner),
+        found[name] = {"meta-weights": summary(state["model"]), "inner state": summary(inner),
                        "validation": scalars(logdir)}
     return found
 
@@ -93,14 +94,14 @@ def meta_training(data_dir: Path, folder: Path) -> dict:
 def scored_tasks(data_dir: Path, forms: tuple = (False, True)) -> dict:
     """(correct queries, loss) of TASKS[default dtype] meta-test tasks of runs/5way-exact-split, each way of
     evaluating (one task at a time; side by side)."""
-    state = run_folder.load_checkpoint(str(CHECKPOINT))
-    sampler = run_folder.load_split(ROOT / "runs/5way-exact-split", data_dir, "paper", 0, "cpu")[1]
+    state = load_checkpoint(str(CHECKPOINT))
+    sampler = omniglot.load_split(ROOT / "runs/5way-exact-split", data_dir, "paper", 0, "cpu")[1]
     found = {}
     for name, flags in EVALUATIONS.items():
         args = options.parse_args([str(ROOT / "runs/5way-exact-split"), "--eval-only", "--data", str(data_dir),
                                    "--device", "cpu", *flags])
         meta_model = T.new_model(args)
-        meta_model.load_state_dict(state["meta_net"])
+        meta_model.load_state_dict(state["model"])
         seeds = evaluate.task_seeds(TASKS[torch.get_default_dtype()], utils.stream(0, T.EVALUATION_STREAM))
         hp = options.hyperparameters(args)
         for together in forms:
@@ -111,11 +112,11 @@ def scored_tasks(data_dir: Path, forms: tuple = (False, True)) -> dict:
 
 def lake_run(data_dir: Path, mirror: Path) -> dict:
     """The error rates of runs/20way-background on Lake's run01, after each of its 10 adaptations."""
-    state = run_folder.load_checkpoint(str(LAKE_CHECKPOINT))
+    state = load_checkpoint(str(LAKE_CHECKPOINT))
     args = options.parse_args([str(ROOT / "runs/20way-background"), "--eval-lake", "--data", str(data_dir),
                                "--device", "cpu"])
     meta_model = T.new_model(args)
-    meta_model.load_state_dict(state["meta_net"])
+    meta_model.load_state_dict(state["model"])
     runs = lake.load_runs(data_dir, str(mirror))
     seeds = evaluate.task_seeds(lake.REPEATS, utils.stream(0, T.EVALUATION_STREAM))
     errors = lake.error_rates(meta_model, state["inner_optimizer"], {"run01": runs["run01"]},

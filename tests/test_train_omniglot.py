@@ -22,7 +22,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import paper
-from conftest import NO_NETWORK, ROOT, result_of
+from conftest import NO_NETWORK, ROOT, load_checkpoint, read_results, result_of
 from test_lake import make_lake_zip
 from test_evaluate import random_sampler, trained_side
 from test_fast import is_conv_bias
@@ -33,12 +33,10 @@ import lake
 import omniglot
 import options
 import reptile
-import run_folder
 import train_omniglot as T
 from models import OmniglotModel
 from reptile import Hyperparameters
 import utils
-from utils import read_results
 
 # Few tasks and steps, and one evaluation worker (no pool to start) unless a test is about them.
 TINY = ["--meta-iterations", "6", "--meta-batch", "2", "--iterations", "2", "--eval-tasks", "4",
@@ -209,7 +207,7 @@ def test_split_from_trains_on_another_runs_characters_and_refuses_others_on_resu
     short = [*TINY, "--meta-iterations", "3", "--meta-test-only"]
     trained = run_here(str(logdir), *short, "--split-from", str(source))
     assert trained.returncode == 0, trained.stderr
-    assert run_folder.same_characters(json.loads((logdir / "split.json").read_text()), json.loads(source.read_text()))
+    assert omniglot.same_characters(json.loads((logdir / "split.json").read_text()), json.loads(source.read_text()))
     saved = json.loads((logdir / "args.json").read_text())
     assert saved["split"] == "random-1200" and saved["split_from"] == str(source) and saved["seed"] == 0
     other = run_here(str(logdir), *short, "--meta-iterations", "4", "--split-from", str(existing_run))
@@ -462,8 +460,8 @@ def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(run_here, 
     assert lines[0].startswith("train_omniglot.py: error: by meta-iteration 6, ")
     assert f"the newest good checkpoint, {logdir / 'checkpoint' / 'check-4.pth'}, is kept" in lines[0]
     assert sorted(p.name for p in (logdir / "checkpoint").iterdir()) == ["check-2.pth", "check-4.pth"]
-    state = run_folder.load_checkpoint(str(logdir / "checkpoint" / "check-4.pth"))
-    assert all(value.isfinite().all() for value in state["meta_net"].values())
+    state = load_checkpoint(str(logdir / "checkpoint" / "check-4.pth"))
+    assert all(value.isfinite().all() for value in state["model"].values())
     monkeypatch.setattr(fast.MetaIteration, "__call__", real_call)
     assert run_here(*flags).returncode == 0  # resumes from check-4 and finishes
 
@@ -583,9 +581,9 @@ def test_a_tiny_maml_run_trains_with_the_maml_papers_settings(run_here, tmp_path
     # First-order MAML differs only in reptile.maml_gradients (tests/test_reptile.py, tests/test_fast.py).
     tiny = [*TINY, "--meta-iterations", "6", "--meta-batch", "2", "--test-iterations", "3", "--shots", "1"]
     assert run_here(str(tmp_path / "run"), "--paper-setting", "maml-5way1shot", *tiny).returncode == 0
-    state = run_folder.load_checkpoint(str(tmp_path / "run" / "checkpoint" / "check-6.pth"))
+    state = load_checkpoint(str(tmp_path / "run" / "checkpoint" / "check-6.pth"))
     assert "exp_avg" in state["meta_optimizer"]["state"][0]  # Adam's, the MAML paper's meta-optimizer
-    assert state["meta_net"]["classifier.weight"].shape == (5, 64)  # the features averaged
+    assert state["model"]["classifier.weight"].shape == (5, 64)  # the features averaged
     assert json.loads((tmp_path / "run" / "args.json").read_text())["side_by_side"]  # the tasks vmapped
     result = result_of(tmp_path / "run", 1, "non-transductive", 6, 4)
     assert 0 <= result["meta-test"]["accuracy"] <= 100
@@ -603,7 +601,7 @@ def test_first_order_maml_with_sgd_trains_and_keeps_its_settings(run_here, tmp_p
                                            "weight_decay")} == {"algorithm": "fomaml", "fomaml_tail": 1,
                                                                 "inner_optimizer": "sgd", "replacement": True,
                                                                 "weight_decay": 0.999}
-    state = run_folder.load_checkpoint(str(tmp_path / "run" / "checkpoint" / "check-6.pth"))
+    state = load_checkpoint(str(tmp_path / "run" / "checkpoint" / "check-6.pth"))
     assert state["inner_optimizer"]["state"] == {}  # plain SGD keeps no state
     changed = run_here(*flags, "--weight-decay", "1")
     assert changed.returncode == 2 and "--weight-decay 1.0 differs from 0.999" in changed.stderr
@@ -707,7 +705,7 @@ def test_a_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(setting
 
     straight_state, killed_state = final_state(straight), final_state(killed)
     assert straight_state["meta_iteration"] == killed_state["meta_iteration"] == 40
-    for part in ("meta_net", "inner_optimizer", "meta_optimizer"):
+    for part in ("model", "inner_optimizer", "meta_optimizer"):
         flat_straight = torch.utils._pytree.tree_flatten(straight_state[part])[0]
         flat_killed = torch.utils._pytree.tree_flatten(killed_state[part])[0]
         assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
@@ -778,7 +776,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(run_here, tmp_pa
     assert result.returncode == 0, result.stderr
     assert "check-6.pth is unreadable" in result.stderr and "trying the previous checkpoint" in result.stderr
     assert "resumed" in result.stdout and "meta-iteration 3 of 6" in result.stdout
-    assert run_folder.load_checkpoint(str(logdir / "checkpoint" / "check-6.pth"))["meta_iteration"] == 6
+    assert load_checkpoint(str(logdir / "checkpoint" / "check-6.pth"))["meta_iteration"] == 6
 
 
 def test_torchrun_splits_the_meta_batch_and_changes_no_mathematics(script, data_dir, tmp_path):
@@ -802,7 +800,7 @@ def test_torchrun_splits_the_meta_batch_and_changes_no_mathematics(script, data_
     # The same arithmetic in one process, on one thread as under torchrun: each process's tasks adapted in its
     # own inner Adam chain (the meta-batch of 5: 3 tasks and 2), the two shares summed, one meta-step.
     args = options.parse_args([str(logdir), "--data", str(data_dir), "--device", "cpu"])
-    sampler = run_folder.load_split(Path(args.logdir), data_dir, args.split, args.seed, "cpu")[0]
+    sampler = omniglot.load_split(Path(args.logdir), data_dir, args.split, args.seed, "cpu")[0]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -827,6 +825,6 @@ def test_torchrun_splits_the_meta_batch_and_changes_no_mathematics(script, data_
         torch.set_num_threads(threads)
     for name, param in meta_model.named_parameters():
         if not is_conv_bias(meta_model, name):  # see is_conv_bias
-            torch.testing.assert_close(state["meta_net"][name], param.detach(), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(state["model"][name], param.detach(), rtol=1e-4, atol=1e-5)
     assert torch.equal(state["generators"]["train"], processes[0][1].get_state())
     assert torch.equal(state["other_processes"][0]["generators"]["train"], processes[1][1].get_state())

@@ -11,11 +11,12 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, read_results
 
 import reptile
 import train_sine as S
-from utils import checkpoint_iteration, find_latest_file, read_json, read_results, stream
+from run_folder import checkpoint_iteration
+from utils import read_json, stream
 
 TINY = ["--meta-iterations", "40", "--eval-waves", "5", "--validate-every", "10", "--check-every", "10"]
 
@@ -91,7 +92,7 @@ def test_a_killed_and_an_interrupted_run_end_exactly_like_an_uninterrupted_one(t
         process = subprocess.Popen([sys.executable, str(ROOT / "train_sine.py"), str(stopped), *flags], cwd=ROOT,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         waited = time.time()
-        while (checkpoint_iteration(find_latest_file(stopped / "checkpoint") or "none") or 0) < after:
+        while (checkpoint_iteration(S.run_folder(stopped).newest_checkpoint() or "none") or 0) < after:
             assert process.poll() is None and time.time() - waited < 120, "no checkpoint came"
             time.sleep(0.05)
         os.kill(process.pid, stop)

@@ -5,23 +5,7 @@ from pathlib import Path
 import pytest
 
 import utils
-from utils import (UserError, find_latest_file, list_checkpoints, non_negative_float,
-                   non_negative_int, positive_float, positive_int, read_json, write_json)
-
-
-def test_find_latest_file_compares_iterations_not_names(tmp_path):
-    for iteration in (900, 1000, 50):
-        (tmp_path / f"check-{iteration}.pth").write_bytes(b"")
-    (tmp_path / "check-5000.pth.tmp").write_bytes(b"")  # an unfinished write is not a checkpoint
-    (tmp_path / "notes.txt").write_text("")
-    assert find_latest_file(str(tmp_path)) == str(tmp_path / "check-1000.pth")
-    assert [p.rsplit("/", 1)[1] for p in list_checkpoints(str(tmp_path))] == \
-        ["check-50.pth", "check-900.pth", "check-1000.pth"]
-
-
-def test_find_latest_file_without_checkpoints(tmp_path):
-    assert find_latest_file(str(tmp_path)) is None
-    assert find_latest_file(str(tmp_path / "missing")) is None
+from utils import UserError, non_negative_float, non_negative_int, positive_float, positive_int, read_json, write_json
 
 
 def test_write_json_round_trip_leaves_no_temporary(tmp_path):
