@@ -1,6 +1,7 @@
 """A run folder, for both training scripts: its settings (args.json), checkpoints
-(checkpoint/check-<meta-iteration>.pth) and results (results.json), written atomically; the lock that lets one process train it; and `Training`, the stretch
-of a run from its newest checkpoint: progress bar, TensorBoard writer, stop signals, segments and one-line errors.
+(checkpoint/check-<meta-iteration>.pth) and results (results.json), written atomically; the lock that lets one
+process train it; and `Training`, the stretch of a run from its newest checkpoint: progress bar, TensorBoard writer,
+stop signals, segments and one-line errors.
 """
 import contextlib
 import os
