@@ -168,10 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def flags_given(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
-    """The destinations of the options written on the command line."""
-    written = {arg.split("=", 1)[0] for arg in argv if arg.startswith("--")}
-    return {action.dest for action in parser._actions if written & set(action.option_strings)}
+def flags_given(argv: list[str]) -> set[str]:
+    """The destinations of the flags written on the command line: argv parsed again into a namespace whose every
+    attribute is a marker, which argparse replaces only where argv gives a value (it fills in defaults elsewhere)."""
+    parser, unset = build_parser(), object()
+    parsed = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(parser.parse_args([])), unset)))
+    return {name for name, value in vars(parsed).items() if value is not unset}
 
 
 def flag(name: str) -> str:
@@ -184,7 +186,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.eval_only = args.eval_only or args.eval_lake
-    given = flags_given(parser, argv)
+    given = flags_given(argv)
     for name, value in PAPER_SETTINGS.get(args.paper_setting, {}).items():
         if name not in given:
             setattr(args, name, value)
