@@ -146,3 +146,19 @@ def test_tensorboard_finds_the_mean_accuracy_of_every_committed_run():
     for run in runs:
         steps, means = plot_runs.logged_points(run / plot_runs.MEANS, "meta-test/accuracy_mean100")
         assert steps[-1] == read_json(run / "args.json")["meta_iterations"] and 0 < means.min() <= means.max() <= 1
+
+
+def anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_results_opens_with_a_contents_list_and_every_link_into_it_finds_its_heading():
+    results = (ROOT / "RESULTS.md").read_text()
+    sections = re.findall(r"^## (.+)$", results, re.M)
+    listed = re.findall(r"^- \[(.+)\]\(#([^)]+)\)$", results[:results.index("\n## ")], re.M)
+    assert listed == [(heading, anchor(heading)) for heading in sections]
+    anchors = {anchor(heading) for heading in re.findall(r"^#+ (.+)$", results, re.M)}
+    for text in (README, GUIDE, results):
+        for link in re.findall(r"RESULTS\.md#([\w-]+)", text):
+            assert link in anchors, link
