@@ -1,22 +1,24 @@
-"""The command line of train_omniglot.py: its flags (one for each field of reptile.Hyperparameters), the
-paper's four settings, and what a run's args.json holds and a resumed run must keep.
+"""The command lines of train_omniglot.py and train_sine.py, made one way: each flag from a table (help, group,
+kind, and whether it fixes what a run learns), the papers' settings, and what a run's args.json holds and a resumed
+run must keep.
 """
 import argparse
 import dataclasses
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-import omniglot
 import reptile
 from reptile import Hyperparameters
 from run_folder import RunFolder, checkpoint_iteration
 from utils import (HelpFormatter, OneLineParser, UserError, non_negative_float, non_negative_int, positive_float,
                    positive_int, read_json)
 
-# Each hyperparameter's flag: (help, group, type), and whether it fixes what a run learns (a resumed run must keep it).
-HYPERPARAMETER_FLAGS = {
+# Each flag: (help, group, kind, training). kind: bool for a switch, a tuple of choices, or the type of its value;
+# training: it fixes what a run learns, so a resumed run must keep it (--meta-iterations may grow).
+HYPERPARAMETER_FLAGS = {  # train_omniglot.py's, one for each field of reptile.Hyperparameters
     "classes": ("classes per task (N-way)", "task", positive_int, True),
     "shots": ("support images per class at meta-test (K-shot)", "task", positive_int, True),
     "train_shots": ("images per class in a meta-training task", "task", positive_int, True),
@@ -96,8 +98,36 @@ def folder(logdir: str) -> RunFolder:
     return RunFolder(Path(logdir), PROGRAM, "train_omniglot.py")
 
 
+def add_flags(parser: argparse.ArgumentParser, flags: dict, defaults: dict) -> dict:
+    """Add each flag of a table (name: (help, group, kind, training)) to its argument group, with its default from
+    `defaults`; the groups by name."""
+    groups = {}
+    for name, (help, group, kind, _) in flags.items():
+        if group not in groups:
+            groups[group] = parser.add_argument_group(group)
+        if kind is bool:
+            groups[group].add_argument(flag(name), action="store_true", help=help)
+        elif isinstance(kind, tuple):
+            groups[group].add_argument(flag(name), choices=kind, default=defaults[name], help=help)
+        else:
+            groups[group].add_argument(flag(name), type=kind, default=defaults[name], help=help)
+    return groups
+
+
+def take_saved_args(args: argparse.Namespace, saved: dict, given: set[str], fixed: tuple, path: Path) -> None:
+    """A run goes on with its args.json (`saved`, read from `path`) as it is: a flag not given takes the saved value,
+    and a flag in `fixed` that is given must equal it (else a UserError says so in one line)."""
+    for name, value in saved.items():
+        if name not in given:
+            setattr(args, name, value)
+        elif name in fixed and getattr(args, name) != value:
+            raise UserError(f"{flag(name)} {getattr(args, name)} differs from {value} in {path}; leave it out to "
+                            f"continue this run, or choose a new logdir")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line; the defaults are the paper's 5-way 5-shot Omniglot setting."""
+    import omniglot  # here, not above: train_sine.py takes its flags from this module and no Omniglot
     parser = OneLineParser(prog="train_omniglot.py", description="Meta-train Reptile on Omniglot, then "
                            "evaluate it on meta-test characters.", allow_abbrev=False,
                            formatter_class=HelpFormatter)
@@ -109,15 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                             f"{name}: " + " ".join(flag(key) if value is True else f"{flag(key)} {value}"
                                                    for key, value in flags.items())
                             for name, flags in PAPER_SETTINGS.items()) + ")")
-    groups = {name: parser.add_argument_group(name) for name in ("task", "meta-training", "evaluation")}
-    for field in dataclasses.fields(Hyperparameters):  # each hyperparameter's flag, its default from Hyperparameters
-        help, group, kind, _ = HYPERPARAMETER_FLAGS[field.name]
-        if kind is bool:
-            groups[group].add_argument(flag(field.name), action="store_true", help=help)
-        elif isinstance(kind, tuple):
-            groups[group].add_argument(flag(field.name), choices=kind, default=field.default, help=help)
-        else:
-            groups[group].add_argument(flag(field.name), type=kind, default=field.default, help=help)
+    groups = add_flags(parser, HYPERPARAMETER_FLAGS, {field.name: field.default
+                                                      for field in dataclasses.fields(Hyperparameters)})
     task, evaluation = groups["task"], groups["evaluation"]
     groups["meta-training"].add_argument(
         "--side-by-side", action="store_true",
@@ -168,10 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def flags_given(argv: list[str]) -> set[str]:
+def flags_given(argv: list[str], build: Callable[[], argparse.ArgumentParser] = build_parser) -> set[str]:
     """The destinations of the flags written on the command line: argv parsed again into a namespace whose every
     attribute is a marker, which argparse replaces only where argv gives a value (it fills in defaults elsewhere)."""
-    parser, unset = build_parser(), object()
+    parser, unset = build(), object()
     parsed = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(parser.parse_args([])), unset)))
     return {name for name, value in vars(parsed).items() if value is not unset}
 
@@ -183,6 +206,7 @@ def flag(name: str) -> str:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Flags from the command line (--paper-setting fills in those not given); args.json fills in the rest."""
+    import omniglot  # here, not above: train_sine.py takes its flags from this module and no Omniglot
     parser = build_parser()
     args = parser.parse_args(argv)
     args.eval_only = args.eval_only or args.eval_lake
@@ -202,14 +226,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         fixed = MODEL_FLAGS if args.eval_only else TRAINING_FLAGS
         # A training flag missing from args.json came after the run was made, which trained with its default.
         saved = {**{name: parser.get_default(name) for name in fixed}, **saved}
-        for name, value in saved.items():
-            if name in NOT_SAVED + NOT_TAKEN_BACK or not hasattr(args, name):
-                continue
-            if name not in given:
-                setattr(args, name, value)
-            elif name in fixed and getattr(args, name) != value:
-                raise UserError(f"{flag(name)} {getattr(args, name)} differs from {value} in {saved_path}; "
-                                f"leave it out to continue this run, or choose a new logdir")
+        take_saved_args(args, {name: value for name, value in saved.items()
+                               if name not in NOT_SAVED + NOT_TAKEN_BACK and hasattr(args, name)}, given, fixed,
+                        saved_path)
     if args.shots + 1 > omniglot.DRAWERS:
         raise UserError(f"--shots {args.shots} leaves no query image: a character has {omniglot.DRAWERS} drawings, "
                         f"so --shots can be at most {omniglot.DRAWERS - 1}")
@@ -254,6 +273,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def take_split_from(args: argparse.Namespace, given: set[str]) -> None:
     """--split-from: the run takes the other run's split name; a run that has characters must have the same ones."""
+    import omniglot  # here, not above: train_sine.py takes its flags from this module and no Omniglot
     source = omniglot.read_split(args.split_from)
     if "split" in given and args.split != source["split"]:
         raise UserError(f"--split {args.split} differs from the {source['split']} split of --split-from "
@@ -284,3 +304,70 @@ def evaluation_mode(args: argparse.Namespace) -> str:
 def cell(args: argparse.Namespace) -> str:
     """What an evaluation with these settings measures, e.g. "5-shot non-transductive"."""
     return f"{args.shots}-shot {evaluation_mode(args)}"
+
+
+# ----------------------------------------------------------------------------- train_sine.py
+
+SINE_FLAGS = {  # the "training" group is what args.json holds
+    "algorithm": ("reptile; fomaml: first-order MAML (as on Omniglot: the change made by the last inner step); maml: "
+                  "its meta-gradient through the inner steps (second order); joint: one network trained by SGD on "
+                  "the points of all training waves, a baseline; random: no training, a baseline", "training",
+                  ("reptile", "fomaml", "maml", "joint", "random"), True),
+    "activation": ("tanh (the authors' demonstration) or ReLU (the paper's figure)", "training", ("tanh", "relu"),
+                   True),
+    "hidden": ("units in each of the two hidden layers", "training", positive_int, True),
+    "meta_iterations": ("meta-iterations in all", "training", positive_int, False),
+    "meta_batch": ("waves per meta-iteration", "training", positive_int, True),
+    "meta_lr": ("meta-step size at the start, annealed linearly to 0", "training", positive_float, True),
+    "lr": ("SGD step size of the inner loop, at training and on held-out waves (and of joint training)", "training",
+           positive_float, True),
+    "points": ("points of each training wave", "training", positive_int, True),
+    "batch": ("inner mini-batch size", "training", positive_int, True),
+    "inner_steps": ("inner steps per training wave (shuffled passes over its points); MAML and first-order MAML take "
+                    "the last one's batch as their query", "training", positive_int, True),
+    "seed": ("seed of the initialization and training waves", "training", non_negative_int, True),
+    "shots": ("points of a held-out wave to fit", "evaluation and logging", positive_int, False),
+    "eval_waves": ("held-out waves to score", "evaluation and logging", positive_int, False),
+    "eval_seed": ("seed of the held-out waves", "evaluation and logging", non_negative_int, False),
+    "validate_every": ("meta-iterations between two logged validation errors (the mean over the validation waves "
+                       "after 32 steps)", "evaluation and logging", positive_int, False),
+    "check_every": ("meta-iterations between checkpoints", "evaluation and logging", positive_int, False),
+}
+SINE_DEFAULTS = {"algorithm": "reptile", "activation": "tanh", "hidden": 64, "meta_iterations": 30000, "meta_batch": 1,
+                 "meta_lr": 0.1, "lr": 0.02, "points": 50, "batch": 10, "inner_steps": 5, "seed": 0, "shots": 10,
+                 "eval_waves": 1000, "eval_seed": 0, "validate_every": 500, "check_every": 1000}
+SINE_SAVED = tuple(name for name, (_, group, *_) in SINE_FLAGS.items() if group == "training")
+SINE_TRAINING = tuple(name for name, (*_, training) in SINE_FLAGS.items() if training)
+
+
+def build_sine_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="train_sine.py", description="Few-shot sine-wave regression, the Reptile paper's "
+                           "Figure 1.", allow_abbrev=False, formatter_class=HelpFormatter)
+    parser.add_argument("logdir", nargs="*", help="the run folder (default: runs/sine-ALGORITHM, with -relu for "
+                        "--activation relu); several with --figure")
+    scoring = add_flags(parser, SINE_FLAGS, SINE_DEFAULTS)["evaluation and logging"]
+    scoring.add_argument("--eval-only", action="store_true", help="evaluate the run's latest checkpoint (or "
+                         "--checkpoint) and record it in results.json")
+    scoring.add_argument("--checkpoint", help="with --eval-only: the checkpoint file to evaluate")
+    scoring.add_argument("--figure", metavar="PNG", help="draw the paper's Figure 1 from the runs given as logdirs "
+                         "(a held-out wave of --eval-seed) and stop")
+    return parser
+
+
+def parse_sine_args(argv: list[str]) -> argparse.Namespace:
+    """train_sine.py's flags; a run that has an args.json goes on with it (take_saved_args)."""
+    args = build_sine_parser().parse_args(argv)
+    if args.figure:
+        if not args.logdir:
+            raise UserError("--figure: name the runs to draw, e.g. runs/sine-maml runs/sine-reptile")
+        return args
+    if len(args.logdir) > 1:
+        raise UserError("give one logdir (several only with --figure)")
+    if args.checkpoint and not args.eval_only:
+        raise UserError("--checkpoint goes with --eval-only")
+    args.logdir = args.logdir[0] if args.logdir else \
+        f"runs/sine-{args.algorithm}{'-relu' if args.activation == 'relu' else ''}"
+    saved_path = Path(args.logdir) / "args.json"
+    if saved_path.is_file() and not args.eval_only:
+        take_saved_args(args, read_json(saved_path), flags_given(argv, build_sine_parser), SINE_TRAINING, saved_path)
+    return args

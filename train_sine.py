@@ -22,11 +22,11 @@ from torch import nn
 from tqdm import tqdm
 
 import evaluate
+import options
 import reptile
 from reptile import Hyperparameters, TestTask
 from run_folder import RunFolder, Training
-from utils import (HelpFormatter, OneLineParser, UserError, confidence_interval, non_negative_int, positive_float,
-                   positive_int, provenance, run_script, stream)
+from utils import UserError, confidence_interval, provenance, run_script, stream
 
 PROGRAM = "reptile-sine"  # marks checkpoints written by this script
 AMPLITUDES, PHASES, X_RANGE = (0.1, 5.0), (0.0, 2 * math.pi), (-5.0, 5.0)  # the task distribution
@@ -38,9 +38,6 @@ NAMES = {"reptile": "Reptile", "fomaml": "first-order MAML", "maml": "MAML", "jo
 VALIDATION_WAVES = 20  # waves scored after 32 steps every --validate-every meta-iterations, for TensorBoard
 TRAIN_STREAM, VALIDATION_STREAM, HELD_OUT_STREAM = 0, 1, 2
 KEEP_CHECKPOINTS = 2
-# What a run learns: a resumed run keeps these (the others say how it is scored or logged).
-TRAINING_FLAGS = ("algorithm", "activation", "hidden", "meta_iterations", "meta_batch", "meta_lr", "lr", "points",
-                  "batch", "inner_steps", "seed")
 mse = nn.functional.mse_loss
 
 
@@ -224,8 +221,8 @@ def load_model(logdir: Path, checkpoint: Optional[str]) -> tuple[SineModel, dict
 
 
 def training_settings(args: argparse.Namespace) -> dict:
-    """The flags that fix what a run learns."""
-    return {name: getattr(args, name) for name in TRAINING_FLAGS}
+    """The flags that fix what a run learns, as its args.json holds them."""
+    return {name: getattr(args, name) for name in options.SINE_SAVED}
 
 
 # ----------------------------------------------------------------------------- training
@@ -235,11 +232,6 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
     evaluate on held-out waves."""
     folder = run_folder(Path(args.logdir))
     settings = training_settings(args)
-    if (saved := folder.saved_args()) is not None and saved != settings:
-        changed = ", ".join(f"--{name.replace('_', '-')} {saved[name]}" for name in TRAINING_FLAGS
-                            if saved.get(name) != settings[name])
-        raise UserError(f"{folder.path} was trained with {changed}; resume it with the same, or choose another "
-                        f"logdir")
     total = 0 if args.algorithm == "random" else args.meta_iterations
     model = new_model(settings)
     generator = stream(args.seed, TRAIN_STREAM)
@@ -249,6 +241,9 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
         model.load_state_dict(state["model"])
         generator.set_state(state["generators"]["train"])
         start, segments = state["meta_iteration"], state["segments"]
+        if start > total:
+            raise UserError(f"--meta-iterations {total} is below the {start} this run has done; use --eval-only "
+                            f"--checkpoint to evaluate an earlier checkpoint")
         if start >= total and (key := evaluation_key(args, start)) in folder.results():
             folder.say_complete(f'"{key}"')
             return 0
@@ -292,64 +287,17 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
 
 # ----------------------------------------------------------------------------- the program
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    parser.add_argument("logdir", nargs="*", help="the run folder (default: runs/sine-ALGORITHM, with -relu for "
-                        "--activation relu); several with --figure")
-    task = parser.add_argument_group("training")
-    task.add_argument("--algorithm", default="reptile", choices=("reptile", "fomaml", "maml", "joint", "random"),
-                      help="reptile; fomaml: first-order MAML (as on Omniglot: the change made by the last inner "
-                      "step); maml: its meta-gradient through the inner steps (second order); joint: one network "
-                      "trained by SGD on the points of all training waves, a baseline; random: no training, a "
-                      "baseline")
-    task.add_argument("--activation", default="tanh", choices=("tanh", "relu"),
-                      help="tanh (the authors' demonstration) or ReLU (the paper's figure)")
-    task.add_argument("--hidden", type=positive_int, default=64, help="units in each of the two hidden layers")
-    task.add_argument("--meta-iterations", type=positive_int, default=30000, help="meta-iterations in all")
-    task.add_argument("--meta-batch", type=positive_int, default=1, help="waves per meta-iteration")
-    task.add_argument("--meta-lr", type=positive_float, default=0.1,
-                      help="meta-step size at the start, annealed linearly to 0")
-    task.add_argument("--lr", type=positive_float, default=0.02, help="SGD step size of the inner loop, at training "
-                      "and on held-out waves (and of joint training)")
-    task.add_argument("--points", type=positive_int, default=50, help="points of each training wave")
-    task.add_argument("--batch", type=positive_int, default=10, help="inner mini-batch size")
-    task.add_argument("--inner-steps", type=positive_int, default=5, help="inner steps per training wave (shuffled "
-                      "passes over its points); MAML and first-order MAML take the last one's batch as their query")
-    task.add_argument("--seed", type=non_negative_int, default=0, help="seed of the initialization and training waves")
-    scoring = parser.add_argument_group("evaluation and logging")
-    scoring.add_argument("--shots", type=positive_int, default=10, help="points of a held-out wave to fit")
-    scoring.add_argument("--eval-waves", type=positive_int, default=1000, help="held-out waves to score")
-    scoring.add_argument("--eval-seed", type=non_negative_int, default=0, help="seed of the held-out waves")
-    scoring.add_argument("--validate-every", type=positive_int, default=500, help="meta-iterations between two "
-                         f"logged validation errors (mean over {VALIDATION_WAVES} waves after 32 steps)")
-    scoring.add_argument("--check-every", type=positive_int, default=1000, help="meta-iterations between checkpoints")
-    scoring.add_argument("--eval-only", action="store_true", help="evaluate the run's latest checkpoint (or "
-                         "--checkpoint) and record it in results.json")
-    scoring.add_argument("--checkpoint", help="with --eval-only: the checkpoint file to evaluate")
-    scoring.add_argument("--figure", metavar="PNG", help="draw the paper's Figure 1 from the runs given as logdirs "
-                         "(a held-out wave of --eval-seed) and stop")
-    return parser
-
-
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = options.parse_sine_args(argv)
     torch.set_num_threads(1)  # the network is small: one thread is fastest, and leaves the other cores to other runs
     if args.figure:
-        if not args.logdir:
-            raise UserError("--figure: name the runs to draw, e.g. runs/sine-maml runs/sine-reptile")
         draw_figure([Path(logdir) for logdir in args.logdir], args.figure, args.eval_seed)
         return 0
-    if len(args.logdir) > 1:
-        raise UserError("give one logdir (several only with --figure)")
-    args.logdir = args.logdir[0] if args.logdir else \
-        f"runs/sine-{args.algorithm}{'-relu' if args.activation == 'relu' else ''}"
     if args.eval_only:
         model, state = load_model(Path(args.logdir), args.checkpoint)
         print(f"evaluating {state['path']} (meta-iteration {state['meta_iteration']})")
         score_held_out_waves(model, state, args, Path(args.logdir))
         return 0
-    if args.checkpoint:
-        raise UserError("--checkpoint goes with --eval-only")
     with run_folder(Path(args.logdir)).training_lock():
         return train(args, argv)
 

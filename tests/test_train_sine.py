@@ -13,6 +13,7 @@ import torch
 
 from conftest import ROOT, read_results
 
+import options
 import reptile
 import train_sine as S
 from run_folder import checkpoint_iteration
@@ -39,7 +40,7 @@ def sine(*argv, check=True) -> Ran:
 
 def settings(**changes) -> dict:
     """The default run's training settings, changed."""
-    args = S.build_parser().parse_args([])
+    args = options.build_sine_parser().parse_args([])
     return {**S.training_settings(args), **changes}
 
 
@@ -66,8 +67,12 @@ def test_a_tiny_run_trains_logs_checkpoints_and_records_its_evaluation(tmp_path)
     assert entry["training"][-1]["to"] == 40
     again = sine(str(run), *TINY)  # finished and evaluated: says so, records nothing new
     assert "training is complete" in again.stdout and len(read_results(run)) == 1
-    changed = sine(str(run), *TINY[:1], "50", *TINY[2:], check=False)
-    assert changed.returncode == 2 and "trained with --meta-iterations 40" in changed.stderr
+    changed = sine(str(run), *TINY, "--lr", "0.01", check=False)  # args.json says 0.02
+    assert changed.returncode == 2 and "--lr 0.01 differs from 0.02" in changed.stderr
+    assert len(changed.stderr.strip().splitlines()) == 1
+    longer = sine(str(run), "--meta-iterations", "50", "--eval-waves", "5")  # the rest from args.json
+    assert "resumed" in longer.stdout and read_json(run / "args.json") == settings(meta_iterations=50)
+    assert (run / "checkpoint" / "check-50.pth").exists() and len(read_results(run)) == 2
 
 
 @pytest.mark.parametrize("algorithm", ["fomaml", "maml", "joint", "random"])
