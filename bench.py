@@ -36,7 +36,7 @@ def baseline_meta_iteration(meta_model: OmniglotModel, adam_state: dict, sampler
     tasks = []
     for _ in range(hp.meta_batch):
         task = sampler.sample(hp.classes, hp.train_shots, 0, generator)
-        order = reptile.inner_batches(len(task.support_inputs), hp.batch, hp.iterations, generator)
+        order = reptile.inner_batches(len(task.support_inputs), hp.batch, hp.inner_steps, generator)
         tasks.append([(task.support_inputs[rows], task.support_targets[rows]) for rows in order])
     return oracle.reptile_meta_iteration(meta_model, adam_state, tasks, hp.lr, step_size)
 
@@ -191,7 +191,7 @@ def main() -> None:
     iterations = bench.rounds * bench.iterations
     train_ms = {side: 1000 * seconds / iterations for side, seconds in times.items()}
     train_ratio = train_ms["baseline"] / train_ms["project"]
-    print(f"meta-training ({hp.meta_batch} tasks x {hp.iterations} steps of batch {hp.batch}): "
+    print(f"meta-training ({hp.meta_batch} tasks x {hp.inner_steps} steps of batch {hp.batch}): "
           f"baseline {train_ms['baseline']:.1f} ms/it, project {train_ms['project']:.1f} ms/it, "
           f"ratio {train_ratio:.2f}x; project {train_flops / train_ms['project'] / 1e6:.0f} GFLOP/s")
 

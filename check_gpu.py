@@ -228,8 +228,8 @@ def main() -> None:
     five_way = Hyperparameters(**options.PAPER_SETTINGS["5way1shot"])
     twenty_way = Hyperparameters(**options.PAPER_SETTINGS["20way1shot"])
     iterations = 10 if args.quick else 50
-    fomaml = dataclasses.replace(five_way, algorithm="fomaml", fomaml_tail=5, inner_optimizer="sgd",
-                                 weight_decay=0.999, replacement=True, train_shots=15, iterations=3)
+    fomaml = dataclasses.replace(five_way, algorithm="fomaml", query_shots=5, inner_optimizer="sgd",
+                                 weight_decay=0.999, replacement=True, train_shots=15, inner_steps=3)
     if "equality" not in args.skip:
         attempt("graphs, 5-way", graphs_against_eager, device, five_way, iterations, "5-way")
         attempt("graphs, 20-way", graphs_against_eager, device, twenty_way, iterations // 5, "20-way")

@@ -36,24 +36,24 @@ def prepare_model(model: torch.nn.Module, device: str) -> torch.nn.Module:
 
 def query_shots(hp: Hyperparameters) -> int:
     """Examples per class kept apart for the query, the last mini-batch (0: it is drawn like the others)."""
-    return hp.fomaml_tail if hp.algorithm in ("fomaml", "maml") and hp.fomaml_tail else 0
+    return hp.query_shots if hp.algorithm in ("fomaml", "maml") and hp.query_shots else 0
 
 
 def mini_batch_sizes(hp: Hyperparameters) -> list[int]:
     """The number of examples in each inner mini-batch of a meta-training task, in order."""
     query = query_shots(hp)
-    return [hp.batch] * (hp.iterations - (1 if query else 0)) + ([hp.classes * query] if query else [])
+    return [hp.batch] * (hp.inner_steps - (1 if query else 0)) + ([hp.classes * query] if query else [])
 
 
 def draw_task(source: Bank, hp: Hyperparameters, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """A new meta-training task: the bank rows of its inner mini-batches' examples, in order, and their targets.
 
-    With a query, the last mini-batch is fomaml_tail examples per class that no earlier one holds.
+    With a query, the last mini-batch is query_shots examples per class that no earlier one holds.
     """
     query = query_shots(hp)
     shots = hp.train_shots - query
     rows, targets = source.draw_rows(hp.classes, shots, query, generator)
-    order = inner_batches(hp.classes * shots, hp.batch, hp.iterations - (1 if query else 0), generator,
+    order = inner_batches(hp.classes * shots, hp.batch, hp.inner_steps - (1 if query else 0), generator,
                           hp.replacement).reshape(-1)
     return (torch.cat([rows[:, :shots].reshape(-1)[order], rows[:, shots:].reshape(-1)]),
             torch.cat([targets[:, :shots].reshape(-1)[order], targets[:, shots:].reshape(-1)]))

@@ -24,7 +24,7 @@ HYPERPARAMETER_FLAGS = {  # train_omniglot.py's, one for each field of reptile.H
     "train_shots": ("images per class in a meta-training task", "task", positive_int, True),
     "meta_batch": ("tasks per meta-iteration", "meta-training", positive_int, True),
     "meta_iterations": ("meta-iterations in all", "meta-training", positive_int, False),
-    "iterations": ("inner mini-batches per meta-training task (with fomaml and maml, the last is the query)",
+    "inner_steps": ("inner mini-batches per meta-training task (with fomaml and maml, the last is the query)",
                    "meta-training", positive_int, True),
     "batch": ("inner mini-batch size", "meta-training", positive_int, True),
     "lr": ("inner learning rate (of Adam with betas 0, 0.999, or of SGD)", "meta-training", positive_float, True),
@@ -36,7 +36,7 @@ HYPERPARAMETER_FLAGS = {  # train_omniglot.py's, one for each field of reptile.H
                   "through the inner SGD steps (second order)", "meta-training", ("reptile", "fomaml", "maml"), True),
     "first_order": ("with --algorithm maml: drop the second derivatives (the query loss's gradient at the adapted "
                     "weights: first-order MAML as the MAML paper defines it)", "meta-training", bool, True),
-    "fomaml_tail": ("with --algorithm fomaml or maml: the last mini-batch, the query, is this many images per class "
+    "query_shots": ("with --algorithm fomaml or maml: the last mini-batch, the query, is this many images per class "
                     "of the task, kept apart from the earlier steps (default for fomaml: drawn like the others)",
                     "meta-training", positive_int, True),
     "inner_optimizer": ("the inner loop's optimizer, at meta-training and meta-test", "meta-training",
@@ -52,6 +52,9 @@ HYPERPARAMETER_FLAGS = {  # train_omniglot.py's, one for each field of reptile.H
     "transductive": ("classify all queries of a task in one batch (default: each query on its own)", "evaluation",
                      bool, False),
 }
+# Names that changed, old: new. The old flags still work (the commands in RESULTS.md use them), and an args.json
+# written before is read with the new names.
+OLD_NAMES = {"iterations": "inner_steps", "fomaml_tail": "query_shots"}
 # Flags that fix what a run learns: a resumed run must keep them (--meta-iterations may grow).
 TRAINING_FLAGS = tuple(name for name, (*_, training) in HYPERPARAMETER_FLAGS.items() if training) + (
     "split", "seed", "model", "loss", "side_by_side")
@@ -63,7 +66,7 @@ NOT_SAVED = ("logdir", "eval_only", "eval_lake", "checkpoint", "paper_setting")
 NOT_TAKEN_BACK = ("device", "workers", "cuda_graphs", "split_from")
 # The paper's four Omniglot settings (openai/supervised-reptile's README) in this script's flags; the flags not
 # named are the same in all four.
-TWENTY_WAY = {"batch": 20, "iterations": 10, "lr": 0.0005, "meta_iterations": 200000, "test_batch": 10}
+TWENTY_WAY = {"batch": 20, "inner_steps": 10, "lr": 0.0005, "meta_iterations": 200000, "test_batch": 10}
 FIVE_WAY = {name: getattr(Hyperparameters, name) for name in TWENTY_WAY}
 PAPER_SETTINGS = {f"{classes}way{shots}shot": {"classes": classes, "shots": shots, **flags}
                   for classes, flags in ((5, FIVE_WAY), (20, TWENTY_WAY)) for shots in (1, 5)}
@@ -73,8 +76,8 @@ def maml_setting(classes: int, shots: int, lr: float, steps: int, test_steps: in
     """One of the MAML paper's Omniglot settings (Finn et al. 2017, appendix A.1, and its code) in this script's
     flags: K support and K query images per class, inner SGD steps on all the support images, the loss summed and
     divided by K, Adam as the meta-optimizer, 60,000 meta-iterations, its network (features averaged)."""
-    return {"classes": classes, "shots": shots, "train_shots": 2 * shots, "fomaml_tail": shots,
-            "batch": classes * shots, "iterations": steps + 1, "test_batch": classes * shots,
+    return {"classes": classes, "shots": shots, "train_shots": 2 * shots, "query_shots": shots,
+            "batch": classes * shots, "inner_steps": steps + 1, "test_batch": classes * shots,
             "test_iterations": test_steps, "lr": lr, "meta_batch": meta_batch, "meta_iterations": 60000,
             "meta_lr": 0.001, "meta_lr_final": 0.001, "algorithm": "maml", "inner_optimizer": "sgd",
             "meta_optimizer": "adam", "model": "maml", "loss": "per-shot"}
@@ -100,17 +103,18 @@ def folder(logdir: str) -> RunFolder:
 
 def add_flags(parser: argparse.ArgumentParser, flags: dict, defaults: dict) -> dict:
     """Add each flag of a table (name: (help, group, kind, training)) to its argument group, with its default from
-    `defaults`; the groups by name."""
+    `defaults` and its old spelling (OLD_NAMES) beside it; the groups by name."""
     groups = {}
     for name, (help, group, kind, _) in flags.items():
         if group not in groups:
             groups[group] = parser.add_argument_group(group)
+        spellings = [flag(name)] + [flag(old) for old, new in OLD_NAMES.items() if new == name]
         if kind is bool:
-            groups[group].add_argument(flag(name), action="store_true", help=help)
+            groups[group].add_argument(*spellings, action="store_true", help=help)
         elif isinstance(kind, tuple):
-            groups[group].add_argument(flag(name), choices=kind, default=defaults[name], help=help)
+            groups[group].add_argument(*spellings, choices=kind, default=defaults[name], help=help)
         else:
-            groups[group].add_argument(flag(name), type=kind, default=defaults[name], help=help)
+            groups[group].add_argument(*spellings, type=kind, default=defaults[name], help=help)
     return groups
 
 
@@ -222,7 +226,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         take_split_from(args, given)
     saved_path = Path(args.logdir) / "args.json"
     if saved_path.is_file():
-        saved = read_json(saved_path)
+        saved = {OLD_NAMES.get(name, name): value for name, value in read_json(saved_path).items()}
         fixed = MODEL_FLAGS if args.eval_only else TRAINING_FLAGS
         # A training flag missing from args.json came after the run was made, which trained with its default.
         saved = {**{name: parser.get_default(name) for name in fixed}, **saved}
@@ -234,23 +238,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         f"so --shots can be at most {omniglot.DRAWERS - 1}")
     if args.train_shots > omniglot.DRAWERS:
         raise UserError(f"--train-shots {args.train_shots} exceeds the {omniglot.DRAWERS} drawings of a character")
-    if args.fomaml_tail is not None and args.algorithm == "reptile":
-        raise UserError("--fomaml-tail needs --algorithm fomaml or maml")
+    if args.query_shots is not None and args.algorithm == "reptile":
+        raise UserError("--query-shots needs --algorithm fomaml or maml")
     if args.first_order and args.algorithm != "maml":
         raise UserError("--first-order goes with --algorithm maml (--algorithm fomaml is the Reptile paper's "
                         "first-order MAML)")
     if args.side_by_side and args.algorithm != "maml":
         raise UserError("--side-by-side goes with --algorithm maml (the other algorithms adapt one task at a time)")
     if args.algorithm == "maml":
-        if args.inner_optimizer != "sgd" or args.weight_decay != 1.0 or args.fomaml_tail is None or args.iterations < 2:
+        if (args.inner_optimizer != "sgd" or args.weight_decay != 1.0 or args.query_shots is None
+                or args.inner_steps < 2):
             raise UserError("--algorithm maml differentiates through inner SGD steps on the support images and "
-                            "takes the query loss on --fomaml-tail images per class: give --inner-optimizer sgd, "
-                            "--fomaml-tail K, --iterations of at least 2 (the inner steps and the query) and no "
+                            "takes the query loss on --query-shots images per class: give --inner-optimizer sgd, "
+                            "--query-shots K, --inner-steps of at least 2 (the inner steps and the query) and no "
                             "--weight-decay")
-    if args.fomaml_tail is not None and args.fomaml_tail >= args.train_shots:
-        raise UserError(f"--fomaml-tail {args.fomaml_tail} leaves no image per class for the earlier inner steps; "
+    if args.query_shots is not None and args.query_shots >= args.train_shots:
+        raise UserError(f"--query-shots {args.query_shots} leaves no image per class for the earlier inner steps; "
                         f"it must be below --train-shots {args.train_shots}")
-    for images, batch, name in ((args.classes * (args.train_shots - (args.fomaml_tail or 0)), args.batch, "--batch"),
+    for images, batch, name in ((args.classes * (args.train_shots - (args.query_shots or 0)), args.batch, "--batch"),
                                 (args.classes * args.shots, args.test_batch, "--test-batch")):
         if args.replacement and batch > images:
             raise UserError(f"{name} {batch} exceeds the {images} images a mini-batch is drawn from; with "

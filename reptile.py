@@ -32,14 +32,14 @@ class Hyperparameters:
     train_shots: int = 10  # examples per class in a meta-training task
     meta_batch: int = 5  # tasks per meta-iteration
     meta_iterations: int = 100000
-    iterations: int = 5  # inner mini-batches per meta-training task (with a query, it is the last of them)
+    inner_steps: int = 5  # inner mini-batches per meta-training task (with a query, it is the last of them)
     batch: int = 10  # examples per inner mini-batch
     lr: float = 0.001  # the inner optimizer's learning rate
     meta_lr: float = 1.0  # the meta-step at the start...
     meta_lr_final: float = 0.0  # ...annealed linearly to this at the end
     algorithm: str = "reptile"  # "reptile", "fomaml" (the Reptile paper's first-order MAML) or "maml"
     first_order: bool = False  # MAML without the second derivatives through the inner steps
-    fomaml_tail: Optional[int] = None  # fomaml, maml: examples per class of the query, kept apart from the others
+    query_shots: Optional[int] = None  # fomaml, maml: examples per class of the query, kept apart from the others
     inner_optimizer: str = "adam"  # "adam" (beta1 = 0, as in the Reptile paper) or "sgd"
     meta_optimizer: str = "sgd"  # "sgd": the Reptile paper's meta-step; "adam": the MAML paper's
     replacement: bool = False  # draw each inner mini-batch on its own instead of walking shuffled passes

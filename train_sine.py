@@ -80,7 +80,7 @@ def draw_training_task(hp: Hyperparameters, points: int,
     wave = draw_waves(1, generator)[0]
     x = draw_inputs(points, generator)
     y = wave_values(wave, x)
-    return [(x[rows], y[rows]) for rows in reptile.inner_batches(points, hp.batch, hp.iterations, generator)]
+    return [(x[rows], y[rows]) for rows in reptile.inner_batches(points, hp.batch, hp.inner_steps, generator)]
 
 
 def draw_held_out(count: int, shots: int, generator: torch.Generator) -> list[TestTask]:
@@ -193,7 +193,7 @@ def hyperparameters(settings: dict) -> Hyperparameters:
     """reptile.py's settings for this run (its fields about classes and shots do not apply)."""
     algorithm = settings["algorithm"] if settings["algorithm"] in ("reptile", "fomaml", "maml") else "reptile"
     return Hyperparameters(meta_batch=settings["meta_batch"], meta_iterations=settings["meta_iterations"],
-                           iterations=settings["inner_steps"], batch=settings["batch"], lr=settings["lr"],
+                           inner_steps=settings["inner_steps"], batch=settings["batch"], lr=settings["lr"],
                            meta_lr=settings["meta_lr"], meta_lr_final=0.0, algorithm=algorithm,
                            inner_optimizer="sgd")
 

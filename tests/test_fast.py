@@ -26,24 +26,24 @@ def per_step_task(sampler: omniglot.TaskSampler, hp: Hyperparameters,
                   generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A meta-training task's mini-batches drawn without the bank: the task's images sampled (and rotated) on their
     own, then indexed step by step; with a query, the query last."""
-    query = hp.fomaml_tail or 0
+    query = hp.query_shots or 0
     task = sampler.sample(hp.classes, hp.train_shots - query, query, generator)
-    batches = reptile.inner_batches(len(task.support_inputs), hp.batch, hp.iterations - (1 if query else 0),
+    batches = reptile.inner_batches(len(task.support_inputs), hp.batch, hp.inner_steps - (1 if query else 0),
                                     generator, hp.replacement)
     return [(task.support_inputs[indices], task.support_targets[indices]) for indices in batches] + (
         [(task.query_inputs, task.query_targets)] if query else [])
 
 
-@pytest.mark.parametrize("settings", [{}, {"algorithm": "fomaml", "fomaml_tail": 2, "replacement": True,
+@pytest.mark.parametrize("settings", [{}, {"algorithm": "fomaml", "query_shots": 2, "replacement": True,
                                            "inner_optimizer": "sgd", "weight_decay": 0.9},
-                                      {"algorithm": "maml", "fomaml_tail": 2, "inner_optimizer": "sgd",
+                                      {"algorithm": "maml", "query_shots": 2, "inner_optimizer": "sgd",
                                        "meta_optimizer": "adam"},
-                                      {"algorithm": "maml", "first_order": True, "fomaml_tail": 2,
+                                      {"algorithm": "maml", "first_order": True, "query_shots": 2,
                                        "inner_optimizer": "sgd"}])
 def test_the_bank_path_gives_the_plain_algorithm_bit_for_bit(settings):
     # The CPU runs the CUDA path without capture: tasks as rows of a bank of every rotated image, gathered on the
     # device. The same draws give the same images in the same order, so the same floats, not merely close ones.
-    hp = Hyperparameters(classes=4, train_shots=6, meta_batch=3, iterations=4, batch=5, lr=0.01, **settings)
+    hp = Hyperparameters(classes=4, train_shots=6, meta_batch=3, inner_steps=4, batch=5, lr=0.01, **settings)
     sampler = random_sampler(rotations=omniglot.ROTATIONS)
     fast_side, plain_side = meta_learner(hp), meta_learner(hp)
     meta_iteration = fast.MetaIteration(fast_side, sampler)
@@ -68,7 +68,7 @@ def is_conv_bias(model: OmniglotModel, name: str) -> bool:
 
 
 def test_a_meta_iteration_equals_the_straightforward_loop():
-    hp = Hyperparameters(classes=3, train_shots=4, meta_batch=3, iterations=3, batch=5)  # the default lr and Adam
+    hp = Hyperparameters(classes=3, train_shots=4, meta_batch=3, inner_steps=3, batch=5)  # the default lr and Adam
     sampler = random_sampler()
     project = meta_learner(hp)
     meta_iteration = fast.MetaIteration(project, sampler)
@@ -90,7 +90,7 @@ def test_a_meta_iteration_equals_the_straightforward_loop():
     assert not torch.equal(project.model.features[0][0].weight, OmniglotModel(3).features[0][0].weight)
     assert torch.equal(generator.get_state(), plain_generator.get_state())
     state = project.inner_optimizer.state_dict()["state"]
-    assert state[0]["step"].item() == adam_state["state"][0]["step"].item() == 2 * hp.meta_batch * hp.iterations
+    assert state[0]["step"].item() == adam_state["state"][0]["step"].item() == 2 * hp.meta_batch * hp.inner_steps
     for index, plain in adam_state["state"].items():
         torch.testing.assert_close(state[index]["exp_avg_sq"], plain["exp_avg_sq"], rtol=1e-3, atol=1e-9)
 
@@ -114,14 +114,14 @@ def numbered_sampler(characters: int = 12) -> omniglot.TaskSampler:
 
 @pytest.mark.parametrize("algorithm", ["fomaml", "maml"])
 def test_the_query_is_kept_apart_from_the_earlier_steps(algorithm):
-    hp = Hyperparameters(classes=3, train_shots=6, iterations=8, batch=5, algorithm=algorithm, fomaml_tail=2)
+    hp = Hyperparameters(classes=3, train_shots=6, inner_steps=8, batch=5, algorithm=algorithm, query_shots=2)
     for seed in range(20):
         sampler = numbered_sampler()
         rows, targets = fast.draw_task(sampler, hp, torch.Generator().manual_seed(seed))
         sizes = fast.mini_batch_sizes(hp)
         *earlier, (query_images, query_labels) = fast.mini_batches(sampler.bank(), rows, targets, sizes)
-        assert len(earlier) == hp.iterations - 1 and len(query_images) == hp.classes * hp.fomaml_tail
+        assert len(earlier) == hp.inner_steps - 1 and len(query_images) == hp.classes * hp.query_shots
         assert sorted(query_labels.tolist()) == [0, 0, 1, 1, 2, 2]
         seen = {int(image[0, 0, 0]) for images, _ in earlier for image in images}
-        assert len(seen) == hp.classes * (hp.train_shots - hp.fomaml_tail)  # 8 steps of 5 cover the 12 images
+        assert len(seen) == hp.classes * (hp.train_shots - hp.query_shots)  # 8 steps of 5 cover the 12 images
         assert not seen & {int(image[0, 0, 0]) for image in query_images}

@@ -37,7 +37,7 @@ CHECKPOINT = ROOT / "runs/5way-exact-split/checkpoint/check-100000.pth"
 LAKE_CHECKPOINT = ROOT / "runs/20way-background/checkpoint/check-200000.pth"
 RUNS = {  # five meta-iterations from the seeded start, a validation task of each set after each
     "adam": [],
-    "fomaml with tail, sgd, weight decay, replacement": ["--algorithm", "fomaml", "--fomaml-tail", "2",
+    "fomaml with tail, sgd, weight decay, replacement": ["--algorithm", "fomaml", "--query-shots", "2",
                                                          "--inner-optimizer", "sgd", "--lr", "0.01",
                                                          "--weight-decay", "0.999", "--replacement"],
 }

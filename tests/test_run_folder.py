@@ -116,6 +116,8 @@ def test_every_committed_checkpoint_and_args_json_still_reads():
             model = train_sine.new_model(json.loads((run / "args.json").read_text()))
         else:
             args = options.parse_args([str(run), "--eval-only"])  # its args.json as an evaluation takes it
+            saved = json.loads((run / "args.json").read_text())
+            assert args.inner_steps == saved.get("inner_steps", saved.get("iterations")), run  # the old name read
             state = options.folder(run).read_checkpoint(path)
             model = OmniglotModel(args.classes, maml=args.model == "maml")
             assert state["inner_optimizer"]["state"] or args.inner_optimizer == "sgd", path

@@ -39,7 +39,7 @@ from reptile import Hyperparameters
 import utils
 
 # Few tasks and steps, and one evaluation worker (no pool to start) unless a test is about them.
-TINY = ["--meta-iterations", "6", "--meta-batch", "2", "--iterations", "2", "--eval-tasks", "4",
+TINY = ["--meta-iterations", "6", "--meta-batch", "2", "--inner-steps", "2", "--eval-tasks", "4",
         "--validate-every", "2", "--check-every", "3", "--test-iterations", "2", "--shots", "1", "--workers", "1"]
 
 
@@ -291,7 +291,7 @@ BAD_INPUTS = {
     "not a number": (["--meta-batch", "five"], "--meta-batch"),
     "zero meta-batch": (["--meta-batch", "0"], "--meta-batch"),
     "negative meta-iterations": (["--meta-iterations", "-5"], "--meta-iterations"),
-    "zero inner steps": (["--iterations", "0"], "--iterations"),
+    "zero inner steps": (["--inner-steps", "0"], "--inner-steps"),
     "zero inner batch": (["--batch", "0"], "--batch"),
     "zero test batch": (["--test-batch", "0"], "--test-batch"),
     "zero test steps": (["--test-iterations", "0"], "--test-iterations"),
@@ -310,9 +310,9 @@ BAD_INPUTS = {
     "resume with another algorithm": (["--algorithm", "fomaml"], "--algorithm fomaml differs from reptile"),
     "resume with another inner optimizer": (["--inner-optimizer", "sgd"], "--inner-optimizer sgd differs from adam"),
     "a tail without first-order MAML": (["--eval-only", "--fomaml-tail", "2"],
-                                        "--fomaml-tail needs --algorithm fomaml"),
+                                        "--query-shots needs --algorithm fomaml"),
     "a tail of every training image": (["--eval-only", "--algorithm", "fomaml", "--fomaml-tail", "10"],
-                                       "--fomaml-tail 10 leaves no image per class"),
+                                       "--query-shots 10 leaves no image per class"),
     "a batch beyond the task with replacement": (["--eval-only", "--replacement", "--test-batch", "6"],
                                                  "--test-batch 6 exceeds the 5 images"),
     "zero weight decay": (["--weight-decay", "0"], "--weight-decay"),
@@ -493,7 +493,7 @@ def test_a_failed_write_ends_in_one_line_leaves_no_temporary_file_and_resumes(sc
 def test_a_failed_write_of_tensorboard_events_ends_in_one_line(script, loaded, tmp_path):
     logdir = tmp_path / "run"  # `loaded`: the data folder's decoded-image cache (8 MB) is written beforehand
     argv, environment = script(str(logdir), *TINY, "--meta-iterations", "100000", "--check-every", "100000",
-                               "--validate-every", "1", "--meta-batch", "1", "--iterations", "1", "--test-iterations",
+                               "--validate-every", "1", "--meta-batch", "1", "--inner-steps", "1", "--test-iterations",
                                "1")
     # split.json (51 kB) fits; the event file outgrows the limit after about 80 (quick) meta-iterations.
     failed = subprocess.run(argv, env=environment, capture_output=True, timeout=600,
@@ -535,7 +535,7 @@ def test_eval_lake_scores_a_background_run_and_refuses_others(run_here, existing
 
 def test_a_paper_setting_fills_in_the_flags_not_given(tmp_path):
     args = options.parse_args(["--paper-setting", "20way1shot", "--lr", "0.001"])
-    assert (args.classes, args.shots, args.batch, args.iterations, args.meta_iterations, args.test_batch) == (
+    assert (args.classes, args.shots, args.batch, args.inner_steps, args.meta_iterations, args.test_batch) == (
         20, 1, 20, 10, 200000, 10)
     assert args.lr == 0.001 and args.logdir == "runs/20way1shot"  # a flag given wins
     five_shot = options.parse_args([str(tmp_path / "run"), "--paper-setting", "5way5shot"])
@@ -593,12 +593,12 @@ def test_a_tiny_maml_run_trains_with_the_maml_papers_settings(run_here, tmp_path
 
 def test_first_order_maml_with_sgd_trains_and_keeps_its_settings(run_here, tmp_path):
     flags = [str(tmp_path / "run"), *TINY, "--algorithm", "fomaml",
-             "--fomaml-tail", "1", "--inner-optimizer", "sgd", "--replacement", "--weight-decay", "0.999",
-             "--lr", "0.003", "--train-shots", "3", "--iterations", "3", "--batch", "5", "--test-batch", "5"]
+             "--query-shots", "1", "--inner-optimizer", "sgd", "--replacement", "--weight-decay", "0.999",
+             "--lr", "0.003", "--train-shots", "3", "--inner-steps", "3", "--batch", "5", "--test-batch", "5"]
     assert run_here(*flags).returncode == 0
     saved = json.loads((tmp_path / "run" / "args.json").read_text())
-    assert {name: saved[name] for name in ("algorithm", "fomaml_tail", "inner_optimizer", "replacement",
-                                           "weight_decay")} == {"algorithm": "fomaml", "fomaml_tail": 1,
+    assert {name: saved[name] for name in ("algorithm", "query_shots", "inner_optimizer", "replacement",
+                                           "weight_decay")} == {"algorithm": "fomaml", "query_shots": 1,
                                                                 "inner_optimizer": "sgd", "replacement": True,
                                                                 "weight_decay": 0.999}
     state = load_checkpoint(str(tmp_path / "run" / "checkpoint" / "check-6.pth"))
