@@ -38,7 +38,7 @@ def mean_squared_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 # ----------------------------------------------------------------------------- test tasks
 
-class TestTasks(Protocol):
+class TaskSampler(Protocol):
     """Where test tasks come from (omniglot.TaskSampler is one)."""
 
     def sample(self, classes: int, shots: int, queries: int, generator: torch.Generator) -> TestTask:
@@ -57,14 +57,14 @@ def test_batches(hp: Hyperparameters, support: int, generator: torch.Generator) 
     return reptile.inner_batches(support, hp.test_batch, hp.test_iterations, generator, hp.replacement)
 
 
-def draw_test_tasks(source: TestTasks, hp: Hyperparameters,
+def draw_test_tasks(sampler: TaskSampler, hp: Hyperparameters,
                     seeds: list[int]) -> tuple[list[TestTask], torch.Tensor]:
     """One hp.classes-way hp.shots-shot test task per seed (one query per class), and the order of each one's support
     examples in its inner mini-batches: (tasks, steps, batch)."""
     tasks, batches = [], []
     for seed in seeds:
         generator = torch.Generator().manual_seed(seed)
-        tasks.append(source.sample(hp.classes, hp.shots, 1, generator))
+        tasks.append(sampler.sample(hp.classes, hp.shots, 1, generator))
         batches.append(test_batches(hp, hp.classes * hp.shots, generator))
     return tasks, torch.stack(batches)
 
@@ -205,20 +205,20 @@ class TestTaskScorer:
         return self.run()
 
 
-def evaluate_tasks(meta_model: torch.nn.Module, inner_state: dict, source: TestTasks, hp: Hyperparameters,
+def evaluate_tasks(meta_model: torch.nn.Module, inner_state: dict, sampler: TaskSampler, hp: Hyperparameters,
                    seeds: list[int], together: bool = False,
                    loss: Loss = reptile.summed_cross_entropy) -> list[tuple[int, float]]:
     """(correct queries, mean query loss) of one test task per seed, each adapted from the meta-weights: one at a
     time, or all side by side."""
-    tasks, batches = draw_test_tasks(source, hp, seeds)
+    tasks, batches = draw_test_tasks(sampler, hp, seeds)
     scorer = TestTaskScorer(meta_model, inner_state, hp, len(seeds) if together else 0, loss)
     correct, losses = scorer(tasks, batches)
     return list(zip(correct.tolist(), losses.tolist()))
 
 
-def score_new_task(scorer: TestTaskScorer, source: TestTasks, generator: torch.Generator) -> tuple[float, float]:
-    """The accuracy and mean query loss of a new test task of `source`, drawn as evaluate_tasks draws it."""
-    correct, loss = scorer(*draw_test_tasks(source, scorer.hp, task_seeds(1, generator)))
+def score_new_task(scorer: TestTaskScorer, sampler: TaskSampler, generator: torch.Generator) -> tuple[float, float]:
+    """The accuracy and mean query loss of a new test task of `sampler`, drawn as evaluate_tasks draws it."""
+    correct, loss = scorer(*draw_test_tasks(sampler, scorer.hp, task_seeds(1, generator)))
     return correct.item() / scorer.hp.classes, loss.item()
 
 
@@ -302,11 +302,11 @@ def start_worker(samplers: dict) -> None:
     _worker_samplers.update(samplers)
 
 
-def evaluate_on_cpu(source: TestTasks, meta_model: torch.nn.Module, inner_state: dict, hp: Hyperparameters,
+def evaluate_on_cpu(sampler: TaskSampler, meta_model: torch.nn.Module, inner_state: dict, hp: Hyperparameters,
                     seeds: list[int], loss: Loss = reptile.summed_cross_entropy) -> list[tuple[int, float]]:
     """evaluate_tasks with the convolution kernels that are faster on one thread at --test-batch."""
     with torch.backends.mkldnn.flags(enabled=hp.test_batch >= ONEDNN_FROM_BATCH, allow_tf32=None):
-        return evaluate_tasks(meta_model, inner_state, source, hp, seeds, loss=loss)
+        return evaluate_tasks(meta_model, inner_state, sampler, hp, seeds, loss=loss)
 
 
 def evaluate_in_worker(name: str, meta_model: torch.nn.Module, inner_state: dict, hp: Hyperparameters,

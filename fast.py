@@ -45,14 +45,14 @@ def mini_batch_sizes(hp: Hyperparameters) -> list[int]:
     return [hp.batch] * (hp.inner_steps - (1 if query else 0)) + ([hp.classes * query] if query else [])
 
 
-def draw_task(source: Bank, hp: Hyperparameters, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_task(sampler: Bank, hp: Hyperparameters, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """A new meta-training task: the bank rows of its inner mini-batches' examples, in order, and their targets.
 
     With a query, the last mini-batch is query_shots examples per class that no earlier one holds.
     """
     query = query_shots(hp)
     shots = hp.train_shots - query
-    rows, targets = source.draw_rows(hp.classes, shots, query, generator)
+    rows, targets = sampler.draw_rows(hp.classes, shots, query, generator)
     order = inner_batches(hp.classes * shots, hp.batch, hp.inner_steps - (1 if query else 0), generator,
                           hp.replacement).reshape(-1)
     return (torch.cat([rows[:, :shots].reshape(-1)[order], rows[:, shots:].reshape(-1)]),
@@ -116,12 +116,12 @@ class MetaIteration:
     """Meta-iterations of a MetaLearner on tasks drawn from a Bank: drawn on the CPU as rows of the bank, kept on the
     model's device, and adapted to there; on CUDA the adaptation is replayed as one captured graph."""
 
-    def __init__(self, meta_learner: MetaLearner, source: Bank, tasks: Optional[int] = None,
+    def __init__(self, meta_learner: MetaLearner, sampler: Bank, tasks: Optional[int] = None,
                  cuda_graphs: bool = True):
-        self.meta_learner, self.source, self.hp = meta_learner, source, meta_learner.hp
+        self.meta_learner, self.sampler, self.hp = meta_learner, sampler, meta_learner.hp
         self.tasks = self.hp.meta_batch if tasks is None else tasks  # under torchrun, this process's share
         device = next(meta_learner.model.parameters()).device
-        self.bank = source.bank().to(device)
+        self.bank = sampler.bank().to(device)
         self.sizes = mini_batch_sizes(self.hp)
         self.rows, self.targets = None, None  # the drawn tasks, on the device; a captured graph reads them in place
         self.adapt = Graphed(self.adapt_to_drawn_tasks, cuda_graphs and device.type == "cuda",
@@ -138,7 +138,7 @@ class MetaIteration:
 
         Shared between processes, each adapts its share of the tasks and `all_reduce` sums the shares in place.
         """
-        rows, targets = (torch.stack(part) for part in zip(*[draw_task(self.source, self.hp, generator)
+        rows, targets = (torch.stack(part) for part in zip(*[draw_task(self.sampler, self.hp, generator)
                                                             for _ in range(self.tasks)]))
         if self.rows is None:
             self.rows, self.targets = rows.to(self.bank.device), targets.to(self.bank.device)

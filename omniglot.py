@@ -312,7 +312,7 @@ def load_split(logdir: Path, data_dir: Path, split: str, seed: int, device: str,
 
 class TaskSampler:
     """Draws N-way tasks from a set of characters, each rotation of a character a class of its own: whole test tasks
-    (evaluate.TestTasks), or meta-training tasks as rows of a bank of every image (fast.Bank)."""
+    (evaluate.TaskSampler), or meta-training tasks as rows of a bank of every image (fast.Bank)."""
 
     def __init__(self, images: torch.Tensor, rotations: Sequence[int] = (0,)):
         self.images = images
