@@ -173,6 +173,15 @@ class RunFolder:
             write_json(self.path / "results.json", results)
         return unique
 
+    def record_evaluation(self, key: str, entry: dict, settings: dict, training: list[dict], device: str) -> str:
+        """add_result with what every evaluation carries: the run's settings, what evaluated it (provenance) and what
+        trained the checkpoint (`training`: its segments; empty for checkpoints written before they were kept); say
+        where it went."""
+        key = self.add_result(key, {**entry, "settings": settings, "provenance": provenance(device),
+                                    "training": training})
+        print(f"recorded in {self.path / 'results.json'} as \"{key}\"")
+        return key
+
     def say_complete(self, what: str) -> None:
         """Tell the user that training is complete and its evaluation recorded."""
         print(f"training is complete and {self.path / 'results.json'} holds {what}; use --eval-only to evaluate again")

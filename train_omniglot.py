@@ -29,7 +29,7 @@ import reptile
 from models import OmniglotModel
 from reptile import Hyperparameters
 from run_folder import RunFolder, Training
-from utils import (UserError, any_process, confidence_interval, gather, processes, provenance, rank, run_script,
+from utils import (UserError, any_process, confidence_interval, gather, processes, rank, run_script,
                    stream, write_json)
 
 RECENT_TASKS = 100  # the validation tasks that the logged mean accuracy and the progress bar average over
@@ -62,11 +62,10 @@ def join_torchrun(args: argparse.Namespace) -> None:
 
 def record_result(args: argparse.Namespace, result: dict, training: list[dict]) -> str:
     """Add an entry to the run's results.json under a key that says what it measured (evaluate.result_key), with the
-    settings, the seed of its tasks, what evaluated it and what trained the checkpoint (`training`: its segments;
-    empty for checkpoints written before they were recorded); return its key."""
-    entry = {**result, "seed": args.seed, "settings": options.saved_args(args), "provenance": provenance(args.device),
-             "training": training}
-    return options.folder(args.logdir).add_result(evaluate.result_key(entry), entry)
+    seed of its tasks (RunFolder.record_evaluation); return its key."""
+    entry = {**result, "seed": args.seed}
+    return options.folder(args.logdir).record_evaluation(evaluate.result_key(entry), entry, options.saved_args(args),
+                                                         training, args.device)
 
 
 def save_checkpoint(folder: RunFolder, iteration: int, meta_learner: reptile.MetaLearner, generators: dict,
@@ -130,8 +129,7 @@ def final_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Opt
     if rank() != 0:
         return
     result["seconds"] = round(seconds, 1)
-    key = record_result(args, result, training)
-    print(f"recorded in {Path(args.logdir) / 'results.json'} as \"{key}\"")
+    record_result(args, result, training)
     for path in kept.values():
         if path is not None:
             path.unlink(missing_ok=True)

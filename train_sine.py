@@ -26,7 +26,7 @@ import options
 import reptile
 from reptile import Hyperparameters, TestTask
 from run_folder import RunFolder, Training
-from utils import UserError, confidence_interval, provenance, run_script, stream
+from utils import UserError, confidence_interval, run_script, stream
 
 PROGRAM = "reptile-sine"  # marks checkpoints written by this script
 AMPLITUDES, PHASES, X_RANGE = (0.1, 5.0), (0.0, 2 * math.pi), (-5.0, 5.0)  # the task distribution
@@ -141,7 +141,7 @@ def evaluation_key(args: argparse.Namespace, iteration: int) -> str:
     return f"{args.eval_waves} waves, {args.shots} points, at {iteration}, eval seed {args.eval_seed}"
 
 
-def score_held_out_waves(model: nn.Module, state: dict, args: argparse.Namespace, logdir: Path) -> dict:
+def score_held_out_waves(model: nn.Module, state: dict, args: argparse.Namespace, logdir: Path) -> None:
     """Score the model of a checkpoint (load_model) on --eval-waves held-out waves; print the errors and record
     them in results.json."""
     started = time.time()
@@ -151,14 +151,12 @@ def score_held_out_waves(model: nn.Module, state: dict, args: argparse.Namespace
               "eval_seed": args.eval_seed, "shots": args.shots,
               "mse": {str(steps): {"mean": errors[:, column].mean(), "ci95": confidence_interval(errors[:, column])}
                       for column, steps in enumerate(REPORTED_STEPS)},
-              "seconds": round(time.time() - started, 1), "settings": state["args"], "provenance": provenance("cpu"),
-              "training": state["segments"]}
+              "seconds": round(time.time() - started, 1)}
     for steps, error in result["mse"].items():
         print(f"after {steps:>2} steps: mean squared error {error['mean']:.3f} +- {error['ci95']:.3f} (95% CI, "
               f"{args.eval_waves} held-out waves, {args.shots} points each)")
-    key = run_folder(logdir).add_result(evaluation_key(args, state["meta_iteration"]), result)
-    print(f"recorded in {logdir / 'results.json'} as \"{key}\"")
-    return result
+    run_folder(logdir).record_evaluation(evaluation_key(args, state["meta_iteration"]), result, state["args"],
+                                         state["segments"], "cpu")
 
 
 def draw_figure(logdirs: list[Path], path: str, seed: int) -> None:

@@ -518,7 +518,7 @@ def test_eval_lake_scores_a_background_run_and_refuses_others(run_here, existing
     scored = run_here(str(logdir), "--eval-lake", **offline)
     assert scored.returncode == 0, scored.stderr
     lines = scored.stdout.splitlines()
-    assert [line.split()[0] for line in lines[-3:]] == ["run01", "run02", "mean"]
+    assert [line.split()[0] for line in lines[-4:]] == ["run01", "run02", "mean", "recorded"]
     result = result_of(logdir, None, None, 6, lake.REPEATS)
     assert result["repeats"] == lake.REPEATS and result["split"] == "background"
     for mode in ("non-transductive", "transductive"):
