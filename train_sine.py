@@ -245,7 +245,8 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
         if start >= total and (key := evaluation_key(args, start)) in folder.results():
             folder.say_complete(f'"{key}"')
             return 0
-        print(f"resumed {folder.path} at meta-iteration {start} of {total}")
+        print(f"resumed {folder.path} at meta-iteration {start} of {total}, with the settings of its args.json and "
+              f"the flags given")
     folder.write_args(settings)
     meta_iteration = MetaIteration(model, settings)
     hp = meta_iteration.hp
