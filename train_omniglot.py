@@ -156,10 +156,16 @@ def main(argv: list[str]) -> int:
     join_torchrun(args)  # under torchrun, only the first process (rank 0) writes logs, checkpoints and results
     try:
         if args.eval_only:
-            return evaluate_checkpoint(args)
-        # One training process per run folder: under torchrun the first process holds it for all of them.
-        with options.folder(args.logdir).training_lock() if rank() == 0 else contextlib.nullcontext():
-            return train(args, argv)
+            status = evaluate_checkpoint(args)
+        else:
+            # One training process per run folder: under torchrun the first process holds it for all of them.
+            with options.folder(args.logdir).training_lock() if rank() == 0 else contextlib.nullcontext():
+                status = train(args, argv)
+        if processes() > 1:
+            # No process tears the group down while another still reads its last messages (gloo's threads would
+            # abort that process).
+            torch.distributed.barrier()
+        return status
     finally:
         # Left to the interpreter's exit, gloo's worker threads sometimes abort the process (SIGABRT).
         if torch.distributed.is_initialized():
