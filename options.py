@@ -93,12 +93,17 @@ PAPER_SETTINGS.update({f"{name}-{classes}way{shots}shot": {**maml_setting(classe
                        for classes, *steps in ((5, 0.4, 1, 3, 32), (20, 0.1, 5, 5, 16)) for shots in (1, 5)
                        for name, first_order in (("maml", {}), ("fomaml", {"first_order": True}))})
 LOSSES = {"sum": reptile.summed_cross_entropy, "per-shot": reptile.per_shot_cross_entropy}
-PROGRAM = "reptile-omniglot"  # marks the checkpoints that train_omniglot.py writes
+PROGRAM, SINE_PROGRAM = "reptile-omniglot", "reptile-sine"  # what marks each script's checkpoints
 
 
 def folder(logdir: str) -> RunFolder:
     """The run folder of a train_omniglot.py run."""
     return RunFolder(Path(logdir), PROGRAM, "train_omniglot.py")
+
+
+def sine_folder(logdir: str) -> RunFolder:
+    """The run folder of a train_sine.py run."""
+    return RunFolder(Path(logdir), SINE_PROGRAM, "train_sine.py")
 
 
 def add_flags(parser: argparse.ArgumentParser, flags: dict, defaults: dict) -> dict:
@@ -225,8 +230,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.split_from is not None:
         take_split_from(args, given)
     saved_path = Path(args.logdir) / "args.json"
-    if saved_path.is_file():
-        saved = {OLD_NAMES.get(name, name): value for name, value in read_json(saved_path).items()}
+    if (saved := folder(args.logdir).saved_args()) is not None:
+        saved = {OLD_NAMES.get(name, name): value for name, value in saved.items()}
         fixed = MODEL_FLAGS if args.eval_only else TRAINING_FLAGS
         # A training flag missing from args.json came after the run was made, which trained with its default.
         saved = {**{name: parser.get_default(name) for name in fixed}, **saved}
@@ -372,7 +377,8 @@ def parse_sine_args(argv: list[str]) -> argparse.Namespace:
         raise UserError("--checkpoint goes with --eval-only")
     args.logdir = args.logdir[0] if args.logdir else \
         f"runs/sine-{args.algorithm}{'-relu' if args.activation == 'relu' else ''}"
-    saved_path = Path(args.logdir) / "args.json"
-    if saved_path.is_file() and not args.eval_only:
-        take_saved_args(args, read_json(saved_path), flags_given(argv, build_sine_parser), SINE_TRAINING, saved_path)
+    saved = sine_folder(args.logdir).saved_args()
+    if saved is not None and not args.eval_only:
+        take_saved_args(args, saved, flags_given(argv, build_sine_parser), SINE_TRAINING,
+                        Path(args.logdir) / "args.json")
     return args

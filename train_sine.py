@@ -25,10 +25,9 @@ import evaluate
 import options
 import reptile
 from reptile import Hyperparameters, TestTask
-from run_folder import RunFolder, Training
+from run_folder import Training
 from utils import UserError, confidence_interval, run_script, stream
 
-PROGRAM = "reptile-sine"  # marks checkpoints written by this script
 AMPLITUDES, PHASES, X_RANGE = (0.1, 5.0), (0.0, 2 * math.pi), (-5.0, 5.0)  # the task distribution
 GRID = torch.linspace(*X_RANGE, 1000).unsqueeze(1)  # where a held-out wave's error is measured
 REPORTED_STEPS = (0, 1, 8, 32)  # SGD steps on a held-out wave after which its error is recorded
@@ -155,7 +154,7 @@ def score_held_out_waves(model: nn.Module, state: dict, args: argparse.Namespace
     for steps, error in result["mse"].items():
         print(f"after {steps:>2} steps: mean squared error {error['mean']:.3f} +- {error['ci95']:.3f} (95% CI, "
               f"{args.eval_waves} held-out waves, {args.shots} points each)")
-    run_folder(logdir).record_evaluation(evaluation_key(args, state["meta_iteration"]), result, state["args"],
+    options.sine_folder(logdir).record_evaluation(evaluation_key(args, state["meta_iteration"]), result, state["args"],
                                          state["segments"], "cpu")
 
 
@@ -202,13 +201,9 @@ def new_model(settings: dict) -> SineModel:
     return SineModel(settings["activation"], settings["hidden"])
 
 
-def run_folder(logdir: Path) -> RunFolder:
-    return RunFolder(logdir, PROGRAM, "train_sine.py")
-
-
 def load_model(logdir: Path, checkpoint: Optional[str]) -> tuple[SineModel, dict]:
     """The network of a checkpoint (default: the run's latest) and the checkpoint."""
-    folder = run_folder(logdir)
+    folder = options.sine_folder(logdir)
     path = checkpoint or folder.newest_checkpoint()
     if path is None:
         raise UserError(f"{logdir} holds no checkpoint; train first, or give --checkpoint FILE")
@@ -228,7 +223,7 @@ def training_settings(args: argparse.Namespace) -> dict:
 def train(args: argparse.Namespace, argv: list[str]) -> int:
     """Meta-train (or, for the baselines, train or not) from the run's latest checkpoint to --meta-iterations, then
     evaluate on held-out waves."""
-    folder = run_folder(Path(args.logdir))
+    folder = options.sine_folder(Path(args.logdir))
     settings = training_settings(args)
     total = 0 if args.algorithm == "random" else args.meta_iterations
     model = new_model(settings)
@@ -297,7 +292,7 @@ def main(argv: list[str]) -> int:
         print(f"evaluating {state['path']} (meta-iteration {state['meta_iteration']})")
         score_held_out_waves(model, state, args, Path(args.logdir))
         return 0
-    with run_folder(Path(args.logdir)).training_lock():
+    with options.sine_folder(Path(args.logdir)).training_lock():
         return train(args, argv)
 
 

@@ -112,7 +112,7 @@ def test_every_committed_checkpoint_and_args_json_still_reads():
     for path in checkpoints:
         run = path.parent.parent
         if run.name.startswith("sine-"):
-            state = train_sine.run_folder(run).read_checkpoint(path)
+            state = options.sine_folder(run).read_checkpoint(path)
             model = train_sine.new_model(json.loads((run / "args.json").read_text()))
         else:
             args = options.parse_args([str(run), "--eval-only"])  # its args.json as an evaluation takes it

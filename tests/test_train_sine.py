@@ -97,7 +97,7 @@ def test_a_killed_and_an_interrupted_run_end_exactly_like_an_uninterrupted_one(t
         process = subprocess.Popen([sys.executable, str(ROOT / "train_sine.py"), str(stopped), *flags], cwd=ROOT,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         waited = time.time()
-        while (checkpoint_iteration(S.run_folder(stopped).newest_checkpoint() or "none") or 0) < after:
+        while (checkpoint_iteration(options.sine_folder(stopped).newest_checkpoint() or "none") or 0) < after:
             assert process.poll() is None and time.time() - waited < 120, "no checkpoint came"
             time.sleep(0.05)
         os.kill(process.pid, stop)
