@@ -209,7 +209,7 @@ class Training:
         # Points logged after the checkpoint by an interrupted run are dropped, so none is duplicated.
         try:
             self.writer = SummaryWriter(str(self.folder.path), purge_step=self.start + 1) if self.writes else None
-        except OSError as error:
+        except OSError as error:  # with __enter__ failing, `with` will not call __exit__: it is called here
             self.__exit__(type(error), error, None)
         self.progress = tqdm(initial=self.start, total=self.total, desc=self.description, unit="it",
                              dynamic_ncols=True, disable=not self.writes)
