@@ -1,12 +1,11 @@
 """The command lines of train_omniglot.py and train_sine.py, made one way: each flag from a table (help, group,
-kind, and whether it fixes what a run learns), the papers' settings, and what a run's args.json holds and a resumed
-run must keep.
+kind, and its role in the run's args.json: what is recorded, what a resumed run must keep), and the papers' settings.
 """
 import argparse
 import dataclasses
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
@@ -16,54 +15,65 @@ from run_folder import RunFolder, checkpoint_iteration
 from utils import (HelpFormatter, OneLineParser, UserError, non_negative_float, non_negative_int, positive_float,
                    positive_int, read_json)
 
-# Each flag: (help, group, kind, training). kind: bool for a switch, a tuple of choices, or the type of its value;
-# training: it fixes what a run learns, so a resumed run must keep it (--meta-iterations may grow).
+
+class Flag(NamedTuple):
+    """One flag of a script: its help, its group in --help, its kind (bool for a switch, OFF for a --no- switch, a
+    tuple of choices, or the type of its value), its role in the run's args.json (ROLES), and its metavar."""
+    help: str
+    group: str
+    kind: Any
+    role: str
+    metavar: Optional[str] = None
+
+
+OFF = "off"  # a switch spelled --no-NAME that sets NAME to False
+ROLES = {  # what a run's args.json does with a flag
+    "model": "recorded; every later command on the run keeps it (the network and its characters)",
+    "training": "recorded; a resumed training keeps it, an evaluation may change it (what the run learns)",
+    "resumed": "recorded, taken back when not given, free to change (--meta-iterations may grow)",
+    "record": "recorded, never taken back (the machine's, or how the run began)",
+    "now": "not recorded: for this command only",
+}
 HYPERPARAMETER_FLAGS = {  # train_omniglot.py's, one for each field of reptile.Hyperparameters
-    "classes": ("classes per task (N-way)", "task", positive_int, True),
-    "shots": ("support images per class at meta-test (K-shot)", "task", positive_int, True),
-    "train_shots": ("images per class in a meta-training task", "task", positive_int, True),
-    "meta_batch": ("tasks per meta-iteration", "meta-training", positive_int, True),
-    "meta_iterations": ("meta-iterations in all", "meta-training", positive_int, False),
-    "inner_steps": ("inner mini-batches per meta-training task (with fomaml and maml, the last is the query)",
-                   "meta-training", positive_int, True),
-    "batch": ("inner mini-batch size", "meta-training", positive_int, True),
-    "lr": ("inner learning rate (of Adam with betas 0, 0.999, or of SGD)", "meta-training", positive_float, True),
-    "meta_lr": ("meta-step size at the start (the meta-optimizer's learning rate)", "meta-training", positive_float,
-                True),
-    "meta_lr_final": ("meta-step size at the end (annealed linearly)", "meta-training", non_negative_float, True),
-    "algorithm": ("reptile: step towards the adapted weights; fomaml: first-order MAML as the Reptile paper's code "
-                  "has it, step along the change made by the last inner step alone; maml: MAML's meta-gradient, "
-                  "through the inner SGD steps (second order)", "meta-training", ("reptile", "fomaml", "maml"), True),
-    "first_order": ("with --algorithm maml: drop the second derivatives (the query loss's gradient at the adapted "
-                    "weights: first-order MAML as the MAML paper defines it)", "meta-training", bool, True),
-    "query_shots": ("with --algorithm fomaml or maml: the last mini-batch, the query, is this many images per class "
-                    "of the task, kept apart from the earlier steps (default for fomaml: drawn like the others)",
-                    "meta-training", positive_int, True),
-    "inner_optimizer": ("the inner loop's optimizer, at meta-training and meta-test", "meta-training",
-                        ("adam", "sgd"), True),
-    "meta_optimizer": ("the meta-optimizer: sgd (the Reptile paper's meta-step) or adam (the MAML paper's)",
-                       "meta-training", ("sgd", "adam"), True),
-    "replacement": ("draw each inner mini-batch on its own (default: shuffled passes over the task's images)",
-                    "meta-training", bool, True),
-    "weight_decay": ("multiply the weights by this before each inner step, at meta-training and meta-test (1: none)",
-                     "meta-training", positive_float, True),
-    "test_iterations": ("inner steps on a test task", "evaluation", positive_int, False),
-    "test_batch": ("mini-batch size on a test task", "evaluation", positive_int, False),
-    "transductive": ("classify all queries of a task in one batch (default: each query on its own)", "evaluation",
-                     bool, False),
+    "classes": Flag("classes per task (N-way)", "task", positive_int, "model"),
+    "shots": Flag("support images per class at meta-test (K-shot)", "task", positive_int, "training"),
+    "train_shots": Flag("images per class in a meta-training task", "task", positive_int, "training"),
+    "meta_batch": Flag("tasks per meta-iteration", "meta-training", positive_int, "training"),
+    "meta_iterations": Flag("meta-iterations in all", "meta-training", positive_int, "resumed"),
+    "inner_steps": Flag("inner mini-batches per meta-training task (with fomaml and maml, the last is the query)",
+                        "meta-training", positive_int, "training"),
+    "batch": Flag("inner mini-batch size", "meta-training", positive_int, "training"),
+    "lr": Flag("inner learning rate (of Adam with betas 0, 0.999, or of SGD)", "meta-training", positive_float,
+               "training"),
+    "meta_lr": Flag("meta-step size at the start (the meta-optimizer's learning rate)", "meta-training",
+                    positive_float, "training"),
+    "meta_lr_final": Flag("meta-step size at the end (annealed linearly)", "meta-training", non_negative_float,
+                          "training"),
+    "algorithm": Flag("reptile: step towards the adapted weights; fomaml: first-order MAML as the Reptile paper's code "
+                      "has it, step along the change made by the last inner step alone; maml: MAML's meta-gradient, "
+                      "through the inner SGD steps (second order)", "meta-training", ("reptile", "fomaml", "maml"),
+                      "training"),
+    "first_order": Flag("with --algorithm maml: drop the second derivatives (the query loss's gradient at the adapted "
+                        "weights: first-order MAML as the MAML paper defines it)", "meta-training", bool, "training"),
+    "query_shots": Flag("with --algorithm fomaml or maml: the last mini-batch, the query, is this many images per "
+                        "class of the task, kept apart from the earlier steps (default for fomaml: drawn like the "
+                        "others)", "meta-training", positive_int, "training"),
+    "inner_optimizer": Flag("the inner loop's optimizer, at meta-training and meta-test", "meta-training",
+                            ("adam", "sgd"), "training"),
+    "meta_optimizer": Flag("the meta-optimizer: sgd (the Reptile paper's meta-step) or adam (the MAML paper's)",
+                           "meta-training", ("sgd", "adam"), "training"),
+    "replacement": Flag("draw each inner mini-batch on its own (default: shuffled passes over the task's images)",
+                        "meta-training", bool, "training"),
+    "weight_decay": Flag("multiply the weights by this before each inner step, at meta-training and meta-test (1: "
+                         "none)", "meta-training", positive_float, "training"),
+    "test_iterations": Flag("inner steps on a test task", "evaluation", positive_int, "resumed"),
+    "test_batch": Flag("mini-batch size on a test task", "evaluation", positive_int, "resumed"),
+    "transductive": Flag("classify all queries of a task in one batch (default: each query on its own)", "evaluation",
+                         bool, "resumed"),
 }
 # Names that changed, old: new. The old flags still work (the commands in RESULTS.md use them), and an args.json
 # written before is read with the new names.
 OLD_NAMES = {"iterations": "inner_steps", "fomaml_tail": "query_shots"}
-# Flags that fix what a run learns: a resumed run must keep them (--meta-iterations may grow).
-TRAINING_FLAGS = tuple(name for name, (*_, training) in HYPERPARAMETER_FLAGS.items() if training) + (
-    "split", "seed", "model", "loss", "side_by_side")
-# Flags that fix the model and its characters: evaluation must keep them too.
-MODEL_FLAGS = ("classes", "split", "model", "loss")
-NOT_SAVED = ("logdir", "eval_only", "eval_lake", "checkpoint", "paper_setting")
-# Flags recorded in args.json but never taken from it: those of the machine, not the run, and --split-from, a record
-# of how the run began (its characters are in split.json).
-NOT_TAKEN_BACK = ("device", "workers", "cuda_graphs", "split_from")
 # The paper's four Omniglot settings (openai/supervised-reptile's README) in this script's flags; the flags not
 # named are the same in all four.
 TWENTY_WAY = {"batch": 20, "inner_steps": 10, "lr": 0.0005, "meta_iterations": 200000, "test_batch": 10}
@@ -106,24 +116,90 @@ def sine_folder(logdir: str) -> RunFolder:
     return RunFolder(Path(logdir), SINE_PROGRAM, "train_sine.py")
 
 
-def add_flags(parser: argparse.ArgumentParser, flags: dict, defaults: dict) -> dict:
-    """Add each flag of a table (name: (help, group, kind, training)) to its argument group, with its default from
-    `defaults` and its old spelling (OLD_NAMES) beside it; the groups by name."""
+def omniglot_flags() -> dict[str, Flag]:
+    """train_omniglot.py's flags, in the order of --help and of args.json."""
+    import omniglot  # here, not above: train_sine.py takes its flags from this module and no Omniglot
+    return {
+        "paper_setting": Flag(
+            "one of the Reptile paper's four settings, or the MAML paper's for MAML (maml-) and first-order MAML "
+            "(fomaml-): fills in the flags not given (" + "; ".join(
+                f"{name}: " + " ".join(flag(key) if value is True else f"{flag(key)} {value}"
+                                       for key, value in flags.items()) for name, flags in PAPER_SETTINGS.items())
+            + ")", "task", tuple(PAPER_SETTINGS), "now"),
+        **HYPERPARAMETER_FLAGS,
+        "side_by_side": Flag(
+            "with --algorithm maml: compute a meta-batch's meta-gradients in one computation vmapped over its tasks "
+            "instead of one task after another (on CPU, faster for 5-way 1-shot, slower for 5-shot; the two agree to "
+            "rounding, so a run keeps the form it began with)", "meta-training", bool, "training"),
+        "model": Flag("the network: reptile, a linear layer on the last 2 x 2 x 64 map flattened (the Reptile "
+                      "paper's); maml, the MAML paper's code's: on its mean over the 2 x 2 positions, from N(0, 1) "
+                      "weights, with BatchNorm offsets that only the meta-update learns and no BatchNorm scales",
+                      "task", ("reptile", "maml"), "model"),
+        "loss": Flag("the inner loss: sum, the cross-entropy summed over a mini-batch (the Reptile paper's); per-shot, "
+                     "that sum divided by the images per class (the MAML paper's)", "task", tuple(LOSSES), "model"),
+        "split": Flag("paper: 1,200 characters train, 423 test, shuffled as the paper's code does (with --seed 0 the "
+                      "paper's own); random-1200: as many, drawn by this project's first procedure (runs/5way, "
+                      "runs/20way); background: background alphabets train, evaluation alphabets test", "task",
+                      omniglot.SPLITS, "model"),
+        "split_from": Flag("train on the characters of another run (its folder or its split.json) instead of drawing "
+                           "them; --split takes that run's", "task", str, "record", "RUN_OR_SPLIT_JSON"),
+        "eval_tasks": Flag("tasks in the final evaluation", "evaluation", positive_int, "resumed"),
+        "meta_test_only": Flag("final evaluation on meta-test tasks only, in half the time (default: meta-train tasks "
+                               "too)", "evaluation", bool, "resumed"),
+        "eval_only": Flag("evaluate a checkpoint of the logdir, no training", "evaluation", bool, "now"),
+        "eval_lake": Flag("evaluate a checkpoint on Lake et al.'s one-shot benchmark instead (20 runs of 20-way "
+                          "one-shot tasks within an evaluation alphabet; needs a 20-way --split background run)",
+                          "evaluation", bool, "now"),
+        "checkpoint": Flag("with --eval-only or --eval-lake: the checkpoint file (default: the latest)", "evaluation",
+                           str, "now"),
+        "validate_every": Flag("log one meta-train and one meta-test task every this many meta-iterations", "run",
+                               positive_int, "resumed"),
+        "check_every": Flag("checkpoint every this many meta-iterations", "run", positive_int, "resumed"),
+        "keep": Flag("checkpoints kept (the newest), besides those that results.json reports on", "run", positive_int,
+                     "resumed"),
+        "workers": Flag("evaluation worker processes on CPU, one thread each (ignored on CUDA)", "run",
+                        non_negative_int, "record"),
+        "seed": Flag("seed of the split, the initial weights and every task", "run", int, "training"),
+        "device": Flag("auto: cuda when available", "run", ("auto", "cpu", "cuda"), "record"),
+        "cuda_graphs": Flag("on CUDA, launch every kernel of a meta-iteration and a validation one by one instead of "
+                            "replaying them as captured CUDA graphs (slower; for debugging and comparison)", "run", OFF,
+                            "record"),
+        "data": Flag("Omniglot folder (downloaded and extracted when missing)", "run", str, "resumed"),
+        "omniglot_mirror": Flag(f"folder holding the two Omniglot zips, used instead of the network (default: "
+                                f"${omniglot.MIRROR_VARIABLE})", "run", str, "resumed"),
+    }
+
+
+OMNIGLOT_DEFAULTS = {**{field.name: field.default for field in dataclasses.fields(Hyperparameters)},
+                     "model": "reptile", "loss": "sum", "split": "paper", "eval_tasks": 10000, "validate_every": 10,
+                     "check_every": 1000, "keep": 3, "workers": len(os.sched_getaffinity(0)), "seed": 0,
+                     "device": "auto", "data": "omniglot"}
+
+
+def add_flags(parser: argparse.ArgumentParser, flags: dict[str, Flag], defaults: dict) -> None:
+    """Add each flag of a table to its argument group, with its default from `defaults` (none if missing) and its old
+    spelling (OLD_NAMES) beside it."""
     groups = {}
-    for name, (help, group, kind, _) in flags.items():
+    for name, (help, group, kind, _, metavar) in flags.items():
         if group not in groups:
             groups[group] = parser.add_argument_group(group)
         spellings = [flag(name)] + [flag(old) for old, new in OLD_NAMES.items() if new == name]
         if kind is bool:
             groups[group].add_argument(*spellings, action="store_true", help=help)
+        elif kind == OFF:
+            groups[group].add_argument(flag("no_" + name), dest=name, action="store_false", help=help)
         elif isinstance(kind, tuple):
-            groups[group].add_argument(*spellings, choices=kind, default=defaults[name], help=help)
+            groups[group].add_argument(*spellings, choices=kind, default=defaults.get(name), help=help)
         else:
-            groups[group].add_argument(*spellings, type=kind, default=defaults[name], help=help)
-    return groups
+            groups[group].add_argument(*spellings, type=kind, default=defaults.get(name), metavar=metavar, help=help)
 
 
-def take_saved_args(args: argparse.Namespace, saved: dict, given: set[str], fixed: tuple, path: Path) -> None:
+def with_roles(flags: dict[str, Flag], *roles: str) -> list[str]:
+    """The names of the flags that have one of these roles (ROLES), in the table's order."""
+    return [name for name, each in flags.items() if each.role in roles]
+
+
+def take_saved_args(args: argparse.Namespace, saved: dict, given: set[str], fixed: list[str], path: Path) -> None:
     """A run goes on with its args.json (`saved`, read from `path`) as it is: a flag not given takes the saved value,
     and a flag in `fixed` that is given must equal it (else a UserError says so in one line)."""
     for name, value in saved.items():
@@ -136,67 +212,12 @@ def take_saved_args(args: argparse.Namespace, saved: dict, given: set[str], fixe
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; the defaults are the paper's 5-way 5-shot Omniglot setting."""
-    import omniglot  # here, not above: train_sine.py takes its flags from this module and no Omniglot
     parser = OneLineParser(prog="train_omniglot.py", description="Meta-train Reptile on Omniglot, then "
                            "evaluate it on meta-test characters.", allow_abbrev=False,
                            formatter_class=HelpFormatter)
     parser.add_argument("logdir", nargs="?", help="run folder for TensorBoard events, checkpoints and results "
                         "(default: runs/<classes>way<shots>shot)")
-    parser.add_argument("--paper-setting", choices=PAPER_SETTINGS,
-                        help="one of the Reptile paper's four settings, or the MAML paper's for MAML (maml-) and "
-                        "first-order MAML (fomaml-): fills in the flags not given (" + "; ".join(
-                            f"{name}: " + " ".join(flag(key) if value is True else f"{flag(key)} {value}"
-                                                   for key, value in flags.items())
-                            for name, flags in PAPER_SETTINGS.items()) + ")")
-    groups = add_flags(parser, HYPERPARAMETER_FLAGS, {field.name: field.default
-                                                      for field in dataclasses.fields(Hyperparameters)})
-    task, evaluation = groups["task"], groups["evaluation"]
-    groups["meta-training"].add_argument(
-        "--side-by-side", action="store_true",
-        help="with --algorithm maml: compute a meta-batch's meta-gradients in one computation vmapped over its tasks "
-        "instead of one task after another (on CPU, faster for 5-way 1-shot, slower for 5-shot; the two agree to "
-        "rounding, so a run keeps the form it began with)")
-    task.add_argument("--model", choices=("reptile", "maml"), default="reptile",
-                      help="the network: reptile, a linear layer on the last 2 x 2 x 64 map flattened (the Reptile "
-                      "paper's); maml, the MAML paper's code's: on its mean over the 2 x 2 positions, from N(0, 1) "
-                      "weights, with BatchNorm offsets that only the meta-update learns and no BatchNorm scales")
-    task.add_argument("--loss", choices=tuple(LOSSES), default="sum",
-                      help="the inner loss: sum, the cross-entropy summed over a mini-batch (the Reptile paper's); "
-                      "per-shot, that sum divided by the images per class (the MAML paper's)")
-    task.add_argument("--split", choices=omniglot.SPLITS, default="paper",
-                      help="paper: 1,200 characters train, 423 test, shuffled as the paper's code does (with --seed 0 "
-                      "the paper's own); random-1200: as many, drawn by this project's first procedure (runs/5way, "
-                      "runs/20way); background: background alphabets train, evaluation alphabets test")
-    task.add_argument("--split-from", metavar="RUN_OR_SPLIT_JSON",
-                      help="train on the characters of another run (its folder or its split.json) instead of "
-                      "drawing them; --split takes that run's")
-    evaluation.add_argument("--eval-tasks", type=positive_int, default=10000, help="tasks in the final evaluation")
-    evaluation.add_argument("--meta-test-only", action="store_true",
-                            help="final evaluation on meta-test tasks only, in half the time (default: meta-train "
-                            "tasks too)")
-    evaluation.add_argument("--eval-only", action="store_true", help="evaluate a checkpoint of the logdir, no training")
-    evaluation.add_argument("--eval-lake", action="store_true",
-                            help="evaluate a checkpoint on Lake et al.'s one-shot benchmark instead (20 runs of 20-way "
-                            "one-shot tasks within an evaluation alphabet; needs a 20-way --split background run)")
-    evaluation.add_argument("--checkpoint", help="with --eval-only or --eval-lake: the checkpoint file "
-                            "(default: the latest)")
-    run = parser.add_argument_group("run")
-    run.add_argument("--validate-every", type=positive_int, default=10,
-                     help="log one meta-train and one meta-test task every this many meta-iterations")
-    run.add_argument("--check-every", type=positive_int, default=1000,
-                     help="checkpoint every this many meta-iterations")
-    run.add_argument("--keep", type=positive_int, default=3,
-                     help="checkpoints kept (the newest), besides those that results.json reports on")
-    run.add_argument("--workers", type=non_negative_int, default=len(os.sched_getaffinity(0)),
-                     help="evaluation worker processes on CPU, one thread each (ignored on CUDA)")
-    run.add_argument("--seed", type=int, default=0, help="seed of the split, the initial weights and every task")
-    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
-    run.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                     help="on CUDA, launch every kernel of a meta-iteration and a validation one by one instead of "
-                     "replaying them as captured CUDA graphs (slower; for debugging and comparison)")
-    run.add_argument("--data", default="omniglot", help="Omniglot folder (downloaded and extracted when missing)")
-    run.add_argument("--omniglot-mirror", help=f"folder holding the two Omniglot zips, used instead of the network "
-                     f"(default: ${omniglot.MIRROR_VARIABLE})")
+    add_flags(parser, omniglot_flags(), OMNIGLOT_DEFAULTS)
     return parser
 
 
@@ -232,11 +253,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     saved_path = Path(args.logdir) / "args.json"
     if (saved := folder(args.logdir).saved_args()) is not None:
         saved = {OLD_NAMES.get(name, name): value for name, value in saved.items()}
-        fixed = MODEL_FLAGS if args.eval_only else TRAINING_FLAGS
+        flags = omniglot_flags()
+        fixed = with_roles(flags, "model", *([] if args.eval_only else ["training"]))
         # A training flag missing from args.json came after the run was made, which trained with its default.
         saved = {**{name: parser.get_default(name) for name in fixed}, **saved}
-        take_saved_args(args, {name: value for name, value in saved.items()
-                               if name not in NOT_SAVED + NOT_TAKEN_BACK and hasattr(args, name)}, given, fixed,
+        taken = with_roles(flags, "model", "training", "resumed")
+        take_saved_args(args, {name: value for name, value in saved.items() if name in taken}, given, fixed,
                         saved_path)
     if args.shots + 1 > omniglot.DRAWERS:
         raise UserError(f"--shots {args.shots} leaves no query image: a character has {omniglot.DRAWERS} drawings, "
@@ -303,7 +325,8 @@ def hyperparameters(args: argparse.Namespace) -> Hyperparameters:
 
 def saved_args(args: argparse.Namespace) -> dict:
     """The settings of a run, as written to args.json."""
-    return {name: value for name, value in vars(args).items() if name not in NOT_SAVED}
+    flags = omniglot_flags()
+    return {name: value for name, value in vars(args).items() if name in flags and name not in with_roles(flags, "now")}
 
 
 def evaluation_mode(args: argparse.Namespace) -> str:
@@ -318,36 +341,39 @@ def cell(args: argparse.Namespace) -> str:
 
 # ----------------------------------------------------------------------------- train_sine.py
 
-SINE_FLAGS = {  # the "training" group is what args.json holds
-    "algorithm": ("reptile; fomaml: first-order MAML (as on Omniglot: the change made by the last inner step); maml: "
-                  "its meta-gradient through the inner steps (second order); joint: one network trained by SGD on "
-                  "the points of all training waves, a baseline; random: no training, a baseline", "training",
-                  ("reptile", "fomaml", "maml", "joint", "random"), True),
-    "activation": ("tanh (the authors' demonstration) or ReLU (the paper's figure)", "training", ("tanh", "relu"),
-                   True),
-    "hidden": ("units in each of the two hidden layers", "training", positive_int, True),
-    "meta_iterations": ("meta-iterations in all", "training", positive_int, False),
-    "meta_batch": ("waves per meta-iteration", "training", positive_int, True),
-    "meta_lr": ("meta-step size at the start, annealed linearly to 0", "training", positive_float, True),
-    "lr": ("SGD step size of the inner loop, at training and on held-out waves (and of joint training)", "training",
-           positive_float, True),
-    "points": ("points of each training wave", "training", positive_int, True),
-    "batch": ("inner mini-batch size", "training", positive_int, True),
-    "inner_steps": ("inner steps per training wave (shuffled passes over its points); MAML and first-order MAML take "
-                    "the last one's batch as their query", "training", positive_int, True),
-    "seed": ("seed of the initialization and training waves", "training", non_negative_int, True),
-    "shots": ("points of a held-out wave to fit", "evaluation and logging", positive_int, False),
-    "eval_waves": ("held-out waves to score", "evaluation and logging", positive_int, False),
-    "eval_seed": ("seed of the held-out waves", "evaluation and logging", non_negative_int, False),
-    "validate_every": ("meta-iterations between two logged validation errors (the mean over the validation waves "
-                       "after 32 steps)", "evaluation and logging", positive_int, False),
-    "check_every": ("meta-iterations between checkpoints", "evaluation and logging", positive_int, False),
+SINE_FLAGS = {
+    "algorithm": Flag("reptile; fomaml: first-order MAML (as on Omniglot: the change made by the last inner step); "
+                      "maml: its meta-gradient through the inner steps (second order); joint: one network trained by "
+                      "SGD on the points of all training waves, a baseline; random: no training, a baseline",
+                      "training", ("reptile", "fomaml", "maml", "joint", "random"), "training"),
+    "activation": Flag("tanh (the authors' demonstration) or ReLU (the paper's figure)", "training", ("tanh", "relu"),
+                       "training"),
+    "hidden": Flag("units in each of the two hidden layers", "training", positive_int, "training"),
+    "meta_iterations": Flag("meta-iterations in all", "training", positive_int, "resumed"),
+    "meta_batch": Flag("waves per meta-iteration", "training", positive_int, "training"),
+    "meta_lr": Flag("meta-step size at the start, annealed linearly to 0", "training", positive_float, "training"),
+    "lr": Flag("SGD step size of the inner loop, at training and on held-out waves (and of joint training)",
+               "training", positive_float, "training"),
+    "points": Flag("points of each training wave", "training", positive_int, "training"),
+    "batch": Flag("inner mini-batch size", "training", positive_int, "training"),
+    "inner_steps": Flag("inner steps per training wave (shuffled passes over its points); MAML and first-order MAML "
+                        "take the last one's batch as their query", "training", positive_int, "training"),
+    "seed": Flag("seed of the initialization and training waves", "training", non_negative_int, "training"),
+    "shots": Flag("points of a held-out wave to fit", "evaluation and logging", positive_int, "now"),
+    "eval_waves": Flag("held-out waves to score", "evaluation and logging", positive_int, "now"),
+    "eval_seed": Flag("seed of the held-out waves", "evaluation and logging", non_negative_int, "now"),
+    "validate_every": Flag("meta-iterations between two logged validation errors (the mean over the validation waves "
+                           "after 32 steps)", "evaluation and logging", positive_int, "now"),
+    "check_every": Flag("meta-iterations between checkpoints", "evaluation and logging", positive_int, "now"),
+    "eval_only": Flag("evaluate the run's latest checkpoint (or --checkpoint) and record it in results.json",
+                      "evaluation and logging", bool, "now"),
+    "checkpoint": Flag("with --eval-only: the checkpoint file to evaluate", "evaluation and logging", str, "now"),
+    "figure": Flag("draw the paper's Figure 1 from the runs given as logdirs (a held-out wave of --eval-seed) and "
+                   "stop", "evaluation and logging", str, "now", "PNG"),
 }
 SINE_DEFAULTS = {"algorithm": "reptile", "activation": "tanh", "hidden": 64, "meta_iterations": 30000, "meta_batch": 1,
                  "meta_lr": 0.1, "lr": 0.02, "points": 50, "batch": 10, "inner_steps": 5, "seed": 0, "shots": 10,
                  "eval_waves": 1000, "eval_seed": 0, "validate_every": 500, "check_every": 1000}
-SINE_SAVED = tuple(name for name, (_, group, *_) in SINE_FLAGS.items() if group == "training")
-SINE_TRAINING = tuple(name for name, (*_, training) in SINE_FLAGS.items() if training)
 
 
 def build_sine_parser() -> argparse.ArgumentParser:
@@ -355,13 +381,13 @@ def build_sine_parser() -> argparse.ArgumentParser:
                            "Figure 1.", allow_abbrev=False, formatter_class=HelpFormatter)
     parser.add_argument("logdir", nargs="*", help="the run folder (default: runs/sine-ALGORITHM, with -relu for "
                         "--activation relu); several with --figure")
-    scoring = add_flags(parser, SINE_FLAGS, SINE_DEFAULTS)["evaluation and logging"]
-    scoring.add_argument("--eval-only", action="store_true", help="evaluate the run's latest checkpoint (or "
-                         "--checkpoint) and record it in results.json")
-    scoring.add_argument("--checkpoint", help="with --eval-only: the checkpoint file to evaluate")
-    scoring.add_argument("--figure", metavar="PNG", help="draw the paper's Figure 1 from the runs given as logdirs "
-                         "(a held-out wave of --eval-seed) and stop")
+    add_flags(parser, SINE_FLAGS, SINE_DEFAULTS)
     return parser
+
+
+def sine_settings(args: argparse.Namespace) -> dict:
+    """What a train_sine.py run's args.json holds: the flags that fix what it learns, and --meta-iterations."""
+    return {name: getattr(args, name) for name in SINE_FLAGS if name not in with_roles(SINE_FLAGS, "now")}
 
 
 def parse_sine_args(argv: list[str]) -> argparse.Namespace:
@@ -379,6 +405,6 @@ def parse_sine_args(argv: list[str]) -> argparse.Namespace:
         f"runs/sine-{args.algorithm}{'-relu' if args.activation == 'relu' else ''}"
     saved = sine_folder(args.logdir).saved_args()
     if saved is not None and not args.eval_only:
-        take_saved_args(args, saved, flags_given(argv, build_sine_parser), SINE_TRAINING,
+        take_saved_args(args, saved, flags_given(argv, build_sine_parser), with_roles(SINE_FLAGS, "training"),
                         Path(args.logdir) / "args.json")
     return args

@@ -213,18 +213,13 @@ def load_model(logdir: Path, checkpoint: Optional[str]) -> tuple[SineModel, dict
     return model, state
 
 
-def training_settings(args: argparse.Namespace) -> dict:
-    """The flags that fix what a run learns, as its args.json holds them."""
-    return {name: getattr(args, name) for name in options.SINE_SAVED}
-
-
 # ----------------------------------------------------------------------------- training
 
 def train(args: argparse.Namespace, argv: list[str]) -> int:
     """Meta-train (or, for the baselines, train or not) from the run's latest checkpoint to --meta-iterations, then
     evaluate on held-out waves."""
     folder = options.sine_folder(Path(args.logdir))
-    settings = training_settings(args)
+    settings = options.sine_settings(args)
     total = 0 if args.algorithm == "random" else args.meta_iterations
     model = new_model(settings)
     generator = stream(args.seed, TRAIN_STREAM)

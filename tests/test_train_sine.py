@@ -41,7 +41,7 @@ def sine(*argv, check=True) -> Ran:
 def settings(**changes) -> dict:
     """The default run's training settings, changed."""
     args = options.build_sine_parser().parse_args([])
-    return {**S.training_settings(args), **changes}
+    return {**options.sine_settings(args), **changes}
 
 
 def tasks(count: int, seed: int = 0, **changes) -> list:
