@@ -11,7 +11,7 @@ import torch
 
 import reptile
 from reptile import Hyperparameters
-from run_folder import RunFolder, checkpoint_iteration
+from run_folder import RunFolder
 from utils import (HelpFormatter, OneLineParser, UserError, non_negative_float, non_negative_int, positive_float,
                    positive_int, read_json)
 
@@ -291,10 +291,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for classes, name in ((train_classes, "meta-train"), (test_classes, "meta-test")):
         if args.classes > classes:
             raise UserError(f"--classes {args.classes} exceeds the {classes} {name} classes of the {args.split} split")
-    latest = folder(args.logdir).newest_checkpoint()
-    if latest and not args.eval_only and checkpoint_iteration(latest) > args.meta_iterations:
-        raise UserError(f"--meta-iterations {args.meta_iterations} is below the {checkpoint_iteration(latest)} this "
-                        f"run has done; use --eval-only --checkpoint to evaluate an earlier checkpoint")
+    if not args.eval_only:
+        folder(args.logdir).refuse_fewer_iterations(args.meta_iterations)
     if args.checkpoint and not args.eval_only:
         raise UserError("--checkpoint needs --eval-only or --eval-lake (training always resumes from the latest "
                         "checkpoint)")

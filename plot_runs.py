@@ -23,7 +23,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from utils import UserError, positive_int, read_json, write_json
+from utils import UserError, positive_int, read_json, run_script, write_json
 
 TAG = "meta-test/accuracy"
 CURVE = "curve.json"
@@ -198,29 +198,20 @@ def main(argv: list[str]) -> int:
                         help="instead of plotting, print how many hours each run trained, from its event files")
     args = parser.parse_args(argv)
     if args.hours or args.summarize or args.tensorboard_means:
-        try:
-            for run in args.runs:
-                if args.hours:
-                    hours, files = training_hours(Path(run))
-                    print(f"{run}: {hours:.1f} hours of training in {files} event files")
-                else:
-                    print(f"wrote {summarize(Path(run), args.summarize) if args.summarize else write_means(Path(run))}")
-        except UserError as error:
-            print(f"plot_runs.py: error: {error}", file=sys.stderr)
-            return 2
+        for run in args.runs:
+            if args.hours:
+                hours, files = training_hours(Path(run))
+                print(f"{run}: {hours:.1f} hours of training in {files} event files")
+            else:
+                print(f"wrote {summarize(Path(run), args.summarize) if args.summarize else write_means(Path(run))}")
         return 0
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no display needed
         import matplotlib.pyplot as plt
     except ImportError:
-        print("plot_runs.py: error: it needs matplotlib; install it with: pip install matplotlib", file=sys.stderr)
-        return 2
-    try:
-        curves = {label(Path(run)): read_curve(Path(run)) for run in args.runs}
-    except UserError as error:
-        print(f"plot_runs.py: error: {error}", file=sys.stderr)
-        return 2
+        raise UserError("it needs matplotlib; install it with: pip install matplotlib") from None
+    curves = {label(Path(run)): read_curve(Path(run)) for run in args.runs}
     figure, axes = plt.subplots(figsize=(11, 5))
     for name, (steps, values) in curves.items():
         axes.plot(steps, 100 * moving_average(steps, values, args.window), label=name)
@@ -237,4 +228,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_script(main, sys.argv[1:], "plot_runs.py"))

@@ -106,6 +106,17 @@ class RunFolder:
         checkpoints = self.checkpoints()
         return checkpoints[-1] if checkpoints else None
 
+    def refuse_fewer_iterations(self, total: int) -> None:
+        """A run may train longer, never shorter: --meta-iterations below what it has done is refused in one line."""
+        newest = self.newest_checkpoint()
+        if newest is not None and checkpoint_iteration(newest) > total:
+            raise UserError(f"--meta-iterations {total} is below the {checkpoint_iteration(newest)} this run has done; "
+                            f"use --eval-only --checkpoint to evaluate an earlier checkpoint")
+
+    def say_resumed(self, start: int, total: int) -> None:
+        print(f"resumed {self.path} at meta-iteration {start} of {total}, with the settings of its args.json and the "
+              f"flags given")
+
     def read_checkpoint(self, path: str) -> dict:
         """A checkpoint of this script, or a UserError that says what is wrong with the file.
 

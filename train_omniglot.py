@@ -289,8 +289,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
     recent = {"meta-train": [], "meta-test": []}  # accuracies of the last RECENT_TASKS validation tasks
     start, segments = resume(folder, meta_learner, generators, recent)
     if start and rank() == 0:
-        print(f"resumed {folder.path} at meta-iteration {start} of {hp.meta_iterations}, with the settings of "
-              f"its args.json and the flags given")
+        folder.say_resumed(start, hp.meta_iterations)
     if start >= hp.meta_iterations and already_evaluated(args, start):
         return 0
     if rank() == 0:

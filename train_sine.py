@@ -223,20 +223,17 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
     total = 0 if args.algorithm == "random" else args.meta_iterations
     model = new_model(settings)
     generator = stream(args.seed, TRAIN_STREAM)
+    folder.refuse_fewer_iterations(total)
     state = folder.newest_good_checkpoint()
     start, segments = 0, []
     if state is not None:
         model.load_state_dict(state["model"])
         generator.set_state(state["generators"]["train"])
         start, segments = state["meta_iteration"], state["segments"]
-        if start > total:
-            raise UserError(f"--meta-iterations {total} is below the {start} this run has done; use --eval-only "
-                            f"--checkpoint to evaluate an earlier checkpoint")
         if start >= total and (key := evaluation_key(args, start)) in folder.results():
             folder.say_complete(f'"{key}"')
             return 0
-        print(f"resumed {folder.path} at meta-iteration {start} of {total}, with the settings of its args.json and "
-              f"the flags given")
+        folder.say_resumed(start, total)
     folder.write_args(settings)
     meta_iteration = MetaIteration(model, settings)
     hp = meta_iteration.hp

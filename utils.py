@@ -22,13 +22,6 @@ from typing import Any, BinaryIO, Callable, Optional
 import numpy as np
 import torch
 
-__all__ = [
-    "UserError", "WriteError", "write_atomically", "save_atomically", "reason", "locked", "write_json", "read_json",
-    "stop_signals", "stream", "confidence_interval", "run_script",
-    "number", "positive_int", "non_negative_int", "positive_float", "non_negative_float", "OneLineParser",
-    "HelpFormatter", "processes", "rank", "any_process", "gather", "provenance",
-]
-
 
 class UserError(Exception):
     """A problem the user must fix (bad flag, missing data, damaged file); the message says how."""

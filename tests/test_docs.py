@@ -162,3 +162,13 @@ def test_results_opens_with_a_contents_list_and_every_link_into_it_finds_its_hea
     for text in (README, GUIDE, results):
         for link in re.findall(r"RESULTS\.md#([\w-]+)", text):
             assert link in anchors, link
+
+
+def test_every_output_of_bench_and_check_gpu_quoted_in_the_record_is_a_committed_file():
+    measurements = [path.read_text() for path in sorted((ROOT / "runs/measurements").iterdir())]
+    quoted = [block for text in (README, (ROOT / "RESULTS.md").read_text())
+              for block in re.findall(r"```\n(.*?)```", text, re.S)
+              if re.match(r"(\$ .*python (bench|check_gpu)\.py|check_gpu\.py on )", block)]
+    assert len(quoted) == 4
+    for block in quoted:
+        assert any(block.strip() in measured for measured in measurements), block.splitlines()[0]

@@ -101,8 +101,8 @@ def test_a_window_below_one_is_refused(tmp_path, capsys):
 
 def test_without_matplotlib_the_error_says_how_to_install_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
-    assert plot_runs.main([str(tmp_path), "--output", str(tmp_path / "plot.png")]) == 2
-    assert "pip install matplotlib" in capsys.readouterr().err
+    with pytest.raises(UserError, match="pip install matplotlib"):
+        plot_runs.main([str(tmp_path), "--output", str(tmp_path / "plot.png")])
     assert not (tmp_path / "plot.png").exists()
 
 
