@@ -13,6 +13,7 @@ import argparse
 import copy
 import dataclasses
 import time
+from typing import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -82,6 +83,24 @@ def matmul_peak(device: str, size: int = 2048, repeats: int = 10) -> float:
     return 2 * size ** 3 * repeats / (time.perf_counter() - started) / 1e9
 
 
+def time_in_turn(sides: dict[str, Callable[[torch.Generator], None]], rounds: int, device: str,
+                 seed: int = 0) -> dict[str, float]:
+    """The seconds each side's work took in all, over `rounds` rounds after an untimed warm-up round; within a round
+    the sides run in turn, each from the same state of the random generator it is given."""
+    seconds, generator = dict.fromkeys(sides, 0.0), torch.Generator().manual_seed(seed)
+    for round_ in range(rounds + 1):
+        state = generator.get_state()
+        for side, work in sides.items():
+            generator.set_state(state)
+            synchronize(device)
+            started = time.perf_counter()
+            work(generator)
+            synchronize(device)
+            if round_:
+                seconds[side] += time.perf_counter() - started
+    return seconds
+
+
 def flops_of(function) -> int:
     """Floating-point operations that `function()` performs, as torch counts them."""
     counter = FlopCounterMode(display=False)
@@ -105,17 +124,9 @@ def time_maml_forms(setting: str, device: str, rounds: int, iterations: int) -> 
     forms = {form: fast.MetaIteration(reptile.MetaLearner(fast.prepare_model(copy.deepcopy(model), device), hp,
                                                           options.LOSSES[flags["loss"]], side_by_side), sampler)
              for form, side_by_side in (("one after another", False), ("side by side", True))}
-    seconds = dict.fromkeys(forms, 0.0)
-    for round_ in range(rounds + 1):  # round 0 warms up both forms
-        for form, meta_iteration in forms.items():
-            generator = torch.Generator().manual_seed(round_)
-            synchronize(device)
-            started = time.perf_counter()
-            for _ in range(iterations):
-                meta_iteration(hp.meta_lr, generator)
-            synchronize(device)
-            if round_:
-                seconds[form] += (time.perf_counter() - started) / (rounds * iterations)
+    seconds = {form: total / (rounds * iterations) for form, total in time_in_turn(
+        {form: lambda generator, step=step: [step(hp.meta_lr, generator) for _ in range(iterations)]
+         for form, step in forms.items()}, rounds, device).items()}
     chosen = "side by side" if flags.get("side_by_side") else "one after another"
     print(f"{setting}: " + ", ".join(f"{form} {each:.3f} s/it ({each * hp.meta_iterations / 3600:.1f} h)"
                                      for form, each in seconds.items())
@@ -164,30 +175,17 @@ def main() -> None:
     meta_iteration = fast.MetaIteration(meta_learner, samplers["meta-train"], cuda_graphs=bench.cuda_graphs)
     adam_state = {"state": {}, "param_groups": inner_optimizer.state_dict()["param_groups"]}
 
-    def project_step(generator):
-        meta_iteration(0.5, generator)
+    def baseline(generator: torch.Generator) -> None:
+        nonlocal adam_state
+        for _ in range(bench.iterations):
+            adam_state = baseline_meta_iteration(baseline_model, adam_state, samplers["meta-train"], hp, 0.5, generator)
 
-    def project_step_flops():
-        project_step(torch.Generator().manual_seed(0))
+    def project(generator: torch.Generator) -> None:
+        for _ in range(bench.iterations):
+            meta_iteration(0.5, generator)
 
-    train_flops = flops_of(project_step_flops)
-    times = {"baseline": 0.0, "project": 0.0}
-    generator = torch.Generator().manual_seed(1)
-    for round_ in range(bench.rounds + 1):  # round 0 warms up both sides
-        state = generator.get_state()
-        for side in ("baseline", "project"):
-            generator.set_state(state)
-            synchronize(device)
-            started = time.perf_counter()
-            for _ in range(bench.iterations):
-                if side == "baseline":
-                    adam_state = baseline_meta_iteration(baseline_model, adam_state, samplers["meta-train"], hp,
-                                                         0.5, generator)
-                else:
-                    project_step(generator)
-            synchronize(device)
-            if round_:
-                times[side] += time.perf_counter() - started
+    train_flops = flops_of(lambda: meta_iteration(0.5, torch.Generator().manual_seed(0)))
+    times = time_in_turn({"baseline": baseline, "project": project}, bench.rounds, device, seed=1)
     iterations = bench.rounds * bench.iterations
     train_ms = {side: 1000 * seconds / iterations for side, seconds in times.items()}
     train_ratio = train_ms["baseline"] / train_ms["project"]

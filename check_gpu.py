@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -46,9 +47,9 @@ def attempt(name: str, check, *args) -> None:
         report(name, False, f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error) else ''}")
 
 
-def difference(first: OmniglotModel, second: OmniglotModel) -> tuple[float, bool, bool]:
+def difference(first: Iterable[torch.Tensor], second: Iterable[torch.Tensor]) -> tuple[float, bool, bool]:
     """(largest absolute difference, equal within rtol 1e-5 and atol 1e-7, bit-identical) of two models' weights."""
-    pairs = list(zip(first.parameters(), second.parameters()))
+    pairs = list(zip(first, second, strict=True))
     return (max((a - b).abs().max().item() for a, b in pairs),
             all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in pairs), all(torch.equal(a, b) for a, b in pairs))
 
@@ -78,7 +79,7 @@ def graphs_against_eager(device: str, hp: Hyperparameters, iterations: int, labe
     """The same meta-iterations and validation tasks with and without CUDA graphs: the same meta-weights."""
     graph_model, graph_scores, graph_time, captured = train_side(device, hp, iterations, True)
     eager_model, eager_scores, eager_time, _ = train_side(device, hp, iterations, False)
-    largest, close, identical = difference(graph_model, eager_model)
+    largest, close, identical = difference(graph_model.parameters(), eager_model.parameters())
     score_difference = max(abs(a - b) for pair in zip(graph_scores, eager_scores) for a, b in zip(*pair))
     report(f"graph replay = eager, {label}", close and captured == (device == "cuda"),
            f"{iterations} meta-iterations: largest difference {largest:.2e}, bit-identical {identical}; validation "
@@ -91,7 +92,7 @@ def nondeterministic_cudnn(device: str, hp: Hyperparameters, iterations: int) ->
     """Why cuDNN is held deterministic: two eager runs without it, and the speed of graphs with and without it."""
     first, *_ = train_side(device, hp, iterations, False, deterministic=False)
     second, *_ = train_side(device, hp, iterations, False, deterministic=False)
-    largest, close, identical = difference(first, second)
+    largest, close, identical = difference(first.parameters(), second.parameters())
     free = train_side(device, hp, 5 * iterations, True, deterministic=False)[2]
     held = train_side(device, hp, 5 * iterations, True)[2]
     report("(information) cuDNN's default algorithms", True,
@@ -150,14 +151,8 @@ def killed_and_resumed(out: Path, device: str, iterations: int, setting: str) ->
         process.wait()
     newest = max((killed / "checkpoint").iterdir(), key=lambda path: int(path.stem.split("-")[1]))
     assert train(killed, flags, log).returncode == 0, f"the resumed run failed: see {log}"
-    states = [options.folder(run).read_checkpoint(run / "checkpoint" / f"check-{iterations}.pth")
-              for run in (straight, killed)]
-    models = []
-    for state in states:
-        model = OmniglotModel(int(setting.split("way")[0]))
-        model.load_state_dict(state["model"])
-        models.append(model)
-    largest, close, identical = difference(*models)
+    largest, close, identical = difference(*(options.folder(run).read_checkpoint(
+        run / "checkpoint" / f"check-{iterations}.pth")["model"].values() for run in (straight, killed)))
     report(f"killed and resumed = uninterrupted, {setting}, {device}", interrupted and close,
            f"{iterations} meta-iterations ({seconds:.1f} s uninterrupted), killed before finishing: {interrupted} "
            f"(newest checkpoint then {newest.name}); largest difference {largest:.2e}, bit-identical: {identical}")

@@ -268,13 +268,26 @@ def read_split(path: str) -> dict:
         raise UserError(f"--split-from {path}: no split.json there; give a run folder or its split.json")
     split = read_json(file)
     if not isinstance(split, dict) or not all(key in split for key in ("split", "train", "test", "train_rotations")):
-        raise UserError(f"--split-from {path}: {file} is not a split.json written by train_py")
+        raise UserError(f"--split-from {path}: {file} is not a split.json written by train_omniglot.py")
     return split
 
 
 def same_characters(first: dict, second: dict) -> bool:
     """Whether two splits meta-train and meta-test on the same characters (and rotations)."""
     return all(first[key] == second[key] for key in ("train", "test", "train_rotations"))
+
+
+def split_named_by(split_from: str, logdir: Path, split: Optional[str]) -> str:
+    """--split-from: the name of the other run's split (--split, if given, must be it); a run that has characters
+    must have the same ones."""
+    source = read_split(split_from)
+    if split is not None and split != source["split"]:
+        raise UserError(f"--split {split} differs from the {source['split']} split of --split-from {split_from}; "
+                        f"leave --split out")
+    if (logdir / "split.json").is_file() and not same_characters(read_json(logdir / "split.json"), source):
+        raise UserError(f"{logdir} was trained on other characters than those of --split-from {split_from}; leave "
+                        f"--split-from out to continue this run, or choose a new logdir")
+    return source["split"]
 
 
 def given_split(logdir: Path, split_from: Optional[str] = None) -> Optional[dict]:

@@ -13,7 +13,7 @@ import reptile
 from reptile import Hyperparameters
 from run_folder import RunFolder
 from utils import (HelpFormatter, OneLineParser, UserError, non_negative_float, non_negative_int, positive_float,
-                   positive_int, read_json)
+                   positive_int)
 
 
 class Flag(NamedTuple):
@@ -249,7 +249,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if Path(args.logdir).exists() and not Path(args.logdir).is_dir():
         raise UserError(f"the run folder {args.logdir} is a file; give a folder (a new one, or an earlier run's)")
     if args.split_from is not None:
-        take_split_from(args, given)
+        args.split = omniglot.split_named_by(args.split_from, Path(args.logdir),
+                                             args.split if "split" in given else None)
+        given.add("split")
     saved_path = Path(args.logdir) / "args.json"
     if (saved := folder(args.logdir).saved_args()) is not None:
         saved = {OLD_NAMES.get(name, name): value for name, value in saved.items()}
@@ -299,21 +301,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: CUDA is not available here; use --device cpu")
     return args
-
-
-def take_split_from(args: argparse.Namespace, given: set[str]) -> None:
-    """--split-from: the run takes the other run's split name; a run that has characters must have the same ones."""
-    import omniglot  # here, not above: train_sine.py takes its flags from this module and no Omniglot
-    source = omniglot.read_split(args.split_from)
-    if "split" in given and args.split != source["split"]:
-        raise UserError(f"--split {args.split} differs from the {source['split']} split of --split-from "
-                        f"{args.split_from}; leave --split out")
-    args.split = source["split"]
-    given.add("split")
-    own = Path(args.logdir) / "split.json"
-    if own.is_file() and not omniglot.same_characters(read_json(own), source):
-        raise UserError(f"{args.logdir} was trained on other characters than those of --split-from "
-                        f"{args.split_from}; leave --split-from out to continue this run, or choose a new logdir")
 
 
 def hyperparameters(args: argparse.Namespace) -> Hyperparameters:
