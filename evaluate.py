@@ -1,7 +1,6 @@
-"""Evaluation on test tasks: adapting the meta-model to a task and scoring its queries with a metric (accuracy, or
-squared error for regression), one task at a time (on the CPU, in worker processes) or many side by side (on a GPU),
-for validation, the final evaluation, Lake's runs and the sine waves; the finished tasks of a long evaluation kept on
-disk, so that a stopped one goes on from them.
+"""Evaluation on test tasks: the meta-model adapted to each task and its queries scored with a metric (accuracy, or
+squared error for regression), one task at a time (on the CPU, in worker processes) or many side by side (on a GPU);
+a long evaluation keeps its finished tasks on disk, so that a stopped one goes on from them.
 """
 import contextlib
 import copy
@@ -52,8 +51,7 @@ def task_seeds(tasks: int, generator: torch.Generator) -> list[int]:
 
 
 def test_batches(hp: Hyperparameters, support: int, generator: torch.Generator) -> torch.Tensor:
-    """The order in which a test task's `support` examples form its inner mini-batches: (test_iterations,
-    test_batch) indices."""
+    """(test_iterations, test_batch) indices of a test task's `support` examples: its inner mini-batches."""
     return reptile.inner_batches(support, hp.test_batch, hp.test_iterations, generator, hp.replacement)
 
 
@@ -70,8 +68,7 @@ def draw_test_tasks(sampler: TaskSampler, hp: Hyperparameters,
 
 
 class OneTask(torch.nn.Module):
-    """A model adapted to one task, in SideBySide's shapes: inputs (1, examples, ...) give outputs (1, examples,
-    ...)."""
+    """A model adapted to one task, in SideBySide's shapes: inputs (1, examples, ...), outputs (1, examples, ...)."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -114,21 +111,17 @@ class SideBySide(torch.nn.Module):
 
     def gradients(self, inputs: torch.Tensor, targets: torch.Tensor, loss: Loss) -> None:
         """Set each task's weights' .grad to the gradient of its own loss (torch.func.grad, vmapped)."""
-        def task_loss(weights: tuple, task_inputs: torch.Tensor, task_targets: torch.Tensor) -> torch.Tensor:
-            return loss(self.one(weights, task_inputs), task_targets)
-
-        gradients = torch.func.vmap(torch.func.grad(task_loss))(tuple(weight.detach() for weight in self.weights),
-                                                                inputs, targets)
+        task_loss = torch.func.grad(lambda weights, task_inputs, task_targets: loss(self.one(weights, task_inputs),
+                                                                                    task_targets))
+        gradients = torch.func.vmap(task_loss)(tuple(weight.detach() for weight in self.weights), inputs, targets)
         for weight, gradient in zip(self.weights, gradients):
             weight.grad = gradient
 
 
 class TestTaskScorer:
     """Adapts copies of the meta-model to test tasks and scores their queries with `metric`: one task at a time, or
-    `together` tasks side by side (SideBySide). Every task starts from the meta-model's weights and the inner
-    optimizer's state (`inner_state`, its state_dict()) as they are when it starts: during training, those being
-    trained. On CUDA, with cuda_graphs, a task's adaptation and scoring are replayed as one captured graph
-    (validation's way)."""
+    `together` tasks side by side (SideBySide). Every task starts from the meta-weights and the inner optimizer's
+    state (`inner_state`) as they are then; with cuda_graphs on CUDA, as one captured graph (validation's way)."""
 
     def __init__(self, meta_model: torch.nn.Module, inner_state: dict, hp: Hyperparameters, together: int = 0,
                  loss: Loss = reptile.summed_cross_entropy, cuda_graphs: bool = False,
@@ -236,10 +229,8 @@ def evaluation_identity(meta_state: dict, adam_state: dict, settings: dict, seed
 def finished_tasks(path: Path, identity: str) -> tuple[dict[int, list], float]:
     """The tasks (position: [correct queries, loss]) that a stopped evaluation of this identity kept in `path`, and
     the seconds spent on them."""
-    if not path.is_file():
-        return {}, 0.0
-    kept = read_json(path)
-    if kept["identity"] != identity:
+    kept = read_json(path) if path.is_file() else {}
+    if kept.get("identity") != identity:
         return {}, 0.0
     return {int(position): result for position, result in kept["tasks"].items()}, kept.get("seconds", 0.0)
 
@@ -258,10 +249,8 @@ def kept_seconds(path: Path) -> float:
 # ----------------------------------------------------------------------------- Omniglot's results.json entries
 
 def measured(entry: dict) -> tuple:
-    """What a results.json entry measured: (shots, mode, meta-iteration, tasks or repeats, evaluation seed).
-
-    Entries written before the seed was recorded on its own carry it in their settings.
-    """
+    """What a results.json entry measured: (shots, mode, meta-iteration, tasks or repeats, evaluation seed); older
+    entries carry the seed in their settings."""
     seed = entry.get("seed", entry.get("settings", {}).get("seed"))
     return (entry.get("shots"), entry.get("mode"), entry["meta_iteration"], entry.get("tasks", entry.get("repeats")),
             seed)
@@ -324,10 +313,7 @@ def start_pool(samplers: dict, workers: int) -> Union[ProcessPoolExecutor, conte
 
 
 def stop_pool(pool: ProcessPoolExecutor) -> None:
-    """Stop the workers at once: the tasks they had finished are kept by the main process, the rest are dropped.
-
-    A graceful shutdown would wait for every task already queued to them, and the interpreter's exit would too.
-    """
+    """Stop the workers at once, not after every task queued to them; the main process keeps those they finished."""
     for process in list((pool._processes or {}).values()):  # terminate_workers() is Python 3.14's; this is 3.11
         process.terminate()
     pool.shutdown(wait=False, cancel_futures=True)
@@ -337,11 +323,8 @@ def score_tasks(meta_model: torch.nn.Module, inner_optimizer: torch.optim.Optimi
                 hp: Hyperparameters, tasks: int, generator: torch.Generator, pool: Optional[ProcessPoolExecutor] = None,
                 workers: int = 1, progress: bool = False, share: bool = False, keep: Optional[Path] = None,
                 loss: Loss = reptile.summed_cross_entropy) -> tuple[np.ndarray, np.ndarray]:
-    """Per-task accuracies and losses on `tasks` tasks of samplers[name] (in the pool's workers, or shared).
-
-    With `keep`, finished tasks are written there as they come (with the seconds spent on them), and an evaluation
-    of the same weights, settings and tasks that finds the file goes on from them.
-    """
+    """Per-task accuracies and losses on `tasks` tasks of samplers[name] (in the pool's workers, or shared). With
+    `keep`, finished tasks and their seconds are written there as they come; the same evaluation goes on from them."""
     seeds = task_seeds(tasks, generator)
     # Copies: sending tensors to worker processes moves them into shared memory, and these must not be the model's.
     model, inner_state = copy.deepcopy(meta_model), copy.deepcopy(inner_optimizer.state_dict())

@@ -24,11 +24,8 @@ class Bank(Protocol):
 
 
 def prepare_model(model: torch.nn.Module, device: str) -> torch.nn.Module:
-    """The model on `device`, its convolution weights channels-last (faster small convolutions).
-
-    On CUDA, cuDNN is held to deterministic algorithms: some of its others add in a varying order (20-way batches),
-    and Adam turns such rounding noise into full-size steps, so a run would not repeat itself, resumed or not.
-    """
+    """The model on `device`, its convolution weights channels-last (faster small convolutions). On CUDA, cuDNN is held
+    deterministic: some of its algorithms add in a varying order, which Adam turns into full-size steps."""
     if torch.device(device).type == "cuda":
         torch.backends.cudnn.deterministic = True
     return model.to(device, memory_format=torch.channels_last)
@@ -46,10 +43,8 @@ def mini_batch_sizes(hp: Hyperparameters) -> list[int]:
 
 
 def draw_task(sampler: Bank, hp: Hyperparameters, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A new meta-training task: the bank rows of its inner mini-batches' examples, in order, and their targets.
-
-    With a query, the last mini-batch is query_shots examples per class that no earlier one holds.
-    """
+    """A new meta-training task: the bank rows of its inner mini-batches' examples, in order, and their targets; with
+    a query, the last mini-batch is query_shots examples per class that no earlier one holds."""
     query = query_shots(hp)
     shots = hp.train_shots - query
     rows, targets = sampler.draw_rows(hp.classes, shots, query, generator)
@@ -134,10 +129,8 @@ class MetaIteration:
 
     def __call__(self, step_size: float, generator: torch.Generator,
                  all_reduce: Optional[Callable[[torch.Tensor], None]] = None) -> None:
-        """One meta-iteration: adapt the meta-model to each task of a meta-batch, then take the meta-step.
-
-        Shared between processes, each adapts its share of the tasks and `all_reduce` sums the shares in place.
-        """
+        """One meta-iteration: adapt the meta-model to each task of a meta-batch, then take the meta-step. Shared
+        between processes, each adapts its share of the tasks and `all_reduce` sums the shares in place."""
         rows, targets = (torch.stack(part) for part in zip(*[draw_task(self.sampler, self.hp, generator)
                                                             for _ in range(self.tasks)]))
         if self.rows is None:

@@ -202,11 +202,7 @@ def list_character_images(data_dir: Path) -> dict[str, list[str]]:
 
 def load_images(data_dir: Path) -> tuple[list[str], torch.Tensor]:
     """Every character as 'ALPHABET/characterNN' (sorted), and their images as a (characters, 20, 28, 28) tensor of
-    torch's default dtype (float32, unless a caller such as tests/test_frozen.py sets another).
-
-    The first call decodes the PNGs and saves them to images28.pt in the data folder; later calls read that
-    file instead, as long as it holds the same characters.
-    """
+    torch's default dtype; decoded once, then read from images28.pt in the data folder while it holds them all."""
     files = list_character_images(data_dir)
     characters = list(files)
     images = read_cache(data_dir / CACHE, characters)

@@ -18,7 +18,7 @@ from utils import (HelpFormatter, OneLineParser, UserError, non_negative_float, 
 
 class Flag(NamedTuple):
     """One flag of a script: its help, its group in --help, its kind (bool for a switch, OFF for a --no- switch, a
-    tuple of choices, or the type of its value), its role in the run's args.json (ROLES), and its metavar."""
+    tuple of choices, or the type of its value), its role in the run's args.json (below), and its metavar."""
     help: str
     group: str
     kind: Any
@@ -27,13 +27,10 @@ class Flag(NamedTuple):
 
 
 OFF = "off"  # a switch spelled --no-NAME that sets NAME to False
-ROLES = {  # what a run's args.json does with a flag
-    "model": "recorded; every later command on the run keeps it (the network and its characters)",
-    "training": "recorded; a resumed training keeps it, an evaluation may change it (what the run learns)",
-    "resumed": "recorded, taken back when not given, free to change (--meta-iterations may grow)",
-    "record": "recorded, never taken back (the machine's, or how the run began)",
-    "now": "not recorded: for this command only",
-}
+# A flag's role says what a run's args.json does with it. model: recorded, and every later command on the run keeps it
+# (the network and its characters); training: recorded, a resumed training keeps it, an evaluation may change it;
+# resumed: recorded, taken back when not given, free to change (--meta-iterations may grow); record: recorded, never
+# taken back (the machine's, or how the run began); now: not recorded, for this command only.
 HYPERPARAMETER_FLAGS = {  # train_omniglot.py's, one for each field of reptile.Hyperparameters
     "classes": Flag("classes per task (N-way)", "task", positive_int, "model"),
     "shots": Flag("support images per class at meta-test (K-shot)", "task", positive_int, "training"),
@@ -195,7 +192,7 @@ def add_flags(parser: argparse.ArgumentParser, flags: dict[str, Flag], defaults:
 
 
 def with_roles(flags: dict[str, Flag], *roles: str) -> list[str]:
-    """The names of the flags that have one of these roles (ROLES), in the table's order."""
+    """The names of the flags that have one of these roles, in the table's order."""
     return [name for name, each in flags.items() if each.role in roles]
 
 
@@ -252,7 +249,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.split = omniglot.split_named_by(args.split_from, Path(args.logdir),
                                              args.split if "split" in given else None)
         given.add("split")
-    saved_path = Path(args.logdir) / "args.json"
     if (saved := folder(args.logdir).saved_args()) is not None:
         saved = {OLD_NAMES.get(name, name): value for name, value in saved.items()}
         flags = omniglot_flags()
@@ -261,7 +257,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         saved = {**{name: parser.get_default(name) for name in fixed}, **saved}
         taken = with_roles(flags, "model", "training", "resumed")
         take_saved_args(args, {name: value for name, value in saved.items() if name in taken}, given, fixed,
-                        saved_path)
+                        Path(args.logdir) / "args.json")
     if args.shots + 1 > omniglot.DRAWERS:
         raise UserError(f"--shots {args.shots} leaves no query image: a character has {omniglot.DRAWERS} drawings, "
                         f"so --shots can be at most {omniglot.DRAWERS - 1}")

@@ -58,12 +58,8 @@ class TestTask(NamedTuple):
 
 
 def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The Reptile paper's inner loss: the cross-entropy of a model's logits, summed over the mini-batch.
-
-    The paper's code minimises the sum, not the mean. Adam alone would not care, but its state carries over from
-    training (batch 10 in 5-way) to evaluation (batch 5): summed gradients make each evaluation step about half the
-    size that means give, relative to the training gradients Adam has seen.
-    """
+    """The Reptile paper's inner loss: the cross-entropy of a model's logits summed over the mini-batch, not averaged.
+    Adam's state carries over from training (batch 10 in 5-way) to evaluation (batch 5), so the sum matters."""
     return nn.functional.cross_entropy(logits, labels, reduction="sum")
 
 
@@ -118,11 +114,8 @@ def adapt(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[
 
 def make_inner_optimizer(params: Iterable[torch.Tensor], lr: float, inner_optimizer: str,
                          fused: bool = True) -> torch.optim.Optimizer:
-    """The inner loop's optimizer: Adam with beta1 = 0 (the Reptile paper's), or SGD.
-
-    Fused Adam is one kernel a step; the evaluator that adapts tasks side by side asks for PyTorch's other Adam, whose
-    arithmetic its frozen figures were computed with (the two differ in the last bit of some weights).
-    """
+    """The inner loop's optimizer: Adam with beta1 = 0 (the Reptile paper's), or SGD. Fused Adam is one kernel a step;
+    fused=False gives PyTorch's other Adam, whose arithmetic the side-by-side evaluator's frozen figures used."""
     if inner_optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr)
     return torch.optim.Adam(params, lr=lr, betas=(0.0, 0.999), **({"fused": True} if fused else {"foreach": False}))
@@ -195,12 +188,9 @@ def point_grad_to(model: nn.Module, target: Iterable[torch.Tensor]) -> None:
 
 
 class MetaLearner:
-    """Meta-trains `model` in place with hp.algorithm, one meta-batch of tasks at a time (`step`).
-
-    Reptile moves the meta-weights towards the mean of the weights adapted to each task; the Reptile paper's
-    first-order MAML along the mean change made by each task's last inner step; MAML along minus the mean of its
-    meta-gradients (maml_gradients), by the meta-optimizer: SGD, whose step is the annealed meta-step, or Adam.
-    """
+    """Meta-trains `model` in place with hp.algorithm, one meta-batch of tasks at a time (`step`): Reptile towards the
+    mean of the weights adapted to each task, the Reptile paper's first-order MAML along the mean change made by each
+    last inner step, MAML against its mean meta-gradient; by the meta-optimizer: SGD (the annealed meta-step), Adam."""
 
     def __init__(self, model: nn.Module, hp: Hyperparameters, loss: Loss = summed_cross_entropy,
                  side_by_side: bool = False):

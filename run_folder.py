@@ -59,10 +59,8 @@ class RunFolder:
 
     @contextlib.contextmanager
     def training_lock(self):
-        """Hold the folder for one training process; another one is refused at once with a UserError.
-
-        The operating system releases the lock when the process ends, however it ends (kill -9 included).
-        """
+        """Hold the folder for one training process, another one refused at once with a UserError; the operating
+        system releases it when the process ends, however it ends (kill -9 included)."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -118,11 +116,8 @@ class RunFolder:
               f"flags given")
 
     def read_checkpoint(self, path: str) -> dict:
-        """A checkpoint of this script, or a UserError that says what is wrong with the file.
-
-        One schema: model, generators (name: state), args, segments and provenance, with the script's own parts.
-        Checkpoints written before it (meta_net; one generator) are read into it.
-        """
+        """A checkpoint of this script in one schema (model, generators, args, segments, provenance and the script's
+        own parts; older ones, with meta_net and one generator, are read into it), or a UserError that says why not."""
         state = load_checkpoint_file(path, self.program, self.script)
         if "meta_net" in state:
             state["model"] = state.pop("meta_net")
@@ -171,9 +166,8 @@ class RunFolder:
         return locked(self.path / RESULTS_LOCK)
 
     def add_result(self, key: str, entry: dict) -> str:
-        """Add an entry to results.json under `key` (what it measured) and return the key; every other entry stays as
-        it was, those that other processes write meanwhile included. The same measurement made again (on another
-        device, say) is kept beside the first, as "<key> #2"."""
+        """Add an entry to results.json under `key` (what it measured; a repeat is kept beside it as "<key> #2"),
+        leaving every other entry as it is, those other processes write meanwhile included; return its key."""
         with self.results_lock():
             results = self.results()
             unique, repeat = key, 1
@@ -185,9 +179,8 @@ class RunFolder:
         return unique
 
     def record_evaluation(self, key: str, entry: dict, settings: dict, training: list[dict], device: str) -> str:
-        """add_result with what every evaluation carries: the run's settings, what evaluated it (provenance) and what
-        trained the checkpoint (`training`: its segments; empty for checkpoints written before they were kept); say
-        where it went."""
+        """add_result with the run's settings, what evaluated it (provenance) and what trained the checkpoint
+        (`training`: its segments); say where it went."""
         key = self.add_result(key, {**entry, "settings": settings, "provenance": provenance(device),
                                     "training": training})
         print(f"recorded in {self.path / 'results.json'} as \"{key}\"")
