@@ -149,7 +149,7 @@ def killed_and_resumed(out: Path, device: str, iterations: int, setting: str) ->
         interrupted = process.poll() is None
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-    newest = max((killed / "checkpoint").iterdir(), key=lambda path: int(path.stem.split("-")[1]))
+    newest = options.folder(killed).newest_checkpoint()
     assert train(killed, flags, log).returncode == 0, f"the resumed run failed: see {log}"
     largest, close, identical = difference(*(options.folder(run).read_checkpoint(
         run / "checkpoint" / f"check-{iterations}.pth")["model"].values() for run in (straight, killed)))
