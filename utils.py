@@ -32,10 +32,8 @@ class WriteError(UserError):
 
 
 def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """Write a file through `write(file)` under a temporary name, then rename it into place.
-
-    A failed write removes the temporary file and raises a WriteError that names the file and the reason.
-    """
+    """Write a file through `write(file)` under a temporary name, then rename it into place; a failed write removes
+    the temporary file and raises a WriteError that names the file and the reason."""
     path = Path(path)
     temporary = path.with_name(path.name + ".tmp")
     try:
@@ -51,10 +49,8 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
 
 @contextlib.contextmanager
 def locked(path: Path, wait: bool = True):
-    """Hold an exclusive lock on the file `path` (made if missing), freed when the process ends; yields its descriptor.
-
-    With wait=False, a lock held elsewhere raises BlockingIOError at once instead of being waited for.
-    """
+    """Hold an exclusive lock on the file `path` (made if missing), freed when the process ends; yield its descriptor.
+    With wait=False, a lock held elsewhere raises BlockingIOError at once instead of being waited for."""
     try:
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as error:
