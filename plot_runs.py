@@ -23,7 +23,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from utils import UserError, positive_int, read_json, run_script, write_json
+from utils import UserError, positive_int, pyplot, read_json, run_script, write_json
 
 TAG = "meta-test/accuracy"
 CURVE = "curve.json"
@@ -205,12 +205,7 @@ def main(argv: list[str]) -> int:
             else:
                 print(f"wrote {summarize(Path(run), args.summarize) if args.summarize else write_means(Path(run))}")
         return 0
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only, no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("it needs matplotlib; install it with: pip install matplotlib") from None
+    plt = pyplot("plot_runs.py")
     curves = {label(Path(run)): read_curve(Path(run)) for run in args.runs}
     figure, axes = plt.subplots(figsize=(11, 5))
     for name, (steps, values) in curves.items():

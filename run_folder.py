@@ -127,6 +127,13 @@ class RunFolder:
         state["path"] = str(path)
         return state
 
+    def checkpoint_to_evaluate(self, path: Optional[str]) -> dict:
+        """The checkpoint at `path`, or the newest one; a UserError if there is none."""
+        path = path or self.newest_checkpoint()
+        if path is None:
+            raise UserError(f"{self.path} holds no checkpoint; train first, or give --checkpoint FILE")
+        return self.read_checkpoint(path)
+
     def newest_good_checkpoint(self) -> Optional[dict]:
         """The newest readable checkpoint, skipping (and reporting) damaged ones; None if there is none."""
         for path in reversed(self.checkpoints()):

@@ -193,10 +193,7 @@ def new_model(args: argparse.Namespace) -> OmniglotModel:
 def evaluate_checkpoint(args: argparse.Namespace) -> int:
     """--eval-only and --eval-lake: evaluate a checkpoint of the run and record the result."""
     folder = options.folder(args.logdir)
-    checkpoint_path = args.checkpoint or folder.newest_checkpoint()
-    if checkpoint_path is None:
-        raise UserError(f"--eval-only: {args.logdir} holds no checkpoint; train first, or give --checkpoint FILE")
-    state = folder.read_checkpoint(checkpoint_path)
+    state = folder.checkpoint_to_evaluate(args.checkpoint)
     checkpoint_path = state["path"]
     samplers, split, data_dir = load_samplers(args)
     meta_model = new_model(args)

@@ -26,7 +26,7 @@ import options
 import reptile
 from reptile import Hyperparameters, TestTask
 from run_folder import Training
-from utils import UserError, confidence_interval, run_script, stream
+from utils import UserError, confidence_interval, pyplot, run_script, stream
 
 AMPLITUDES, PHASES, X_RANGE = (0.1, 5.0), (0.0, 2 * math.pi), (-5.0, 5.0)  # the task distribution
 GRID = torch.linspace(*X_RANGE, 1000).unsqueeze(1)  # where a held-out wave's error is measured
@@ -154,19 +154,14 @@ def score_held_out_waves(model: nn.Module, state: dict, args: argparse.Namespace
     for steps, error in result["mse"].items():
         print(f"after {steps:>2} steps: mean squared error {error['mean']:.3f} +- {error['ci95']:.3f} (95% CI, "
               f"{args.eval_waves} held-out waves, {args.shots} points each)")
-    options.sine_folder(logdir).record_evaluation(evaluation_key(args, state["meta_iteration"]), result, state["args"],
-                                         state["segments"], "cpu")
+    options.sine_folder(logdir).record_evaluation(evaluation_key(args, state["meta_iteration"]), result,
+                                                  state["args"], state["segments"], "cpu")
 
 
 def draw_figure(logdirs: list[Path], path: str, seed: int) -> None:
     """The paper's Figure 1 from each run's latest checkpoint: a held-out wave, its points, and the predictions
     after 0, 1 and 32 steps."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("--figure needs matplotlib: pip install matplotlib") from None
+    plt = pyplot("--figure")
     task = draw_held_out(1, 10, stream(seed, HELD_OUT_STREAM))[0]
     figure, axes = plt.subplots(1, len(logdirs), figsize=(4.5 * len(logdirs), 3.9), sharey=True, squeeze=False)
     for axis, logdir in zip(axes[0], logdirs):
@@ -203,11 +198,7 @@ def new_model(settings: dict) -> SineModel:
 
 def load_model(logdir: Path, checkpoint: Optional[str]) -> tuple[SineModel, dict]:
     """The network of a checkpoint (default: the run's latest) and the checkpoint."""
-    folder = options.sine_folder(logdir)
-    path = checkpoint or folder.newest_checkpoint()
-    if path is None:
-        raise UserError(f"{logdir} holds no checkpoint; train first, or give --checkpoint FILE")
-    state = folder.read_checkpoint(path)
+    state = options.sine_folder(logdir).checkpoint_to_evaluate(checkpoint)
     model = SineModel(state["args"]["activation"], state["args"]["hidden"])
     model.load_state_dict(state["model"])
     return model, state

@@ -169,6 +169,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def pyplot(what: str):
+    """matplotlib.pyplot, drawing to files only; a UserError that says how to install it where it is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no display needed
+        import matplotlib.pyplot
+    except ImportError:
+        raise UserError(f"{what} needs matplotlib; install it with: pip install matplotlib") from None
+    return matplotlib.pyplot
+
+
 def processes() -> int:
     """How many processes share the work: torchrun's world size, or 1."""
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
