@@ -70,6 +70,8 @@ def test_a_tiny_run_trains_logs_checkpoints_and_records_its_evaluation(tmp_path)
     changed = sine(str(run), *TINY, "--lr", "0.01", check=False)  # args.json says 0.02
     assert changed.returncode == 2 and "--lr 0.01 differs from 0.02" in changed.stderr
     assert len(changed.stderr.strip().splitlines()) == 1
+    shorter = sine(str(run), "--meta-iterations", "30", check=False)
+    assert shorter.returncode == 2 and "--meta-iterations 30 is below the 40 this run has done" in shorter.stderr
     longer = sine(str(run), "--meta-iterations", "50", "--eval-waves", "5")  # the rest from args.json
     assert "resumed" in longer.stdout and read_json(run / "args.json") == settings(meta_iterations=50)
     assert (run / "checkpoint" / "check-50.pth").exists() and len(read_results(run)) == 2
