@@ -34,6 +34,9 @@ class SetInfo(NamedTuple):
     characters: int
     images: int
 
+    def counts(self) -> tuple[int, int, int]:
+        return self.alphabets, self.characters, self.images
+
 
 SETS = {
     "images_background": SetInfo("68d2efa1b9178cc56df9314c21c6e718", 30, 964, 19280),
@@ -48,14 +51,15 @@ PAPER_TRAIN_CHARACTERS = 1200
 SPLITS = ("paper", "random-1200", "background")
 
 
-def count_tree(root: Path) -> tuple[int, int, int]:
-    """(alphabets, characters, images) in a folder laid out ALPHABET/characterNN/*.png."""
-    if not root.is_dir():
-        return 0, 0, 0
-    alphabets = [a for a in visible(root) if a.is_dir()]
+def check_counts(root: Path, expected: tuple[int, int, int], where: str, repair: str) -> None:
+    """A UserError unless the folder `root`, laid out ALPHABET/characterNN/*.png, holds `expected` (alphabets,
+    characters, images); the message names the folder (`where`) and what to do (`repair`)."""
+    alphabets = [a for a in visible(root) if a.is_dir()] if root.is_dir() else []
     characters = [c for a in alphabets for c in visible(a) if c.is_dir()]
-    images = sum(f.suffix == ".png" for c in characters for f in visible(c))
-    return len(alphabets), len(characters), images
+    found = (len(alphabets), len(characters), sum(f.suffix == ".png" for c in characters for f in visible(c)))
+    if found != expected:
+        raise UserError(f"{where} holds {found[0]} alphabets, {found[1]} characters and {found[2]} images, where "
+                        f"Omniglot has {expected[0]}, {expected[1]} and {expected[2]}; {repair}")
 
 
 def fetch_archive(url: str, md5: str, data_dir: Path, mirror: Optional[str]) -> tuple[Path, bool]:
@@ -103,14 +107,12 @@ def extract_checked(archive: Path, name: str, staging: Path, downloaded: bool) -
             archive.unlink(missing_ok=True)
         raise UserError(f"{archive} is damaged ({error}); {repair}") from None
     root = staging / name
-    expected = SETS[name]
-    found = count_tree(root)
-    if found != (expected.alphabets, expected.characters, expected.images):
+    try:
+        check_counts(root, SETS[name].counts(), f"{archive}, under {name}/,", repair)
+    except UserError:
         if downloaded:
             archive.unlink(missing_ok=True)
-        raise UserError(f"{archive} holds {found[0]} alphabets, {found[1]} characters and {found[2]} images "
-                        f"under {name}/, where Omniglot has {expected.alphabets}, {expected.characters} and "
-                        f"{expected.images}; {repair}")
+        raise
     return root
 
 
@@ -148,12 +150,9 @@ def fill_data_folder(data_dir: Path, mirror: Optional[str]) -> None:
             shutil.rmtree(destination, ignore_errors=True)  # left by an interrupted merge
             os.replace(root / alphabet, destination)
     shutil.rmtree(staging)
-    expected = tuple(sum(getattr(s, field) for s in SETS.values()) for field in ("alphabets", "characters", "images"))
-    found = count_tree(data_dir)
-    if found != expected:
-        raise UserError(f"{data_dir} holds {found[0]} alphabets, {found[1]} characters and {found[2]} images after "
-                        f"merging, where Omniglot has {expected[0]}, {expected[1]} and {expected[2]}; it holds "
-                        f"something else too: delete it (or choose another --data folder) and run again")
+    check_counts(data_dir, tuple(map(sum, zip(*(info.counts() for info in SETS.values())))),
+                 f"{data_dir}, after merging,", "it holds something else too: delete it (or choose another --data "
+                 "folder) and run again")
     for path, downloaded in archives.values():
         if downloaded:
             path.unlink()

@@ -220,7 +220,7 @@ def test_two_processes_preparing_one_folder_extract_it_once(mirror, tmp_path):
     outputs = [process.communicate(timeout=300) for process in processes]
     assert [process.returncode for process in processes] == [0, 0], outputs
     assert sum("extracting Omniglot" in stdout for stdout, _ in outputs) == 1  # the other waited and used its work
-    assert omniglot.count_tree(tmp_path / "data") == (50, 1623, 32460)
+    omniglot.check_counts(tmp_path / "data", (50, 1623, 32460), "the folder", "")  # else UserError
 
 
 def test_an_interrupted_extraction_is_redone(mirror, tmp_path):
@@ -229,7 +229,7 @@ def test_an_interrupted_extraction_is_redone(mirror, tmp_path):
     (data / "Latin" / "character01").mkdir(parents=True)  # half-moved alphabet from an earlier attempt
     (data / "Latin" / "character01" / "0001_01.png").write_bytes(b"partial")
     omniglot.prepare_data(str(data), str(mirror))
-    assert omniglot.count_tree(data) == (50, 1623, 32460)
+    omniglot.check_counts(data, (50, 1623, 32460), "the folder", "")  # else UserError
     assert not (data / ".extracting").exists()
     assert (data / omniglot.MARKER).is_file()
 
