@@ -11,7 +11,6 @@ not depend on the pixels, and no data folder is needed.
 """
 import argparse
 import copy
-import dataclasses
 import time
 from typing import Callable
 
@@ -115,9 +114,7 @@ MAML_SETTINGS = [name for name in options.PAPER_SETTINGS if "maml" in name]
 def time_maml_forms(setting: str, device: str, rounds: int, iterations: int) -> None:
     """Print the seconds a meta-iteration of a MAML preset takes with its tasks adapted one after another and side by
     side (--side-by-side), timed in turn round by round on the same tasks, and what 60,000 take at each."""
-    flags = options.PAPER_SETTINGS[setting]
-    hp = Hyperparameters(**{field.name: flags.get(field.name, field.default)
-                            for field in dataclasses.fields(Hyperparameters)})
+    hp, flags = options.preset(setting)
     sampler = synthetic_samplers(device)["meta-train"]
     torch.manual_seed(0)
     model = OmniglotModel(hp.classes, maml=flags["model"] == "maml")
@@ -127,7 +124,7 @@ def time_maml_forms(setting: str, device: str, rounds: int, iterations: int) -> 
     seconds = {form: total / (rounds * iterations) for form, total in time_in_turn(
         {form: lambda generator, step=step: [step(hp.meta_lr, generator) for _ in range(iterations)]
          for form, step in forms.items()}, rounds, device).items()}
-    chosen = "side by side" if flags.get("side_by_side") else "one after another"
+    chosen = "side by side" if flags["side_by_side"] else "one after another"
     print(f"{setting}: " + ", ".join(f"{form} {each:.3f} s/it ({each * hp.meta_iterations / 3600:.1f} h)"
                                      for form, each in seconds.items())
           + f"; ratio {seconds['one after another'] / seconds['side by side']:.2f}x; the preset: {chosen}",
@@ -159,7 +156,7 @@ def main() -> None:
         for setting in bench.maml:
             time_maml_forms(setting, bench.device, bench.rounds, bench.iterations)
         return
-    hp = Hyperparameters(**options.PAPER_SETTINGS[f"{bench.classes}way{bench.shots}shot"])
+    hp, _ = options.preset(f"{bench.classes}way{bench.shots}shot")
     device = bench.device
     samplers = synthetic_samplers(device)
     print(f"bench: {hp.classes}-way {hp.shots}-shot, paper settings, {device}"

@@ -4,19 +4,22 @@
 
 It checks graph replay against eager execution on CUDA, a killed and resumed run against an uninterrupted one,
 a CPU checkpoint resumed on CUDA, torchrun's process group there, and the vmapped evaluator against the per-task
-one; then it runs bench.py for 5-way (with and without graphs) and 20-way, and times a 2,000-meta-iteration 5-way
-run and a 1,000 one of 20-way. Each check prints PASS or FAIL with its figures; the summary ends the output.
+one, for Reptile, first-order MAML and MAML; then it runs bench.py for 5-way (with and without graphs) and 20-way,
+times a 2,000-meta-iteration 5-way run and a 1,000 one of 20-way, and short runs of the four 20-way MAML presets
+(their seconds a meta-iteration, multiplied out to 60,000). Each check prints PASS or FAIL with its figures; the
+summary ends the output.
 `--device cpu --quick` runs the same code on the CPU (without graphs), to try the script where there is no GPU.
 """
 import argparse
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
@@ -54,13 +57,17 @@ def difference(first: Iterable[torch.Tensor], second: Iterable[torch.Tensor]) ->
             all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in pairs), all(torch.equal(a, b) for a, b in pairs))
 
 
-def train_side(device: str, hp: Hyperparameters, iterations: int, graphs: bool, deterministic: bool = True) -> tuple:
-    """A meta-model after `iterations` meta-iterations (validated every 2), its validation scores, seconds, capture."""
+def train_side(device: str, hp: Hyperparameters, iterations: int, graphs: bool, deterministic: bool = True,
+               flags: Optional[dict] = None) -> tuple:
+    """A meta-model after `iterations` meta-iterations (validated every 2), its validation scores, seconds, capture;
+    `flags`: a preset's model, loss and side_by_side (options.preset)."""
+    flags = flags or options.preset("5way1shot")[1]
     samplers = bench.synthetic_samplers(device)
     torch.manual_seed(0)
-    meta_model = fast.prepare_model(OmniglotModel(hp.classes), device)
+    meta_model = fast.prepare_model(OmniglotModel(hp.classes, maml=flags["model"] == "maml"), device)
     torch.backends.cudnn.deterministic = deterministic  # prepare_model holds it on CUDA: lifted to show why
-    meta_learner = reptile.MetaLearner(meta_model, hp)
+    loss = options.LOSSES[flags["loss"]]
+    meta_learner = reptile.MetaLearner(meta_model, hp, loss, flags["side_by_side"])
     inner_optimizer = meta_learner.inner_optimizer
     meta_iteration = fast.MetaIteration(meta_learner, samplers["meta-train"], cuda_graphs=graphs)
     generator, validation = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
@@ -69,16 +76,18 @@ def train_side(device: str, hp: Hyperparameters, iterations: int, graphs: bool, 
     for iteration in range(iterations):
         meta_iteration(reptile.meta_step_size(iteration, hp), generator)
         if (iteration + 1) % 2 == 0:
-            scorer = scorer or evaluate.TestTaskScorer(meta_model, inner_optimizer.state_dict(), hp, cuda_graphs=graphs)
+            scorer = scorer or evaluate.TestTaskScorer(meta_model, inner_optimizer.state_dict(), hp, loss=loss,
+                                                       cuda_graphs=graphs)
             scores.append(evaluate.score_new_task(scorer, samplers["meta-test"], validation))
     bench.synchronize(device)
     return meta_model, scores, time.perf_counter() - started, meta_iteration.adapt.graph is not None
 
 
-def graphs_against_eager(device: str, hp: Hyperparameters, iterations: int, label: str) -> None:
+def graphs_against_eager(device: str, hp: Hyperparameters, iterations: int, label: str,
+                         flags: Optional[dict] = None) -> None:
     """The same meta-iterations and validation tasks with and without CUDA graphs: the same meta-weights."""
-    graph_model, graph_scores, graph_time, captured = train_side(device, hp, iterations, True)
-    eager_model, eager_scores, eager_time, _ = train_side(device, hp, iterations, False)
+    graph_model, graph_scores, graph_time, captured = train_side(device, hp, iterations, True, flags=flags)
+    eager_model, eager_scores, eager_time, _ = train_side(device, hp, iterations, False, flags=flags)
     largest, close, identical = difference(graph_model.parameters(), eager_model.parameters())
     score_difference = max(abs(a - b) for pair in zip(graph_scores, eager_scores) for a, b in zip(*pair))
     report(f"graph replay = eager, {label}", close and captured == (device == "cuda"),
@@ -195,8 +204,11 @@ def timed_run(out: Path, device: str, flags: list[str], label: str) -> None:
     seconds = time.perf_counter() - started
     iterations = int(flags[flags.index("--meta-iterations") + 1])
     rates = [part for part in log.read_text().replace("\r", "\n").splitlines() if "meta-training: 100%" in part]
+    rate = re.search(r"([\d.]+)(s/it|it/s)\]", rates[-1]) if rates else None
+    per_iteration = None if rate is None else float(rate[1]) if rate[2] == "s/it" else 1 / float(rate[1])
+    full = "" if per_iteration is None else f"; at that rate, {60000 * per_iteration / 3600:.1f} h for 60,000"
     report(f"timed run {label}", status == 0, f"python train_omniglot.py {' '.join(flags)}: {seconds:.0f} s in all "
-           f"for {iterations} meta-iterations; progress bar at the end: {rates[-1].strip() if rates else '?'}")
+           f"for {iterations} meta-iterations; progress bar at the end: {rates[-1].strip() if rates else '?'}{full}")
 
 
 def run_bench(out: Path, device: str, flags: list[str], label: str) -> None:
@@ -212,7 +224,7 @@ def main() -> None:
     parser.add_argument("out", help="folder for the logs and runs")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--quick", action="store_true", help="small sizes (to try the script)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=("equality", "runs", "bench", "timing"),
+    parser.add_argument("--skip", nargs="*", default=[], choices=("equality", "runs", "bench", "timing", "maml"),
                         help="check groups to skip")
     args = parser.parse_args()
     out = Path(args.out)
@@ -220,8 +232,8 @@ def main() -> None:
     device = args.device
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"check_gpu.py on {name}, PyTorch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M %Z')}", flush=True)
-    five_way = Hyperparameters(**options.PAPER_SETTINGS["5way1shot"])
-    twenty_way = Hyperparameters(**options.PAPER_SETTINGS["20way1shot"])
+    five_way, twenty_way = options.preset("5way1shot")[0], options.preset("20way1shot")[0]
+    maml, maml_flags = options.preset("maml-5way1shot")
     iterations = 10 if args.quick else 50
     fomaml = dataclasses.replace(five_way, algorithm="fomaml", query_shots=5, inner_optimizer="sgd",
                                  weight_decay=0.999, replacement=True, train_shots=15, inner_steps=3)
@@ -230,6 +242,8 @@ def main() -> None:
         attempt("graphs, 20-way", graphs_against_eager, device, twenty_way, iterations // 5, "20-way")
         attempt("graphs, first-order MAML", graphs_against_eager, device, fomaml, iterations // 5,
                 "first-order MAML with tail, SGD, weight decay, replacement")
+        attempt("graphs, MAML", graphs_against_eager, device, maml, iterations // 5,
+                "MAML 5-way 1-shot, tasks side by side", maml_flags)
         attempt("vmapped evaluator", vmapped_evaluator, device, 20 if args.quick else 100)
         if device == "cuda":
             attempt("cuDNN's default algorithms", nondeterministic_cudnn, device, twenty_way, 10)
@@ -252,6 +266,10 @@ def main() -> None:
         attempt("timed 20-way", timed_run, out, device,
                 ["--paper-setting", "20way1shot", "--meta-iterations", "10" if args.quick else "1000", *short],
                 "20way1shot")
+    if "maml" not in args.skip:  # what the 20-way MAML cells would cost on this device
+        for setting in ("maml-20way1shot", "fomaml-20way1shot", "maml-20way5shot", "fomaml-20way5shot"):
+            attempt(f"timed {setting}", timed_run, out, device, ["--paper-setting", setting, "--meta-iterations",
+                    "2" if args.quick else "50", "--eval-tasks", "20", "--meta-test-only"], setting)
     failed = [name for name, passed in RESULTS if not passed]
     print(f"summary: {len(RESULTS) - len(failed)} passed, {len(failed)} failed" +
           (f" ({'; '.join(failed)})" if failed else ""), flush=True)

@@ -299,6 +299,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def preset(setting: str) -> tuple[Hyperparameters, dict]:
+    """A --paper-setting's hyperparameters (the defaults where it names none) and its other flags (model, loss,
+    side_by_side), for code that runs it without the command line."""
+    flags = PAPER_SETTINGS[setting]
+    fields = {field.name for field in dataclasses.fields(Hyperparameters)}
+    return (Hyperparameters(**{name: value for name, value in flags.items() if name in fields}),
+            {"model": "reptile", "loss": "sum", "side_by_side": False,
+             **{name: value for name, value in flags.items() if name not in fields}})
+
+
 def hyperparameters(args: argparse.Namespace) -> Hyperparameters:
     """The run's hyperparameters, for reptile.py."""
     return Hyperparameters(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Hyperparameters)})
