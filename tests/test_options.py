@@ -84,3 +84,11 @@ def test_a_resumed_sine_run_refuses_exactly_the_flags_that_change_what_it_learns
         assert getattr(options.parse_sine_args([logdir, *other_value(parser, name)]), name) != \
             parser.get_default(name)
     assert set(options.sine_settings(parser.parse_args([]))) == SINE_KEPT_BY_TRAINING | {"meta_iterations"}
+
+
+def test_a_preset_outside_the_command_line_is_what_the_command_line_makes_of_it(tmp_path):
+    for setting in options.PAPER_SETTINGS:
+        args = options.parse_args([str(tmp_path / setting), "--paper-setting", setting])
+        hp, flags = options.preset(setting)
+        assert hp == options.hyperparameters(args), setting
+        assert flags == {name: getattr(args, name) for name in ("model", "loss", "side_by_side")}, setting
