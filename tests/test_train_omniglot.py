@@ -633,8 +633,8 @@ def test_the_command_line_reports_a_bad_flag_in_one_line(run_script, tmp_path):
 def test_eval_only_on_an_empty_logdir_is_one_line(run_here, tmp_path):
     result = run_here(str(tmp_path / "empty"), "--eval-only")
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert visible_lines(result.stderr) == [f"train_omniglot.py: error: --eval-only: {tmp_path / 'empty'} holds no "
-                                            f"checkpoint; train first, or give --checkpoint FILE"]
+    assert visible_lines(result.stderr) == [f"train_omniglot.py: error: {tmp_path / 'empty'} holds no checkpoint; "
+                                            f"train first, or give --checkpoint FILE"]
 
 
 def test_each_process_destroys_its_process_group_even_after_an_error(run_here, tmp_path, monkeypatch):
