@@ -256,6 +256,16 @@ def measured(entry: dict) -> tuple:
             seed)
 
 
+def evaluation_mode(transductive: bool) -> str:
+    """How a test task's queries are classified, as results.json names it."""
+    return "transductive" if transductive else "non-transductive"
+
+
+def cell(shots: int, transductive: bool) -> str:
+    """What an evaluation measures, e.g. "5-shot non-transductive"."""
+    return f"{shots}-shot {evaluation_mode(transductive)}"
+
+
 def result_key(entry: dict) -> str:
     """The key of a new results.json entry, from what it measured, e.g. "1-shot non-transductive at 100000, 10000
     tasks, seed 0" or "lake one-shot at 200000, seed 0"."""

@@ -302,10 +302,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def preset(setting: str) -> tuple[Hyperparameters, dict]:
     """A --paper-setting's hyperparameters (the defaults where it names none) and its other flags (model, loss,
     side_by_side), for code that runs it without the command line."""
-    flags = PAPER_SETTINGS[setting]
-    fields = {field.name for field in dataclasses.fields(Hyperparameters)}
+    flags, fields = PAPER_SETTINGS[setting], {field.name for field in dataclasses.fields(Hyperparameters)}
     return (Hyperparameters(**{name: value for name, value in flags.items() if name in fields}),
-            {"model": "reptile", "loss": "sum", "side_by_side": False,
+            {"model": OMNIGLOT_DEFAULTS["model"], "loss": OMNIGLOT_DEFAULTS["loss"], "side_by_side": False,
              **{name: value for name, value in flags.items() if name not in fields}})
 
 
@@ -318,16 +317,6 @@ def saved_args(args: argparse.Namespace) -> dict:
     """The settings of a run, as written to args.json."""
     flags = omniglot_flags()
     return {name: value for name, value in vars(args).items() if name in flags and name not in with_roles(flags, "now")}
-
-
-def evaluation_mode(args: argparse.Namespace) -> str:
-    """How queries are classified: "transductive" or "non-transductive"."""
-    return "transductive" if args.transductive else "non-transductive"
-
-
-def cell(args: argparse.Namespace) -> str:
-    """What an evaluation with these settings measures, e.g. "5-shot non-transductive"."""
-    return f"{args.shots}-shot {evaluation_mode(args)}"
 
 
 # ----------------------------------------------------------------------------- train_sine.py

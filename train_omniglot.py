@@ -95,15 +95,16 @@ def final_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Opt
                      training: list[dict]) -> None:
     """Evaluate on --eval-tasks tasks of each character set (or meta-test only); print and record the accuracies."""
     hp = options.hyperparameters(args)
-    mode = options.evaluation_mode(args)
+    mode = evaluate.evaluation_mode(args.transductive)
     seconds = 0.0
     result = {"shots": hp.shots, "mode": mode, "meta_iteration": iteration, "checkpoint": checkpoint,
               "split": split["split"], "tasks": args.eval_tasks}
     names = ["meta-test"] if args.meta_test_only else list(samplers)
     workers = args.workers if processes() == 1 and args.device == "cpu" else 0
     # A stopped evaluation goes on from the tasks it finished (under torchrun it starts again).
-    kept = {name: evaluate.unfinished_evaluation(Path(args.logdir), options.cell(args), name, iteration, args.seed,
-                                                   args.eval_tasks) if processes() == 1 else None for name in names}
+    cell = evaluate.cell(args.shots, args.transductive)
+    kept = {name: evaluate.unfinished_evaluation(Path(args.logdir), cell, name, iteration, args.seed, args.eval_tasks)
+            if processes() == 1 else None for name in names}
     with evaluate.start_pool(samplers, workers) as pool:
         for name in names:
             started = time.time()
@@ -236,12 +237,12 @@ def resume(folder: RunFolder, meta_learner: reptile.MetaLearner, generators: dic
 def already_evaluated(args: argparse.Namespace, iteration: int) -> bool:
     """Whether results.json holds this finished run's evaluation (said when it does)."""
     folder = options.folder(args.logdir)
-    result = evaluate.find_result(folder.results(), args.shots, options.evaluation_mode(args), iteration,
+    result = evaluate.find_result(folder.results(), args.shots, evaluate.evaluation_mode(args.transductive), iteration,
                                   args.eval_tasks, args.seed)
     if result is not None and rank() == 0:
         accuracy = result["meta-test"]
-        folder.say_complete(f"its {options.cell(args)} evaluation (meta-test accuracy {accuracy['accuracy']:.2f}% "
-                            f"+- {accuracy['ci95']:.2f}%)")
+        folder.say_complete(f"its {evaluate.cell(args.shots, args.transductive)} evaluation (meta-test accuracy "
+                            f"{accuracy['accuracy']:.2f}% +- {accuracy['ci95']:.2f}%)")
     return result is not None
 
 
