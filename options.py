@@ -316,7 +316,8 @@ def hyperparameters(args: argparse.Namespace) -> Hyperparameters:
 def saved_args(args: argparse.Namespace) -> dict:
     """The settings of a run, as written to args.json."""
     flags = omniglot_flags()
-    return {name: value for name, value in vars(args).items() if name in flags and name not in with_roles(flags, "now")}
+    recorded = set(flags) - set(with_roles(flags, "now"))
+    return {name: value for name, value in vars(args).items() if name in recorded}
 
 
 # ----------------------------------------------------------------------------- train_sine.py
@@ -367,7 +368,8 @@ def build_sine_parser() -> argparse.ArgumentParser:
 
 def sine_settings(args: argparse.Namespace) -> dict:
     """What a train_sine.py run's args.json holds: the flags that fix what it learns, and --meta-iterations."""
-    return {name: getattr(args, name) for name in SINE_FLAGS if name not in with_roles(SINE_FLAGS, "now")}
+    now = with_roles(SINE_FLAGS, "now")
+    return {name: getattr(args, name) for name in SINE_FLAGS if name not in now}
 
 
 def parse_sine_args(argv: list[str]) -> argparse.Namespace:

@@ -107,8 +107,9 @@ class RunFolder:
     def refuse_fewer_iterations(self, total: int) -> None:
         """A run may train longer, never shorter: --meta-iterations below what it has done is refused in one line."""
         newest = self.newest_checkpoint()
-        if newest is not None and checkpoint_iteration(newest) > total:
-            raise UserError(f"--meta-iterations {total} is below the {checkpoint_iteration(newest)} this run has done; "
+        done = checkpoint_iteration(newest) if newest is not None else 0
+        if done > total:
+            raise UserError(f"--meta-iterations {total} is below the {done} this run has done; "
                             f"use --eval-only --checkpoint to evaluate an earlier checkpoint")
 
     def say_resumed(self, start: int, total: int) -> None:
