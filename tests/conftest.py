@@ -64,7 +64,10 @@ def data_dir(tmp_path_factory) -> Path:
     its default data folder (kept there for the next run)."""
     mirror = find_mirror()
     if mirror is not None:
-        return omniglot.prepare_data(str(tmp_path_factory.mktemp("data") / "omniglot"), str(mirror))
+        # One folder for all of pytest-xdist's workers: prepare_data's lock lets the first fill it, the others wait.
+        shared = tmp_path_factory.getbasetemp().parent if os.environ.get("PYTEST_XDIST_WORKER") else \
+            tmp_path_factory.getbasetemp()
+        return omniglot.prepare_data(str(shared / "data" / "omniglot"), str(mirror))
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(60)  # a network that never answers fails the download instead of hanging it
     try:

@@ -261,7 +261,7 @@ def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(signum, script, tmp_
     logdir = tmp_path / "run"
     argv, environment = script(str(logdir), *TINY, "--meta-iterations", "100000", "--check-every", "100000")
     process = subprocess.Popen(argv, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    while not (logdir / "args.json").exists():
+    while not list(logdir.glob("events.out.tfevents.*")):  # training has begun: its signal handlers are set
         assert process.poll() is None, "the run ended before it started training"
         time.sleep(0.2)
     time.sleep(3)  # some meta-iterations
