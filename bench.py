@@ -10,9 +10,10 @@ paper split's shape (1,200 meta-training characters in 4 rotations, 423 meta-tes
 not depend on the pixels, and no data folder is needed.
 """
 import argparse
+import contextlib
 import copy
 import time
-from typing import Callable
+from typing import Callable, ContextManager, Optional
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -82,21 +83,23 @@ def matmul_peak(device: str, size: int = 2048, repeats: int = 10) -> float:
     return 2 * size ** 3 * repeats / (time.perf_counter() - started) / 1e9
 
 
-def time_in_turn(sides: dict[str, Callable[[torch.Generator], None]], rounds: int, device: str,
-                 seed: int = 0) -> dict[str, float]:
+def time_in_turn(sides: dict[str, Callable[[torch.Generator], None]], rounds: int, device: str, seed: int = 0,
+                 around: Optional[Callable[[str], ContextManager]] = None) -> dict[str, float]:
     """The seconds each side's work took in all, over `rounds` rounds after an untimed warm-up round; within a round
-    the sides run in turn, each from the same state of the random generator it is given."""
+    the sides run in turn, each from the same state of the random generator it is given, inside `around(side)` if
+    given (entered and left untimed)."""
     seconds, generator = dict.fromkeys(sides, 0.0), torch.Generator().manual_seed(seed)
     for round_ in range(rounds + 1):
         state = generator.get_state()
         for side, work in sides.items():
             generator.set_state(state)
-            synchronize(device)
-            started = time.perf_counter()
-            work(generator)
-            synchronize(device)
-            if round_:
-                seconds[side] += time.perf_counter() - started
+            with around(side) if around else contextlib.nullcontext():
+                synchronize(device)
+                started = time.perf_counter()
+                work(generator)
+                synchronize(device)
+                if round_:
+                    seconds[side] += time.perf_counter() - started
     return seconds
 
 
@@ -206,38 +209,34 @@ def main() -> None:
     workers = bench.workers if device == "cpu" else 0
     eval_flops = flops_of(lambda: evaluate.evaluate_tasks(project_model, inner_optimizer.state_dict(),
                                                           samplers["meta-test"], hp, [0]))
-    times, startup = {"baseline": 0.0, "project": 0.0}, 0.0
-    generator = torch.Generator().manual_seed(2)
-    for round_ in range(bench.rounds + 1):
-        state = generator.get_state()
-        for side in ("baseline", "project"):
-            generator.set_state(state)
-            # The project's worker processes live only while the project side runs: an idle pool that has
-            # worked slows this process down (seen here: 3x per step), which would handicap the baseline.
-            with evaluate.start_pool(samplers, workers if side == "project" else 0) as pool:
-                started = time.perf_counter()
-                if pool:  # start the workers untimed, as a run does once for its whole evaluation
-                    evaluate.score_tasks(project_model, inner_optimizer, samplers, "meta-test", hp, workers,
-                                         torch.Generator(), pool, workers)
-                    startup += time.perf_counter() - started
-                synchronize(device)
-                started = time.perf_counter()
-                if side == "baseline":
-                    baseline_evaluate(baseline_model, adam_state, samplers["meta-test"], hp,
-                                      evaluate.task_seeds(bench.tasks, generator))
-                else:
-                    evaluate.score_tasks(project_model, inner_optimizer, samplers, "meta-test", hp, bench.tasks,
-                                         generator, pool, workers)
-                synchronize(device)
-                if round_:
-                    times[side] += time.perf_counter() - started
+    pool, startup = None, []
+
+    @contextlib.contextmanager
+    def workers_of(side: str):
+        """The project's worker processes, alive only while its side runs (an idle pool that has worked slows this
+        process down, 3x per step seen here, which would handicap the baseline), started as a run does once."""
+        nonlocal pool
+        with evaluate.start_pool(samplers, workers if side == "project" else 0) as pool:
+            started = time.perf_counter()
+            if pool:
+                evaluate.score_tasks(project_model, inner_optimizer, samplers, "meta-test", hp, workers,
+                                     torch.Generator(), pool, workers)
+                startup.append(time.perf_counter() - started)
+            yield
+
+    times = time_in_turn({
+        "baseline": lambda generator: baseline_evaluate(baseline_model, adam_state, samplers["meta-test"], hp,
+                                                        evaluate.task_seeds(bench.tasks, generator)),
+        "project": lambda generator: evaluate.score_tasks(project_model, inner_optimizer, samplers, "meta-test", hp,
+                                                          bench.tasks, generator, pool, workers),
+    }, bench.rounds, device, seed=2, around=workers_of)
     tasks = bench.rounds * bench.tasks
     rate = {side: tasks / seconds for side, seconds in times.items()}
     eval_ratio = rate["project"] / rate["baseline"]
     if device == "cuda":
         how = f"up to {evaluate.TASKS_TOGETHER} tasks adapted side by side on the GPU"
     elif workers > 1:
-        how = f"{workers} worker processes, one thread each, started in {startup / (bench.rounds + 1):.1f} s"
+        how = f"{workers} worker processes, one thread each, started in {sum(startup) / len(startup):.1f} s"
     else:
         how = "in this process"
     print(f"evaluation ({hp.test_iterations} steps of batch {hp.test_batch}, non-transductive): "
