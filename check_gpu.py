@@ -2,12 +2,10 @@
 
     OMNIGLOT_MIRROR=FOLDER python check_gpu.py SCRATCH    # FOLDER holds the two Omniglot zips; runs go to SCRATCH
 
-It checks graph replay against eager execution on CUDA, a killed and resumed run against an uninterrupted one,
-a CPU checkpoint resumed on CUDA, torchrun's process group there, and the vmapped evaluator against the per-task
-one, for Reptile, first-order MAML and MAML; then it runs bench.py for 5-way (with and without graphs) and 20-way,
-times a 2,000-meta-iteration 5-way run and a 1,000 one of 20-way, and short runs of the four 20-way MAML presets
-(their seconds a meta-iteration, multiplied out to 60,000). Each check prints PASS or FAIL with its figures; the
-summary ends the output.
+Each check prints PASS or FAIL with its figures, and a summary ends the output: graph replay against eager
+execution (Reptile, first-order MAML, MAML), kill and resume, a CPU checkpoint resumed on CUDA, torchrun's process
+group, the vmapped evaluator against the per-task one; bench.py (5-way with and without graphs, 20-way); whole runs
+timed (5-way, 20-way, and the four 20-way MAML presets multiplied out to 60,000 meta-iterations).
 `--device cpu --quick` runs the same code on the CPU (without graphs), to try the script where there is no GPU.
 """
 import argparse

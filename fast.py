@@ -1,7 +1,6 @@
 """The fast path beside reptile.py: the same meta-iteration (reptile.MetaLearner) on tasks drawn as rows of an example
-bank kept on the model's device, so that a task is one gather there; on CUDA it is replayed as one captured graph,
-and under torchrun each process adapts its share of the tasks. tests/test_fast.py holds it equal to the plain
-algorithm, bit for bit.
+bank kept on the model's device (one gather a task), replayed as one captured graph on CUDA, shared out under
+torchrun. tests/test_fast.py holds it equal to the plain algorithm, bit for bit.
 """
 import sys
 from typing import Callable, Optional, Protocol

@@ -38,13 +38,9 @@ class MeanOverPositions(nn.Module):
 
 
 class OmniglotModel(ReptileModel):
-    """4 x [conv, BatchNorm, ReLU] on 1x28x28 images (28 -> 14 -> 7 -> 4 -> 2), then a linear classifier.
-
-    The Reptile paper's network classifies the 2 x 2 x 64 map flattened. `maml=True` builds the one in the MAML
-    paper's code instead: the classifier takes the map's mean over its 2 x 2 positions (64 features) and starts from
-    N(0, 1) weights; BatchNorm learns an offset but no scale (TensorFlow's batch_norm defaults), and only the
-    meta-update learns those offsets, as they are not among the weights the code's inner loop adapts (`meta_only`).
-    """
+    """4 x [conv, BatchNorm, ReLU] on 1x28x28 images (28 -> 14 -> 7 -> 4 -> 2), then a linear classifier of the
+    2 x 2 x 64 map flattened (the Reptile paper's); `maml=True`: the MAML paper's code's, which classifies the map's
+    mean over its positions, from N(0, 1) weights, with BatchNorm offsets (no scales) only the meta-update learns."""
 
     def __init__(self, num_classes: int, maml: bool = False):
         super().__init__()

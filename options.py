@@ -81,8 +81,7 @@ PAPER_SETTINGS = {f"{classes}way{shots}shot": {"classes": classes, "shots": shot
 
 def maml_setting(classes: int, shots: int, lr: float, steps: int, test_steps: int, meta_batch: int) -> dict:
     """One of the MAML paper's Omniglot settings (Finn et al. 2017, appendix A.1, and its code) in this script's
-    flags: K support and K query images per class, inner SGD steps on all the support images, the loss summed and
-    divided by K, Adam as the meta-optimizer, 60,000 meta-iterations, its network (features averaged)."""
+    flags."""
     return {"classes": classes, "shots": shots, "train_shots": 2 * shots, "query_shots": shots,
             "batch": classes * shots, "inner_steps": steps + 1, "test_batch": classes * shots,
             "test_iterations": test_steps, "lr": lr, "meta_batch": meta_batch, "meta_iterations": 60000,
@@ -91,9 +90,8 @@ def maml_setting(classes: int, shots: int, lr: float, steps: int, test_steps: in
 
 
 # MAML and, as the MAML paper defines it, first-order MAML: 5-way with 1 inner step of 0.4 at training and 3 at test
-# and 32 tasks a meta-batch; 20-way with 5 steps of 0.1 at both and 16 tasks. Tasks side by side where that was
-# measured faster on one CPU thread (5-way 1-shot: 0.37 s against 0.51 s a meta-batch for MAML, 0.17 against 0.23
-# first order; RESULTS.md).
+# and 32 tasks a meta-batch; 20-way with 5 steps of 0.1 at both and 16 tasks. Tasks side by side where `bench.py
+# --maml` measured that faster on one CPU thread: 5-way 1-shot (RESULTS.md, "MAML and first-order MAML on Omniglot").
 PAPER_SETTINGS.update({f"{name}-{classes}way{shots}shot": {**maml_setting(classes, shots, *steps), **first_order,
                                                            **({"side_by_side": True} if (classes, shots) == (5, 1)
                                                               else {})}

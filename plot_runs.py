@@ -6,13 +6,9 @@
     python plot_runs.py runs/5way* runs/20way* runs/combinations/g*/ --tensorboard-means  # each run's mean100/
     python plot_runs.py runs/5way-exact-split --hours   # how long its event files say it trained
 
-Each point logged during training is the accuracy on one meta-test task, so the curves show a moving average
-over a window of meta-iterations. A run folder without event files is drawn from its curve.json: the mean of each
-block of meta-iterations, small enough to commit where the event files are not, and smoothed over the same window.
-A run resumed from a clone that kept only its curve.json logs new event files; --summarize merges both, as often
-as it is run, keeping a block that spans the resumption as two parts. --tensorboard-means writes, for TensorBoard,
-the mean of the last 100 logged tasks of each character set, recomputed from a run's own logged points (or its
-curve.json's block means), into an event file of its own in LOGDIR/mean100/.
+Each logged point is the accuracy on one meta-test task, so the curves are moving averages over a window of
+meta-iterations. A run without event files is drawn from its curve.json (block means, small enough to commit);
+--summarize merges a curve.json with newer event files, keeping a block that spans a resumption as two parts.
 """
 import argparse
 import shutil

@@ -88,9 +88,8 @@ def backpropagate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
 
 
 def inner_parameters(model: nn.Module, copies: Optional[Iterable[torch.Tensor]] = None) -> list[torch.Tensor]:
-    """The parameters that the inner loop adapts: all but those named in the model's `meta_only` attribute (if any),
-    which the meta-update alone learns. With `copies` (one tensor per parameter, in the model's order): the copies of
-    those parameters."""
+    """The parameters that the inner loop adapts: all but those named in the model's `meta_only` attribute (if any);
+    with `copies` (one tensor per parameter, in the model's order), their copies."""
     meta_only = getattr(model, "meta_only", frozenset())
     copies = model.parameters() if copies is None else copies
     return [copy for (name, _), copy in zip(model.named_parameters(), copies, strict=True) if name not in meta_only]
@@ -99,9 +98,8 @@ def inner_parameters(model: nn.Module, copies: Optional[Iterable[torch.Tensor]] 
 def adapt(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
           loss: Loss = summed_cross_entropy, weight_decay: float = 1.0,
           gradients: Callable[..., None] = backpropagate) -> None:
-    """Train `model` with one optimizer step on each mini-batch (inputs, targets) in turn; `gradients(model, inputs,
-    targets, loss)` sets the parameters' .grad (evaluate.SideBySide brings its own). Weight decay shrinks the weights
-    that the optimizer steps."""
+    """One optimizer step on each mini-batch (inputs, targets) in turn, after multiplying the stepped weights by
+    `weight_decay`; `gradients(model, inputs, targets, loss)` sets their .grad."""
     for inputs, targets in batches:
         if weight_decay != 1.0:
             with torch.no_grad():
@@ -132,15 +130,9 @@ def copy_weights(source: nn.Module, destination: nn.Module) -> None:
 
 def maml_gradients(model: nn.Module, task: Task, lr: float, loss: Loss = summed_cross_entropy,
                    first_order: bool = False, side_by_side: bool = False) -> list[torch.Tensor]:
-    """MAML's meta-gradient of one task: the gradient with respect to the model's weights of the query's loss (the
-    last mini-batch) after SGD steps of size lr on the others, differentiated through those steps; first order: with
-    the steps held constant, which is the query loss's gradient at the adapted weights. The steps leave the model's
-    `meta_only` parameters alone (inner_parameters).
-
-    side_by_side: `task` is several tasks of the same shapes, each tensor stacked along a new first dimension, and so
-    is each gradient: one computation vmapped over the tasks, faster than a loop where the tasks are small (on CPU,
-    5-way 1-shot), slower where they are not; the two agree to rounding.
-    """
+    """MAML's meta-gradient of one task: the gradient of the query's loss (the last mini-batch) after SGD steps of
+    size lr on the others (not on `meta_only` parameters), through those steps; first order: at the adapted weights.
+    side_by_side: `task` is several same-shaped tasks stacked along a new first dimension, and so is each gradient."""
     stepped = inner_parameters(model, [name for name, _ in model.named_parameters()])
 
     def adapted(weights: dict[str, torch.Tensor], task: Task) -> dict[str, torch.Tensor]:

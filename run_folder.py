@@ -200,10 +200,9 @@ class RunFolder:
 
 
 class Training:
-    """The stretch of a run's training that this process does, from meta-iteration `start` to `total`: a progress
-    bar, TensorBoard's writer (with `writes`), Ctrl-C or SIGTERM as a request to stop after the current meta-iteration,
-    the run's segments with what trained each, and write errors turned into one line that says what is kept and how
-    to resume. `any_process(flag)` makes every process of a torchrun stop at the same meta-iteration."""
+    """The stretch of a run that this process trains, from meta-iteration `start` to `total`: progress bar, TensorBoard
+    writer (if `writes`), stop signals (`any_process`: every process of a torchrun stops at the same meta-iteration),
+    segments with what trained each, and write errors as one line that says what is kept and how to resume."""
 
     def __init__(self, folder: RunFolder, start: int, total: int, segments: list[dict], device: str,
                  resume_command: str, check_every: int, description: str, writes: bool = True,
