@@ -81,7 +81,7 @@ PAPER_SETTINGS = {f"{classes}way{shots}shot": {"classes": classes, "shots": shot
 
 def maml_setting(classes: int, shots: int, lr: float, steps: int, test_steps: int, meta_batch: int) -> dict:
     """One of the MAML paper's Omniglot settings (Finn et al. 2017, appendix A.1, and its code) in this script's
-    flags."""
+    flags: K support and K query images per class, every inner SGD step on all the support images."""
     return {"classes": classes, "shots": shots, "train_shots": 2 * shots, "query_shots": shots,
             "batch": classes * shots, "inner_steps": steps + 1, "test_batch": classes * shots,
             "test_iterations": test_steps, "lr": lr, "meta_batch": meta_batch, "meta_iterations": 60000,
