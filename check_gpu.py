@@ -5,7 +5,7 @@
 Each check prints PASS or FAIL with its figures, and a summary ends the output: graph replay against eager
 execution (Reptile, first-order MAML, MAML), kill and resume, a CPU checkpoint resumed on CUDA, torchrun's process
 group, the vmapped evaluator against the per-task one; bench.py (5-way with and without graphs, 20-way); whole runs
-timed (5-way, 20-way, and the four 20-way MAML presets multiplied out to 60,000 meta-iterations).
+timed and multiplied out to their setting's length (5-way, 20-way, and the four 20-way MAML presets).
 `--device cpu --quick` runs the same code on the CPU (without graphs), to try the script where there is no GPU.
 """
 import argparse
@@ -194,17 +194,19 @@ def process_group(out: Path, device: str) -> None:
         (out / "store").unlink(missing_ok=True)
 
 
-def timed_run(out: Path, device: str, flags: list[str], label: str) -> None:
-    """Wall-clock of a whole training run (data loading, validation, checkpoints, final evaluation included)."""
+def timed_run(out: Path, device: str, flags: list[str], label: str, full_length: int) -> None:
+    """Wall-clock of a whole training run (data loading, validation, checkpoints, final evaluation included), and its
+    progress bar's last rate multiplied out to the `full_length` meta-iterations of the setting it tries."""
     log = out / f"{label}.log"
     started = time.perf_counter()
     status = train(out / label, ["--device", device, *flags], log).returncode
     seconds = time.perf_counter() - started
     iterations = int(flags[flags.index("--meta-iterations") + 1])
     rates = [part for part in log.read_text().replace("\r", "\n").splitlines() if "meta-training: 100%" in part]
-    rate = re.search(r"([\d.]+)(s/it|it/s)\]", rates[-1]) if rates else None
+    rate = re.search(r"([\d.]+)(s/it|it/s)[,\]]", rates[-1]) if rates else None  # before the postfix, if any
     per_iteration = None if rate is None else float(rate[1]) if rate[2] == "s/it" else 1 / float(rate[1])
-    full = "" if per_iteration is None else f"; at that rate, {60000 * per_iteration / 3600:.1f} h for 60,000"
+    full = "" if per_iteration is None else \
+        f"; at that rate, {full_length * per_iteration / 3600:.1f} h for {full_length:,}"
     report(f"timed run {label}", status == 0, f"python train_omniglot.py {' '.join(flags)}: {seconds:.0f} s in all "
            f"for {iterations} meta-iterations; progress bar at the end: {rates[-1].strip() if rates else '?'}{full}")
 
@@ -260,14 +262,15 @@ def main() -> None:
     if "timing" not in args.skip:
         short = ["--eval-tasks", "100" if args.quick else "1000", "--meta-test-only"]
         attempt("timed 5-way", timed_run, out, device,
-                ["--meta-iterations", "20" if args.quick else "2000", *short], "5way1shot")
+                ["--meta-iterations", "20" if args.quick else "2000", *short], "5way1shot", five_way.meta_iterations)
         attempt("timed 20-way", timed_run, out, device,
                 ["--paper-setting", "20way1shot", "--meta-iterations", "10" if args.quick else "1000", *short],
-                "20way1shot")
+                "20way1shot", twenty_way.meta_iterations)
     if "maml" not in args.skip:  # what the 20-way MAML cells would cost on this device
         for setting in ("maml-20way1shot", "fomaml-20way1shot", "maml-20way5shot", "fomaml-20way5shot"):
             attempt(f"timed {setting}", timed_run, out, device, ["--paper-setting", setting, "--meta-iterations",
-                    "2" if args.quick else "50", "--eval-tasks", "20", "--meta-test-only"], setting)
+                    "2" if args.quick else "50", "--eval-tasks", "20", "--meta-test-only"], setting,
+                    options.preset(setting)[0].meta_iterations)
     failed = [name for name, passed in RESULTS if not passed]
     print(f"summary: {len(RESULTS) - len(failed)} passed, {len(failed)} failed" +
           (f" ({'; '.join(failed)})" if failed else ""), flush=True)
