@@ -16,7 +16,7 @@ import sys
 
 import options
 import run_folder
-from utils import HelpFormatter, OneLineParser, UserError, positive_int, save_atomically
+from utils import HelpFormatter, OneLineParser, UserError, positive_int, run_script, save_atomically
 
 
 def rescale(state: dict, batch: int) -> dict:
@@ -34,19 +34,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("output", help="where to write the rescaled checkpoint (never the same file)")
     parser.add_argument("--batch", type=positive_int, required=True, help="the run's inner mini-batch size (--batch)")
     args = parser.parse_args(argv)
-    try:
-        if args.output == args.checkpoint:
-            raise UserError("give another output file: the checkpoint itself stays as it is")
-        state = run_folder.load_checkpoint_file(args.checkpoint, options.PROGRAM, "train_omniglot.py")
-        if state["inner_optimizer"]["param_groups"][0].get("betas") is None:
-            raise UserError(f"{args.checkpoint}'s inner optimizer is not Adam: there is nothing to rescale")
-        save_atomically(args.output, rescale(state, args.batch))
-    except UserError as error:
-        print(f"rescale_adam.py: error: {error}", file=sys.stderr)
-        return 2
+    if args.output == args.checkpoint:
+        raise UserError("give another output file: the checkpoint itself stays as it is")
+    state = run_folder.load_checkpoint_file(args.checkpoint, options.PROGRAM, "train_omniglot.py")
+    if state["inner_optimizer"]["param_groups"][0].get("betas") is None:
+        raise UserError(f"{args.checkpoint}'s inner optimizer is not Adam: there is nothing to rescale")
+    save_atomically(args.output, rescale(state, args.batch))
     print(f"wrote {args.output}: the inner Adam's second moments of {args.checkpoint} times {args.batch ** 2}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_script(main, sys.argv[1:], "rescale_adam.py"))

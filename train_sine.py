@@ -279,10 +279,5 @@ def main(argv: list[str]) -> int:
         return train(args, argv)
 
 
-def run(argv: list[str]) -> int:
-    """main(), with a problem the user can fix reported in one line (status 2) and Ctrl-C as status 130."""
-    return run_script(main, argv, "train_sine.py")
-
-
 if __name__ == "__main__":
-    sys.exit(run(sys.argv[1:]))
+    sys.exit(run_script(main, sys.argv[1:], "train_sine.py"))

@@ -79,8 +79,9 @@ def meta_training(data_dir: Path, folder: Path) -> dict:
     found = {}
     for name, flags in RUNS.items():
         logdir = folder / name.replace(" ", "_").replace(",", "")
-        status = T.run([str(logdir), "--data", str(data_dir), "--device", "cpu", "--meta-iterations", "5",
-                        "--validate-every", "1", "--eval-tasks", "2", "--meta-test-only", "--workers", "1", *flags])
+        argv = [str(logdir), "--data", str(data_dir), "--device", "cpu", "--meta-iterations", "5", "--validate-every",
+                "1", "--eval-tasks", "2", "--meta-test-only", "--workers", "1", *flags]
+        status = utils.run_script(T.main, argv, "train_omniglot.py")
         assert status == 0
         state = torch.load(logdir / "checkpoint" / "check-5.pth", weights_only=True)
         names = list(state["model"])

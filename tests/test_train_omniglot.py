@@ -333,7 +333,7 @@ BAD_INPUTS = {
 
 @pytest.fixture
 def run_here(data_dir, offline, monkeypatch, capsys):
-    """As run_script, but through train_omniglot.run() in this process: seconds sooner, where the process is not
+    """As run_script, but through train_omniglot.main in this process: seconds sooner, where the process is not
     under test."""
     def run(*args: str, env: dict = None) -> subprocess.CompletedProcess:
         for variable, value in {**offline, **(env or {})}.items():
@@ -341,7 +341,7 @@ def run_here(data_dir, offline, monkeypatch, capsys):
         capsys.readouterr()  # what came before
         argv = ["--data", str(data_dir), *args]
         try:
-            status = T.run(argv)
+            status = utils.run_script(T.main, argv, "train_omniglot.py")
         except SystemExit as exit:  # argparse's own errors
             status = exit.code
         output = capsys.readouterr()

@@ -17,7 +17,7 @@ import options
 import reptile
 import train_sine as S
 from run_folder import checkpoint_iteration
-from utils import read_json, stream
+from utils import read_json, run_script, stream
 
 TINY = ["--meta-iterations", "40", "--eval-waves", "5", "--validate-every", "10", "--check-every", "10"]
 
@@ -32,7 +32,7 @@ def sine(*argv, check=True) -> Ran:
     """Run train_sine.py's command line in this process (the kill test starts processes of its own)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        returncode = S.run(list(argv))
+        returncode = run_script(S.main, list(argv), "train_sine.py")
     if check:
         assert returncode == 0, err.getvalue()[-2000:]
     return Ran(returncode, out.getvalue(), err.getvalue())
