@@ -4,6 +4,7 @@ kind, and its role in the run's args.json: what is recorded, what a resumed run 
 import argparse
 import dataclasses
 import os
+import textwrap
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -115,12 +116,9 @@ def omniglot_flags() -> dict[str, Flag]:
     """train_omniglot.py's flags, in the order of --help and of args.json."""
     import omniglot  # here, not above: train_sine.py takes its flags from this module and no Omniglot
     return {
-        "paper_setting": Flag(
-            "one of the Reptile paper's four settings, or the MAML paper's for MAML (maml-) and first-order MAML "
-            "(fomaml-): fills in the flags not given (" + "; ".join(
-                f"{name}: " + " ".join(flag(key) if value is True else f"{flag(key)} {value}"
-                                       for key, value in flags.items()) for name, flags in PAPER_SETTINGS.items())
-            + ")", "task", tuple(PAPER_SETTINGS), "now"),
+        "paper_setting": Flag("one of the Reptile paper's four settings, or the MAML paper's for MAML (maml-) and "
+                              "first-order MAML (fomaml-): fills in the flags not given (listed below)", "task",
+                              tuple(PAPER_SETTINGS), "now", "NAME"),
         **HYPERPARAMETER_FLAGS,
         "side_by_side": Flag(
             "with --algorithm maml: compute a meta-batch's meta-gradients in one computation vmapped over its tasks "
@@ -184,7 +182,8 @@ def add_flags(parser: argparse.ArgumentParser, flags: dict[str, Flag], defaults:
         elif kind == OFF:
             groups[group].add_argument(flag("no_" + name), dest=name, action="store_false", help=help)
         elif isinstance(kind, tuple):
-            groups[group].add_argument(*spellings, choices=kind, default=defaults.get(name), help=help)
+            groups[group].add_argument(*spellings, choices=kind, default=defaults.get(name), metavar=metavar,
+                                       help=help)
         else:
             groups[group].add_argument(*spellings, type=kind, default=defaults.get(name), metavar=metavar, help=help)
 
@@ -209,11 +208,21 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line; the defaults are the paper's 5-way 5-shot Omniglot setting."""
     parser = OneLineParser(prog="train_omniglot.py", description="Meta-train Reptile on Omniglot, then "
                            "evaluate it on meta-test characters.", allow_abbrev=False,
-                           formatter_class=HelpFormatter)
+                           formatter_class=HelpFormatter, epilog=paper_settings_listing())
     parser.add_argument("logdir", nargs="?", help="run folder for TensorBoard events, checkpoints and results "
                         "(default: runs/<classes>way<shots>shot)")
     add_flags(parser, omniglot_flags(), OMNIGLOT_DEFAULTS)
     return parser
+
+
+def paper_settings_listing() -> str:
+    """The flags that each --paper-setting fills in, for the end of --help."""
+    lines = ["--paper-setting NAME fills in these flags where they are not given:"]
+    for name, flags in PAPER_SETTINGS.items():
+        words = " ".join(flag(key) if value is True else f"{flag(key)} {value}" for key, value in flags.items())
+        lines += textwrap.wrap(words, 110, initial_indent=f"  {name:18}", subsequent_indent=" " * 20,
+                               break_on_hyphens=False)
+    return "\n".join(lines)
 
 
 def flags_given(argv: list[str], build: Callable[[], argparse.ArgumentParser] = build_parser) -> set[str]:

@@ -159,8 +159,9 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default, unless it has none, is an on/off switch, or its help already tells it."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, unless it has none, is an on/off switch, or its help already tells it; the
+    description and the epilog as they are written."""
 
     def _get_help_string(self, action):
         if (action.default is None or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))

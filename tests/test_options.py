@@ -1,5 +1,6 @@
 """options.py: what a run's args.json does with each flag of both scripts, checked through their parsers."""
 import json
+import re
 
 import pytest
 
@@ -92,3 +93,13 @@ def test_a_preset_outside_the_command_line_is_what_the_command_line_makes_of_it(
         hp, flags = options.preset(setting)
         assert hp == options.hyperparameters(args), setting
         assert flags == {name: getattr(args, name) for name in ("model", "loss", "side_by_side")}, setting
+
+
+def test_help_lists_for_each_paper_setting_the_flags_that_make_the_same_run(tmp_path):
+    listing = options.build_parser().format_help().split("fills in these flags where they are not given:\n")[1]
+    written = dict(re.findall(r"^  (\S+) +(.+(?:\n {20}.+)*)", listing, re.M))
+    assert list(written) == list(options.PAPER_SETTINGS)
+    for setting, flags in written.items():
+        logdir = str(tmp_path / setting)
+        assert vars(options.parse_args([logdir, *flags.split()])) == \
+            {**vars(options.parse_args([logdir, "--paper-setting", setting])), "paper_setting": None}, setting
