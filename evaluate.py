@@ -241,11 +241,6 @@ def keep_finished_tasks(path: Path, identity: str, tasks: dict[int, list], secon
                       "tasks": {str(position): result for position, result in tasks.items()}})
 
 
-def kept_seconds(path: Path) -> float:
-    """The seconds spent on the tasks kept in `path`, over every part of a stopped and resumed evaluation."""
-    return read_json(path).get("seconds", 0.0)
-
-
 # ----------------------------------------------------------------------------- Omniglot's results.json entries
 
 def measured(entry: dict) -> tuple:
@@ -332,9 +327,10 @@ def stop_pool(pool: ProcessPoolExecutor) -> None:
 def score_tasks(meta_model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer, samplers: dict, name: str,
                 hp: Hyperparameters, tasks: int, generator: torch.Generator, pool: Optional[ProcessPoolExecutor] = None,
                 workers: int = 1, progress: bool = False, share: bool = False, keep: Optional[Path] = None,
-                loss: Loss = reptile.summed_cross_entropy) -> tuple[np.ndarray, np.ndarray]:
-    """Per-task accuracies and losses on `tasks` tasks of samplers[name] (in the pool's workers, or shared). With
-    `keep`, finished tasks and their seconds are written there as they come; the same evaluation goes on from them."""
+                loss: Loss = reptile.summed_cross_entropy) -> tuple[np.ndarray, np.ndarray, float]:
+    """Per-task accuracies and losses on `tasks` tasks of samplers[name] (in the pool's workers, or shared), and the
+    seconds they took. With `keep`, finished tasks and their seconds are written there as they come; the same
+    evaluation goes on from them, and its seconds count those of its earlier parts."""
     seeds = task_seeds(tasks, generator)
     # Copies: sending tensors to worker processes moves them into shared memory, and these must not be the model's.
     model, inner_state = copy.deepcopy(meta_model), copy.deepcopy(inner_optimizer.state_dict())
@@ -369,4 +365,4 @@ def score_tasks(meta_model: torch.nn.Module, inner_optimizer: torch.optim.Optimi
         finished = {position: result for process_results in gather(finished) for position, result in
                     process_results.items()}
     correct, losses = np.array([finished[position] for position in range(tasks)]).T
-    return correct / hp.classes, losses
+    return correct / hp.classes, losses, earlier_seconds + time.time() - started

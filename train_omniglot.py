@@ -107,12 +107,11 @@ def final_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Opt
             if processes() == 1 else None for name in names}
     with evaluate.start_pool(samplers, workers) as pool:
         for name in names:
-            started = time.time()
             try:
-                accuracies, _ = evaluate.score_tasks(meta_model, inner_optimizer, samplers, name, hp, args.eval_tasks,
-                                                     stream(args.seed, EVALUATION_STREAM), pool, workers,
-                                                     progress=rank() == 0, share=processes() > 1, keep=kept[name],
-                                                     loss=options.LOSSES[args.loss])
+                accuracies, _, spent = evaluate.score_tasks(
+                    meta_model, inner_optimizer, samplers, name, hp, args.eval_tasks,
+                    stream(args.seed, EVALUATION_STREAM), pool, workers, progress=rank() == 0,
+                    share=processes() > 1, keep=kept[name], loss=options.LOSSES[args.loss])
             except KeyboardInterrupt:
                 if pool is not None:
                     evaluate.stop_pool(pool)
@@ -120,8 +119,7 @@ def final_evaluation(meta_model: OmniglotModel, inner_optimizer: torch.optim.Opt
                     print(f"the tasks evaluated so far are kept in {kept[name]}; the same command goes on from them",
                           file=sys.stderr)
                 raise
-            # A resumed evaluation counts the seconds of its earlier parts too.
-            seconds += evaluate.kept_seconds(kept[name]) if kept[name] is not None else time.time() - started
+            seconds += spent
             accuracy, interval = 100 * accuracies.mean(), 100 * confidence_interval(accuracies)
             result[name] = {"accuracy": accuracy, "ci95": interval}
             if rank() == 0:

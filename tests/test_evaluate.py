@@ -213,7 +213,6 @@ def test_kept_tasks_are_given_back_only_to_the_same_evaluation(tmp_path):
     assert evaluate.finished_tasks(path, identity) == ({}, 0.0)
     evaluate.keep_finished_tasks(path, identity, {0: [3, 0.25], 2: [4, 0.125]}, 61.25)
     assert evaluate.finished_tasks(path, identity) == ({0: [3, 0.25], 2: [4, 0.125]}, 61.2)
-    assert evaluate.kept_seconds(path) == 61.2
     # Other weights, settings, tasks or inner optimizer state: nothing.
     assert evaluate.finished_tasks(path, evaluate.evaluation_identity(
         {**state, "weight": state["weight"] + 1}, optimizer.state_dict(), {"shots": 1}, [5, 6, 7])) == ({}, 0.0)

@@ -63,8 +63,8 @@ def test_evaluation_leaves_the_training_state_alone():
     meta_model, inner_optimizer = trained_side(hp, samplers["meta-test"])
     before = copy.deepcopy(inner_optimizer.state_dict())
     weights = copy.deepcopy(meta_model.state_dict())
-    accuracies, losses = evaluate.score_tasks(meta_model, inner_optimizer,
-                                              samplers, "meta-test", hp, 3, torch.Generator())
+    accuracies, losses, _ = evaluate.score_tasks(meta_model, inner_optimizer,
+                                                 samplers, "meta-test", hp, 3, torch.Generator())
     assert accuracies.shape == (3,) and ((0 <= accuracies) & (accuracies <= 1)).all()
     after = inner_optimizer.state_dict()
     for index, state in before["state"].items():
@@ -102,7 +102,7 @@ def test_a_stopped_evaluation_goes_on_from_its_finished_tasks_and_ends_the_same(
                                    samplers, "meta-test", hp, 12, torch.Generator().manual_seed(3),
                                    keep=kept)
     assert sum(evaluated) == 6  # only the tasks not kept
-    assert all(np.array_equal(a, b) for a, b in zip(resumed, whole))
+    assert all(np.array_equal(a, b) for a, b in zip(resumed[:2], whole[:2]))
     evaluated.clear()  # other tasks, or other settings, start again
     evaluate.score_tasks(meta_model, inner_optimizer,
                          samplers, "meta-test", hp, 12, torch.Generator().manual_seed(4), keep=kept)
