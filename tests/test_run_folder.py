@@ -108,7 +108,7 @@ def test_every_committed_checkpoint_and_args_json_still_reads():
     checkpoints = committed_checkpoints()
     if not checkpoints:
         pytest.skip("not a git checkout: the committed checkpoints cannot be listed")
-    assert len({path.parent.parent for path in checkpoints}) == 26
+    assert len({path.parent.parent for path in checkpoints}) == 28
     for path in checkpoints:
         run = path.parent.parent
         if run.name.startswith("sine-"):
